@@ -1,0 +1,179 @@
+"""The forecasting cache: per-context step counters and per-(context, module) factors.
+
+One :class:`ForecastCache` serves one model. Its life cycle per denoiser call:
+
+    cache.begin_step(timestep)          # root pre-hook: advance this context's step, decide full/forecast
+    out = cache.run(name, fn, ...)      # each cached module: compute + update, or forecast
+
+Contexts keep cond and uncond apart when a pipeline runs them as separate calls (diffusers
+pipelines wrap them in ``transformer.cache_context("cond")``). The first step of a sampling call
+clears the context's factors, so two calls in a row behave like two fresh processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import CacheConfig
+from .forecast import Factors, make_forecaster
+from .schedule import is_full_step
+
+DEFAULT_CONTEXT = "default"
+
+
+@dataclass
+class StepRecord:
+    context: str
+    step: int
+    full: bool
+
+
+@dataclass
+class _Context:
+    step: int = -1  # current sampling step of this context (-1: none yet)
+    position: float = 0.0  # where the current step lies on the forecaster's axis
+    full: bool = True
+    states: dict[str, list[Factors]] = field(default_factory=dict)  # module name -> one per output tensor
+
+
+class ForecastCache:
+    """Holds the configuration, the schedule position and every factor of one model."""
+
+    def __init__(self, config: CacheConfig, num_steps: int | None = None):
+        self.config = config
+        self.num_steps = num_steps
+        self.forecaster = make_forecaster(config.forecaster, config.max_order)
+        self.context_name = DEFAULT_CONTEXT
+        self.history: list[StepRecord] = []  # one record per denoiser call, for FLOPs and tests
+        self._contexts: dict[str, _Context] = {}
+
+    # ----------------------------------------------------------------------------------- life cycle
+    def reset(self, num_steps: int | None = None) -> None:
+        """Forget every factor and step counter (call at the start of a sampling call)."""
+        self._contexts.clear()
+        self.history.clear()
+        self.context_name = DEFAULT_CONTEXT
+        if num_steps is not None:
+            self.num_steps = num_steps
+
+    def set_context(self, name: str | None) -> None:
+        self.context_name = name or DEFAULT_CONTEXT
+
+    @contextmanager
+    def context(self, name: str) -> Iterator[None]:
+        previous = self.context_name
+        self.set_context(name)
+        try:
+            yield
+        finally:
+            self.set_context(previous)
+
+    @property
+    def _ctx(self) -> _Context:
+        ctx = self._contexts.get(self.context_name)
+        if ctx is None:
+            ctx = self._contexts[self.context_name] = _Context()
+        return ctx
+
+    def begin_step(self, timestep: float | None = None) -> bool:
+        """Advance the current context by one sampling step; returns True when it is a full step."""
+        ctx = self._ctx
+        ctx.step += 1
+        if self.num_steps is not None and ctx.step >= self.num_steps:
+            ctx.step = 0  # a new sampling call that nobody announced with reset()
+        if ctx.step == 0:
+            ctx.states.clear()
+        ctx.full = is_full_step(ctx.step, self.config, self.num_steps)
+        if self.config.step_distance == "timestep":
+            if timestep is None:
+                raise ValueError("cache.step_distance='timestep' needs the model's timestep; this model gives none")
+            ctx.position = float(timestep)
+        else:
+            ctx.position = float(ctx.step)
+        self.history.append(StepRecord(self.context_name, ctx.step, ctx.full))
+        return ctx.full
+
+    @property
+    def step(self) -> int:
+        return self._ctx.step
+
+    @property
+    def is_full(self) -> bool:
+        return self._ctx.full
+
+    # ----------------------------------------------------------------------------- per module
+    def run(self, name: str, fn: Callable, *args, **kwargs):
+        """Compute ``fn(*args, **kwargs)`` and update the factors on a full step; forecast otherwise."""
+        ctx = self._ctx
+        if ctx.full or name not in ctx.states:
+            out = fn(*args, **kwargs)
+            self.update(name, out)
+            return out
+        return self.forecast(name)
+
+    def update(self, name: str, output) -> None:
+        """Record a module's real output at the current (full) step."""
+        if not self.config.enabled:
+            return
+        ctx = self._ctx
+        tensors = _as_tuple(output)
+        states = ctx.states.get(name)
+        if states is None:
+            states = ctx.states[name] = [Factors() for _ in tensors]
+        # Derivatives only at full steps i > first_enhance - 2 (upstream's warm-up rule).
+        derive = ctx.step > self.config.first_enhance - 2
+        for state, tensor in zip(states, tensors):
+            state.out_dtype = tensor.dtype
+            if self.config.offload:
+                state.tensors = [t.to(tensor.device, non_blocking=True) for t in state.tensors]
+            self.forecaster.update(state, tensor, ctx.position, derive, self._factor_dtype(tensor))
+            if self.config.offload:
+                state.tensors = [_to_host(t) for t in state.tensors]
+
+    def forecast(self, name: str, device: torch.device | None = None):
+        """The forecast output of module ``name`` at the current step, in the module's output dtype."""
+        ctx = self._ctx
+        states = ctx.states.get(name)
+        if states is None:
+            raise RuntimeError(f"no factors for {name!r} in context {self.context_name!r}: the first step must be full")
+        outs = []
+        for state in states:
+            if self.config.offload and device is not None:
+                state = Factors([t.to(device, non_blocking=True) for t in state.tensors], state.positions)
+            outs.append(self.forecaster.predict(state, ctx.position).to(state.out_dtype))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    # -------------------------------------------------------------------------------- accounting
+    def nbytes(self) -> int:
+        """Bytes held by the factors of every context right now."""
+        return sum(s.nbytes() for ctx in self._contexts.values() for states in ctx.states.values() for s in states)
+
+    @property
+    def full_step_count(self) -> int:
+        return sum(r.full for r in self.history)
+
+    def _factor_dtype(self, tensor: torch.Tensor) -> torch.dtype:
+        name = self.config.factor_dtype
+        if name == "auto":
+            return torch.bfloat16 if tensor.device.type == "cuda" and tensor.is_floating_point() else tensor.dtype
+        return getattr(torch, name)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Copy to (pinned, when CUDA is there) CPU memory for cache.offload."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _as_tuple(output) -> tuple[torch.Tensor, ...]:
+    if isinstance(output, torch.Tensor):
+        return (output,)
+    if isinstance(output, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in output):
+        return tuple(output)
+    raise TypeError(f"a cached module must return a tensor or a tuple of tensors, got {type(output).__name__}")

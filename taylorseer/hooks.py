@@ -1,0 +1,172 @@
+"""Attach the forecasting cache to named submodules of an unmodified model, and take it off again.
+
+    cache = apply(model, CacheConfig(interval=4, max_order=2), modules=["blocks.*.attn", "blocks.*.mlp"])
+    ...sample...                        # every call of `model` is one sampling step
+    remove(model)                       # the model is exactly what it was
+
+A cached module's ``forward`` is wrapped: on a full step it runs and its output updates the factors,
+on a forecast step it does not run and the forecast is returned. A module whose cached feature is
+not the output of one submodule (FLUX's single-stream branch) gets a model-specific forward through
+``overrides`` instead; the cache object is the same.
+
+With diffusers models the pipeline's ``transformer.cache_context("cond"/"uncond")`` selects the
+cache context, and the reset diffusers performs at the end of every pipeline call clears the state.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import ForecastCache
+from .config import CacheConfig
+
+_ATTR = "_taylorseer_attachment"
+_DIFFUSERS_HOOK = "taylorseer_context_relay"
+
+TimestepFn = Callable[[tuple, dict], "torch.Tensor | float | None"]
+OverrideFactory = Callable[[torch.nn.Module, Callable, ForecastCache, str], Callable]
+
+
+@dataclass
+class _Attachment:
+    cache: ForecastCache
+    wrapped: list[tuple[torch.nn.Module, object]] = field(default_factory=list)  # (module, previous forward attr)
+    handles: list = field(default_factory=list)
+    diffusers_relay: bool = False
+
+
+def apply(
+    model: torch.nn.Module,
+    config: CacheConfig,
+    modules: Iterable[str] = (),
+    *,
+    overrides: Mapping[str, OverrideFactory] | None = None,
+    num_steps: int | None = None,
+    timestep_fn: TimestepFn | None = None,
+) -> ForecastCache:
+    """Put a forecasting cache on ``model`` and return it.
+
+    Args:
+        model: the denoiser; each call of it is one sampling step (per cache context).
+        config: the cache settings.
+        modules: fnmatch patterns over ``model.named_modules()`` names whose outputs are cached,
+            e.g. ``"blocks.*.attn"``. Each pattern must match at least one module.
+        overrides: pattern -> factory(module, original_forward, cache, name) returning the forward
+            to install, for branches that span several submodules.
+        num_steps: steps per sampling call, when known: enables ``last_full_steps`` and restarts
+            the schedule after that many calls even without an explicit ``reset``.
+        timestep_fn: extracts the timestep from a model call's (args, kwargs); needed for
+            ``step_distance="timestep"``. Defaults to the ``timestep``/``t`` argument.
+    """
+    if hasattr(model, _ATTR):
+        raise RuntimeError("a TaylorSeer cache is already attached to this model; call taylorseer.remove(model) first")
+    cache = ForecastCache(config, num_steps=num_steps)
+    attachment = _Attachment(cache)
+    named = dict(model.named_modules())
+
+    for name, module in _match(named, modules):
+        _wrap_forward(attachment, module, functools.partial(cache.run, name, module.forward))
+    for pattern, factory in (overrides or {}).items():
+        for name, module in _match(named, [pattern]):
+            _wrap_forward(attachment, module, factory(module, module.forward, cache, name))
+
+    get_timestep = timestep_fn or _default_timestep
+
+    def begin_step(_module, args, kwargs):
+        timestep = get_timestep(args, kwargs) if config.step_distance == "timestep" else None
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.flatten()[0].item()
+        cache.begin_step(timestep)
+
+    attachment.handles.append(model.register_forward_pre_hook(begin_step, with_kwargs=True))
+    attachment.diffusers_relay = _register_diffusers_relay(model, cache)
+    setattr(model, _ATTR, attachment)
+    return cache
+
+
+def remove(model: torch.nn.Module) -> None:
+    """Detach the cache: every wrapped forward is restored and the state is dropped."""
+    attachment: _Attachment | None = getattr(model, _ATTR, None)
+    if attachment is None:
+        return
+    for module, previous in reversed(attachment.wrapped):
+        if previous is None:
+            del module.forward  # the class's forward shows through again
+        else:
+            module.forward = previous
+    for handle in attachment.handles:
+        handle.remove()
+    if attachment.diffusers_relay:
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(model).remove_hook(_DIFFUSERS_HOOK, recurse=False)
+    attachment.cache.reset()
+    delattr(model, _ATTR)
+
+
+def get_cache(model: torch.nn.Module) -> ForecastCache | None:
+    attachment = getattr(model, _ATTR, None)
+    return attachment.cache if attachment else None
+
+
+def _match(named: dict[str, torch.nn.Module], patterns: Iterable[str]) -> list[tuple[str, torch.nn.Module]]:
+    found = []
+    for pattern in patterns:
+        hits = [(n, m) for n, m in named.items() if n and fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            sample = [n for n in named if n][:8]
+            raise ValueError(f"no submodule matches {pattern!r}; module names look like {sample}")
+        found.extend(hits)
+    return found
+
+
+def _wrap_forward(attachment: _Attachment, module: torch.nn.Module, new_forward: Callable) -> None:
+    attachment.wrapped.append((module, module.__dict__.get("forward")))
+    module.forward = new_forward
+
+
+def _default_timestep(args: tuple, kwargs: dict):
+    for key in ("timestep", "t"):
+        if key in kwargs:
+            return kwargs[key]
+    return args[1] if len(args) > 1 else None
+
+
+def _register_diffusers_relay(model: torch.nn.Module, cache: ForecastCache) -> bool:
+    """Relay diffusers' ``cache_context(name)`` and its end-of-pipeline reset to our cache."""
+    if not hasattr(model, "cache_context"):
+        return False
+    try:
+        from diffusers.hooks import HookRegistry, ModelHook
+        from diffusers.hooks.hooks import StateManager
+    except ImportError:  # pragma: no cover - diffusers without hooks
+        return False
+
+    class _ContextRelay(StateManager):
+        def __init__(self):
+            super().__init__(object)
+
+        def set_context(self, context) -> None:
+            cache.set_context(getattr(context, "name", context))
+
+        def reset(self, *args, **kwargs) -> None:
+            cache.reset()
+
+    class _RelayHook(ModelHook):
+        _is_stateful = True
+
+        def __init__(self):
+            super().__init__()
+            self.state_manager = _ContextRelay()
+
+        def reset_state(self, module):
+            self.state_manager.reset()
+            return module
+
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_RelayHook(), _DIFFUSERS_HOOK)
+    return True
