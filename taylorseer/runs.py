@@ -1,0 +1,143 @@
+"""Run folders, atomic writes, timing and memory: what every sampling script reports.
+
+A run folder holds the outputs (images/videos), ``config.yaml`` (the exact config) and
+``metrics.json``. Every file is written to a temporary name and renamed, so a killed run never
+leaves a half-written file that a rerun would take as done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def slug(text: str, max_len: int = 60) -> str:
+    """A file-name-safe short form of a prompt or label."""
+    text = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+    return text[:max_len] or "empty"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def save_image(path: str | Path, image) -> Path:
+    """Save a PIL image atomically (format from the suffix)."""
+    fmt = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG")
+    return atomic_write(path, lambda p: image.save(p, format=fmt))
+
+
+def read_json(path: str | Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def timed(result: dict, key: str = "seconds", device=None) -> Iterator[None]:
+    """Wall time of the block (device work included) into ``result[key]``."""
+    synchronize(device)
+    start = time.perf_counter()
+    yield
+    synchronize(device)
+    result[key] = time.perf_counter() - start
+
+
+def reset_peak_memory(device=None) -> None:
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device=None) -> dict:
+    """Peak accelerator memory since the last reset, else the process's peak resident memory."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_allocated"}
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_bytes": int(kib) * 1024, "peak_memory_kind": "process_max_rss"}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it fails with the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is visible: use device=cpu (slow) or run on a GPU node")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on CUDA and fp32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+    if name not in choices:
+        raise ValueError(f"dtype={name!r} is invalid: expected auto, {', '.join(choices)}")
+    return choices[name]
+
+
+def sampling_metrics(config, flops, num_items: int, seconds: float, cache_bytes: int, device=None,
+                     **extra) -> dict:
+    """The ``metrics.json`` every sampling run writes (same keys for every model).
+
+    ``flops`` is a :class:`taylorseer.FlopsReport` for one item's sampling run (or None when not
+    counted); ``seconds`` is the wall time of sampling all ``num_items`` items.
+    """
+    out = {
+        "cache": config.to_dict(),
+        "cache_tag": config.tag,
+        "num_items": num_items,
+        "latency_s": seconds / max(num_items, 1),
+        "latency_total_s": seconds,
+        "cache_bytes": int(cache_bytes),
+        **peak_memory(device),
+    }
+    if flops is not None:
+        out.update(
+            num_steps=flops.num_steps,
+            full_steps=flops.full_steps,
+            compression=flops.compression,
+            schedule_compression=flops.schedule_compression,
+            flops_uncached=flops.flops_uncached,
+            flops_total=flops.flops_total,
+            flops_full_step=flops.full_step_flops,
+            flops_forecast_step=flops.forecast_step_flops,
+            flops_convention="torch FlopCounterMode: 2 FLOPs per multiply-add, per item",
+        )
+    out.update(extra)
+    return out
