@@ -1,0 +1,69 @@
+"""Loading diffusers pipelines and reading prompts, with errors that say how to fix them.
+
+Shared by TaylorSeer-FLUX and TaylorSeer-HunyuanVideo: the real weights come through the same
+``from_pretrained`` call that the tests exercise on tiny pipelines saved to a folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class WeightsNotFoundError(RuntimeError):
+    """The model weights could not be loaded; the message says where we looked and what to do."""
+
+
+def load_pipeline(pipeline_cls, source: str, **kwargs):
+    """``pipeline_cls.from_pretrained(source, **kwargs)`` with one clear error when it cannot load.
+
+    ``source`` is a hub id (``black-forest-labs/FLUX.1-dev``) or a local folder in the same layout.
+    """
+    looks_local = source.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(source))
+    if looks_local:
+        path = Path(source).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise WeightsNotFoundError(
+                f"no diffusers pipeline at {path} (expected {path / 'model_index.json'}). Download one with "
+                f"`huggingface-cli download <repo> --local-dir {path}` or pass the hub id instead."
+            )
+        source = str(path)
+    try:
+        return pipeline_cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        if looks_local:
+            raise WeightsNotFoundError(f"the pipeline folder {source} is incomplete or corrupt: {err}") from err
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise WeightsNotFoundError(
+            f"could not load {source!r} from the Hugging Face hub{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            f"How to fix: if the repository is gated (FLUX.1-dev is), accept its licence on "
+            f"https://huggingface.co/{source} and run `huggingface-cli login`; without network on this "
+            f"machine, run `huggingface-cli download {source} --local-dir DIR` where there is network and "
+            f"pass model.path=DIR."
+        ) from err
+
+
+def read_prompts(prompt: str | list[str] | None = None, prompt_file: str | None = None) -> list[str]:
+    """Prompts from the command line (a string or a list) or a text file with one per line.
+
+    Blank lines and lines starting with ``#`` in the file are skipped.
+    """
+    if prompt_file:
+        path = Path(prompt_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"prompt_file={prompt_file!r} does not exist (give a text file with one prompt per line)")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"prompt_file={prompt_file!r} is not UTF-8 text: {err}") from err
+        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not prompts:
+            raise ValueError(f"prompt_file={prompt_file!r} holds no prompts (one per line; '#' starts a comment)")
+        return prompts
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        raise ValueError("no prompt given: pass prompt='a photo of a cat' or prompt_file=prompts.txt")
+    prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+    if not all(p.strip() for p in prompts):
+        raise ValueError(f"empty prompt in {prompts!r}")
+    return prompts
