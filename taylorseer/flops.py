@@ -16,15 +16,27 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch.utils.flop_counter import FlopCounterMode
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from .cache import ForecastCache
 from .schedule import full_steps
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop(query_shape, key_shape, value_shape)
+
+
+# SDPA's CPU kernel is missing from FlopCounterMode's registry (it counts the CUDA kernels, and the
+# meta device decomposes attention into matmuls): without this, attention would count zero on a CPU.
+_EXTRA_FORMULAS = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs (2 per multiply-add) of the ops ``fn`` runs."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs (2 per multiply-add) of the ops ``fn`` runs, the same on CPU, CUDA and meta tensors."""
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         fn()
     return int(counter.get_total_flops())
 

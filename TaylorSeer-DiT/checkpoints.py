@@ -1,0 +1,106 @@
+"""Loading DiT weights (official checkpoints or the project's own) and the Stable Diffusion VAE.
+
+Official checkpoints are plain state dicts named ``DiT-XL-2-{256,512}x{256,512}.pt``; checkpoints
+written by a training script may hold the weights under ``"ema"`` (preferred) or ``"model"``. A
+JSON file beside a checkpoint (``<name>.json``, key ``model``) records the architecture of models
+trained here, so they load through the same function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .models import DiT, DiT_models
+
+OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
+VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+LATENT_SCALE = 0.18215  # sampled latents are divided by this before decoding
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    pass
+
+
+def official_name(model: str, image_size: int) -> str:
+    return f"{model.replace('/', '-')}-{image_size}x{image_size}.pt"
+
+
+def find_checkpoint(checkpoint: str | None, model: str, image_size: int, ckpt_dir: str | None = None) -> Path:
+    """The checkpoint file to load: ``checkpoint`` if given, else the official name looked up in
+    ``ckpt_dir``, ``./pretrained_models`` and ``$TAYLORSEER_CKPT_DIR``. One clear error otherwise."""
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if path.is_file():
+            return path
+        raise CheckpointNotFoundError(f"model.checkpoint={checkpoint!r} does not exist ({path.resolve()})")
+    name = official_name(model, image_size)
+    dirs = [d for d in (ckpt_dir, "pretrained_models", os.environ.get("TAYLORSEER_CKPT_DIR")) if d]
+    for d in dirs:
+        if (Path(d).expanduser() / name).is_file():
+            return Path(d).expanduser() / name
+    looked = ", ".join(str(Path(d).expanduser().resolve()) for d in dict.fromkeys(dirs))
+    raise CheckpointNotFoundError(
+        f"DiT checkpoint {name} not found (looked in: {looked}). Download the official weights with\n"
+        f"  mkdir -p pretrained_models && wget -P pretrained_models {OFFICIAL_URL.format(name=name)}\n"
+        f"or pass model.checkpoint=/path/to/{name} (or set TAYLORSEER_CKPT_DIR)."
+    )
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("ema", "model", "state_dict"):
+        if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
+            return ckpt[key]
+    return ckpt
+
+
+def build_model(model: str, image_size: int, num_classes: int = 1000, in_channels: int = 4, latent: bool = True,
+                **kwargs) -> DiT:
+    if model not in DiT_models:
+        raise ValueError(f"model.name={model!r} is unknown; choose one of {sorted(DiT_models)}")
+    input_size = image_size // 8 if latent else image_size
+    return DiT_models[model](input_size=input_size, num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def load_dit(path: str | Path, model: str = "DiT-XL/2", image_size: int = 256, num_classes: int = 1000,
+             in_channels: int = 4, latent: bool = True) -> DiT:
+    """Build the architecture and load ``path`` strictly (every released key must match)."""
+    path = Path(path)
+    meta = path.with_suffix(".json")
+    if meta.is_file():  # a model trained here records its own architecture
+        arch = json.loads(meta.read_text())["model"]
+        dit = DiT(**arch)
+    else:
+        dit = build_model(model, image_size, num_classes, in_channels, latent)
+    state = load_state_dict(path)
+    expected = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {shape}" for k, shape in expected.items()
+             if k in state and tuple(state[k].shape) != shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not fit {model} at {image_size}px: missing keys {missing[:4]}, unexpected keys "
+            f"{unexpected[:4]}, shape mismatches {wrong[:3]} (are model.name and model.image_size right for this file?)"
+        )
+    dit.load_state_dict(state, strict=True)
+    return dit.eval()
+
+
+def load_vae(vae: str, dtype: torch.dtype = torch.float32):
+    """The SD VAE through diffusers: ``ema``/``mse`` (hub) or a local AutoencoderKL folder."""
+    from diffusers.models import AutoencoderKL
+
+    source = VAE_REPOS.get(vae, vae)
+    try:
+        return AutoencoderKL.from_pretrained(source, torch_dtype=dtype).eval()
+    except (OSError, ValueError) as err:
+        raise CheckpointNotFoundError(
+            f"could not load the VAE {source!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+            f"On a machine without network, run `huggingface-cli download {source} --local-dir DIR` elsewhere and "
+            f"pass model.vae=DIR."
+        ) from err

@@ -1,0 +1,79 @@
+"""DiT + TaylorSeer: what to cache, how a batch of class labels becomes images, and its FLOPs.
+
+Cached: the pre-gate outputs of ``blocks.i.attn`` and ``blocks.i.mlp`` (REFERENCE.md section 2).
+With classifier-free guidance the conditional and unconditional halves run as one batch, so they
+share one cache context, as upstream does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import taylorseer
+from taylorseer import CacheConfig, ForecastCache, FlopsReport
+
+from .checkpoints import LATENT_SCALE
+from .diffusion import GaussianDiffusion, StepCallback
+from .models import DiT
+
+CACHED_MODULES = ("blocks.*.attn", "blocks.*.mlp")
+
+
+def attach_cache(model: DiT, config: CacheConfig, num_steps: int) -> ForecastCache:
+    """Put the forecasting cache on every block's attn and mlp (also when disabled: hooks stay inert)."""
+    return taylorseer.apply(model, config, modules=CACHED_MODULES, num_steps=num_steps)
+
+
+def initial_noise(model: DiT, n: int, generator: torch.Generator, device) -> torch.Tensor:
+    shape = (n, model.in_channels, model.input_size, model.input_size)
+    return torch.randn(shape, generator=generator, device="cpu").to(device)
+
+
+@torch.no_grad()
+def sample(model: DiT, diffusion: GaussianDiffusion, labels: torch.Tensor, cfg_scale: float, seed: int,
+           progress: bool = False, callback: StepCallback | None = None,
+           guidance_channels: int | None = None) -> torch.Tensor:
+    """Latents (or pixels) for ``labels`` from the noise of ``seed``: (N, C, H, W).
+
+    The cache, if attached, is reset first, so repeated calls are independent. Noise is drawn on
+    the CPU so the same seed gives the same samples on any device.
+    """
+    device = next(model.parameters()).device
+    cache = taylorseer.get_cache(model)
+    if cache is not None:
+        cache.reset(num_steps=diffusion.num_steps)
+    generator = torch.Generator().manual_seed(seed)
+    z = initial_noise(model, len(labels), generator, device).to(next(model.parameters()).dtype)
+    labels = labels.to(device)
+    if cfg_scale > 1.0:
+        z = torch.cat([z, z], dim=0)
+        labels = torch.cat([labels, torch.full_like(labels, model.num_classes)], dim=0)
+
+        def model_fn(x, t, y):
+            return model.forward_with_cfg(x, t, y, cfg_scale, guidance_channels)
+    else:
+        model_fn = model
+    out = diffusion.sample_loop(model_fn, z, dict(y=labels), generator=generator, progress=progress,
+                                callback=callback)
+    return out.chunk(2, dim=0)[0] if cfg_scale > 1.0 else out
+
+
+@torch.no_grad()
+def to_images(samples: torch.Tensor, vae=None) -> torch.Tensor:
+    """Samples -> float images in [0, 1], (N, 3 or C, H, W); latents go through the VAE first."""
+    if vae is not None:
+        samples = vae.decode((samples / LATENT_SCALE).to(vae.dtype)).sample
+    return ((samples.float() + 1) / 2).clamp(0, 1)
+
+
+def count_flops(model: DiT, config: CacheConfig, num_steps: int, cfg_scale: float) -> FlopsReport:
+    """FLOPs of one image's sampling run (batch of 1; doubled by CFG as the real run is)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch = 2 if cfg_scale > 1.0 else 1
+    x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device, dtype=dtype)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    cache = taylorseer.get_cache(model)
+    with torch.no_grad():
+        return taylorseer.count_schedule(lambda: model(x, t, y), cache if config.enabled else None, num_steps)

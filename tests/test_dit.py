@@ -1,0 +1,189 @@
+"""TaylorSeer-DiT: checkpoint loading, samplers, the cache on real sampling loops, the Hydra apps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from PIL import Image
+
+import taylorseer
+from taylorseer import CacheConfig, count_flops
+from taylorseer_dit import checkpoints, sample as sample_app
+from taylorseer_dit.diffusion import GaussianDiffusion, space_timesteps
+from taylorseer_dit.models import DiT_models
+from taylorseer_dit.sampling import CACHED_MODULES, attach_cache, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_OVERRIDES = ["model.name=DiT-Tiny/2", "model.image_size=64", "model.num_classes=10", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """A tiny DiT saved under its official-style name and a tiny SD-style VAE saved with diffusers."""
+    from diffusers.models import AutoencoderKL
+
+    d = tmp_path_factory.mktemp("tiny_dit")
+    torch.manual_seed(0)
+    model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10)
+    model.initialize_weights(zero_init=False)
+    torch.save(model.state_dict(), d / checkpoints.official_name("DiT-Tiny/2", 64))
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    vae.save_pretrained(d / "vae")
+    return d, model.eval()
+
+
+def test_official_checkpoint_format_loads_through_the_same_loader(tiny_assets):
+    d, original = tiny_assets
+    path = checkpoints.find_checkpoint(None, "DiT-Tiny/2", 64, str(d))
+    assert path.name == "DiT-Tiny-2-64x64.pt"
+    loaded = checkpoints.load_dit(path, "DiT-Tiny/2", 64, num_classes=10)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), original(x, t, y))
+    # the released XL/2 key names and shapes (REFERENCE.md 4b)
+    with torch.device("meta"):
+        xl = DiT_models["DiT-XL/2"](input_size=32)
+    shapes = {k: tuple(v.shape) for k, v in xl.state_dict().items()}
+    assert shapes["pos_embed"] == (1, 256, 1152)
+    assert shapes["x_embedder.proj.weight"] == (1152, 4, 2, 2)
+    assert shapes["t_embedder.mlp.0.weight"] == (1152, 256)
+    assert shapes["y_embedder.embedding_table.weight"] == (1001, 1152)
+    assert shapes["blocks.27.attn.qkv.weight"] == (3456, 1152)
+    assert shapes["blocks.27.mlp.fc1.weight"] == (4608, 1152)
+    assert shapes["blocks.27.adaLN_modulation.1.weight"] == (6912, 1152)
+    assert shapes["final_layer.linear.weight"] == (32, 1152)
+    assert shapes["final_layer.adaLN_modulation.1.weight"] == (2304, 1152)
+
+
+def test_ema_wrapped_checkpoint_and_wrong_architecture(tiny_assets, tmp_path):
+    d, original = tiny_assets
+    torch.save({"ema": original.state_dict(), "opt": {}}, tmp_path / "trained.pt")
+    assert torch.equal(checkpoints.load_dit(tmp_path / "trained.pt", "DiT-Tiny/2", 64, 10).pos_embed,
+                       original.pos_embed)
+    with pytest.raises(ValueError, match="does not fit DiT-S/2 at 64px.*shape mismatches"):
+        checkpoints.load_dit(tmp_path / "trained.pt", "DiT-S/2", 64, 10)
+
+
+def test_missing_checkpoint_error_names_file_places_and_fix(tmp_path):
+    with pytest.raises(checkpoints.CheckpointNotFoundError) as err:
+        checkpoints.find_checkpoint(None, "DiT-XL/2", 256, str(tmp_path))
+    msg = str(err.value)
+    assert "DiT-XL-2-256x256.pt not found" in msg and str(tmp_path) in msg
+    assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in msg
+    assert "model.checkpoint=" in msg
+
+
+def test_dit_xl2_flops_match_the_paper():
+    with torch.device("meta"):
+        model = DiT_models["DiT-XL/2"](input_size=32)
+        x, t, y = torch.zeros(1, 4, 32, 32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    macs = count_flops(lambda: model(x, t, y)) / 2
+    assert abs(macs / 118.6e9 - 1) < 0.02  # DiT paper: 118.6 Gflops (multiply-adds) per forward at 256
+
+
+def test_respacing():
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    steps = space_timesteps(1000, 250)
+    assert len(steps) == 250 and steps[0] == 0 and steps[-1] == 999
+    diffusion = GaussianDiffusion(50, "ddim")
+    assert diffusion.timestep_map[-1] == 980 and diffusion.betas[0] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_interval_one_sampling_is_bit_identical(tiny_assets, sampler):
+    _, model = tiny_assets
+    diffusion = GaussianDiffusion(12, sampler)
+    labels = torch.tensor([1, 5, 9])
+    reference = sample(model, diffusion, labels, cfg_scale=1.5, seed=3)
+    attach_cache(model, CacheConfig(interval=1, max_order=2, first_enhance=2), 12)
+    try:
+        assert torch.equal(sample(model, diffusion, labels, cfg_scale=1.5, seed=3), reference)
+    finally:
+        taylorseer.remove(model)
+
+
+@pytest.mark.parametrize("interval, n_full", [(3, 18), (4, 14), (5, 11)])
+def test_real_sampling_loop_follows_the_paper_schedule(tiny_assets, interval, n_full):
+    _, model = tiny_assets
+    diffusion = GaussianDiffusion(50, "ddim")
+    cache = attach_cache(model, CacheConfig(interval=interval, max_order=2, first_enhance=2), 50)
+    try:
+        first = sample(model, diffusion, torch.tensor([2]), cfg_scale=1.5, seed=0)
+        assert sum(r.full for r in cache.history) == n_full and len(cache.history) == 50
+        second = sample(model, diffusion, torch.tensor([2]), cfg_scale=1.5, seed=0)
+        assert torch.equal(first, second)  # state reset between calls
+    finally:
+        taylorseer.remove(model)
+    assert "forward" not in model.blocks[0].mlp.__dict__
+
+
+def _compose(config_name, overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def test_sample_app_end_to_end(tiny_assets, tmp_path):
+    d, _ = tiny_assets
+    cfg = _compose("sample_dit", TINY_OVERRIDES + [
+        f"model.ckpt_dir={d}", f"model.vae={d / 'vae'}", f"out_root={tmp_path}", "class_labels=[0,3]",
+        "num_steps=10", "cache.interval=4", "cache.max_order=1", "compare_uncached=true"])
+    metrics = sample_app.main(cfg)
+    run = tmp_path / "dit" / "DiT-Tiny-2-64-N4-O1-W2-ddim10-cfg1.5-seed0"
+    assert sorted(p.name for p in run.glob("*.png")) == ["0000-class0.png", "0001-class3.png", "grid.png"]
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["full_steps"] == 4 and on_disk["num_steps"] == 10  # 0, 1, 5, 9
+    assert on_disk["flops_total"] == 4 * on_disk["flops_full_step"] + 6 * on_disk["flops_forecast_step"]
+    assert on_disk["flops_uncached"] == 10 * on_disk["flops_full_step"]
+    assert on_disk["cache_bytes"] > 0 and on_disk["wall_speedup"] > 0 and on_disk["psnr_vs_uncached"] > 10
+    assert metrics["cache_tag"] == "N4-O1-W2"
+    assert (run / "uncached" / "grid.png").is_file() and (run / "config.yaml").is_file()
+
+
+def test_bad_settings_fail_before_any_model_is_loaded(tmp_path):
+    # The checkpoint does not exist: a CheckpointNotFoundError would mean validation came too late.
+    cfg = _compose("sample_dit", TINY_OVERRIDES + [f"model.ckpt_dir={tmp_path}", "cache.interval=0"])
+    with pytest.raises(ValueError, match="cache.interval=0 is invalid"):
+        sample_app.main(cfg)
+    cfg = _compose("sample_dit", TINY_OVERRIDES + [f"model.ckpt_dir={tmp_path}", "cache.max_order=-1"])
+    with pytest.raises(ValueError, match="cache.max_order=-1"):
+        sample_app.main(cfg)
+    with pytest.raises(ConfigCompositionException, match="intervall"):
+        _compose("sample_dit", ["cache.intervall=4"])
+    cfg = _compose("sample_dit", TINY_OVERRIDES + [f"model.ckpt_dir={tmp_path}", "class_labels=[1,2]"])
+    with pytest.raises(checkpoints.CheckpointNotFoundError, match="DiT-Tiny-2-64x64.pt not found"):
+        sample_app.main(cfg)
+
+
+def test_sample_ddp_two_processes_and_resume(tiny_assets, tmp_path):
+    d, _ = tiny_assets
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "taylorseer_dit.sample_ddp", *TINY_OVERRIDES, f"model.ckpt_dir={d}", f"model.vae={d / 'vae'}",
+           f"out_root={tmp_path}", "num_samples=7", "batch_size=2", "num_steps=6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    run = tmp_path / "dit_fid" / "DiT-Tiny-2-64-N3-O3-W2-ddim6-cfg1.5-seed0"
+    pngs = sorted((run / "samples").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(8)]  # 7 rounded up to 2 ranks x 2
+    arr = np.load(run / "samples_7.npz")["arr_0"]
+    assert arr.shape == (7, 16, 16, 3) and arr.dtype == np.uint8
+    assert len({a.tobytes() for a in arr}) == 7  # distinct samples, none duplicated
+
+    before = {p.name: p.read_bytes() for p in pngs}
+    kept_mtime = (run / "samples" / "000000.png").stat().st_mtime_ns
+    for name in ("000002.png", "000005.png"):
+        (run / "samples" / name).unlink()
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    assert (run / "samples" / "000000.png").stat().st_mtime_ns == kept_mtime  # untouched
+    for name in ("000002.png", "000005.png"):  # regenerated, identical
+        assert (run / "samples" / name).read_bytes() == before[name]
+    np.testing.assert_array_equal(np.load(run / "samples_7.npz")["arr_0"], arr)
+    assert np.asarray(Image.open(run / "samples" / "000002.png")).shape == (16, 16, 3)  # tiny VAE: 2x up
+    assert CACHED_MODULES == ("blocks.*.attn", "blocks.*.mlp")

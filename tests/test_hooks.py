@@ -1,0 +1,126 @@
+"""Attaching and detaching the cache on an unmodified model; contexts; state reset; FLOPs."""
+
+import pytest
+import torch
+
+import taylorseer
+from taylorseer import CacheConfig, count_schedule
+from taylorseer_dit.models import DiT_models
+
+MODULES = ("blocks.*.attn", "blocks.*.mlp")
+
+
+def tiny_dit(seed=0):
+    torch.manual_seed(seed)
+    model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10, in_channels=4).eval()
+    model.initialize_weights(zero_init=False)  # random gates: blocks are not identities
+    return model
+
+
+def trajectory(model, steps=12, seed=1):
+    """Feed the model its own (damped) output for a few steps, like a sampler would."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    y = torch.tensor([3, 7])
+    outs = []
+    with torch.no_grad():
+        for s in range(steps):
+            out = model(x, torch.full((2,), 999 - 80 * s), y)[:, :4]
+            x = 0.9 * x + 0.1 * out
+            outs.append(out)
+    return torch.stack(outs)
+
+
+def test_interval_one_is_bit_identical_to_no_cache():
+    model = tiny_dit()
+    reference = trajectory(model)
+    taylorseer.apply(model, CacheConfig(interval=1, max_order=2, first_enhance=2), modules=MODULES)
+    assert torch.equal(trajectory(model), reference)
+
+
+def test_disabled_cache_is_bit_identical_and_stores_nothing():
+    model = tiny_dit()
+    reference = trajectory(model)
+    cache = taylorseer.apply(model, CacheConfig(interval=4, enabled=False), modules=MODULES)
+    assert torch.equal(trajectory(model), reference)
+    assert cache.nbytes() == 0
+
+
+def test_remove_restores_the_model_exactly():
+    model = tiny_dit()
+    reference = trajectory(model)
+    cache = taylorseer.apply(model, CacheConfig(interval=4, max_order=1, first_enhance=2), modules=MODULES)
+    assert not torch.equal(trajectory(model), reference)  # the cache really forecasts
+    assert cache.nbytes() > 0
+    taylorseer.remove(model)
+    assert taylorseer.get_cache(model) is None
+    assert "forward" not in model.blocks[0].attn.__dict__
+    assert not model._forward_pre_hooks
+    assert torch.equal(trajectory(model), reference)
+
+
+def test_two_calls_in_a_row_are_identical_with_reset_or_num_steps():
+    model = tiny_dit()
+    cache = taylorseer.apply(model, CacheConfig(interval=3, max_order=2, first_enhance=2), modules=MODULES)
+    first = trajectory(model)
+    cache.reset()
+    assert torch.equal(trajectory(model), first)
+    # Without reset() but with num_steps known, the schedule restarts on its own.
+    taylorseer.remove(model)
+    taylorseer.apply(model, CacheConfig(interval=3, max_order=2, first_enhance=2), modules=MODULES, num_steps=12)
+    assert torch.equal(trajectory(model), first)
+    assert torch.equal(trajectory(model), first)
+
+
+def test_schedule_recorded_per_call():
+    model = tiny_dit()
+    cache = taylorseer.apply(model, CacheConfig(interval=3, max_order=1, first_enhance=2), modules=MODULES)
+    trajectory(model, steps=12)
+    assert [r.step for r in cache.history if r.full] == [0, 1, 4, 7, 10]
+
+
+def test_contexts_keep_separate_state():
+    model = tiny_dit()
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.tensor([1])
+    cache = taylorseer.apply(model, CacheConfig(interval=2, max_order=1, first_enhance=1), modules=MODULES)
+    with torch.no_grad():
+        for _ in range(3):
+            with cache.context("cond"):
+                model(x, t, y)
+            with cache.context("uncond"):
+                model(x, t, torch.tensor([10]))
+    steps = [(r.context, r.step, r.full) for r in cache.history]
+    assert steps == [("cond", 0, True), ("uncond", 0, True), ("cond", 1, False), ("uncond", 1, False),
+                     ("cond", 2, True), ("uncond", 2, True)]
+    per_context = cache.nbytes() // 2
+    assert per_context == 2 * 2 * (2 * 1 * 16 * 64 * 4)  # 2 blocks x (attn, mlp) x (O+1) x (1,16,64) fp32
+
+
+def test_errors_are_clear():
+    model = tiny_dit()
+    with pytest.raises(ValueError, match=r"no submodule matches 'blocks\.\*\.attention'"):
+        taylorseer.apply(model, CacheConfig(), modules=["blocks.*.attention"])
+    taylorseer.apply(model, CacheConfig(), modules=MODULES)
+    with pytest.raises(RuntimeError, match="already attached"):
+        taylorseer.apply(model, CacheConfig(), modules=MODULES)
+
+
+def test_forecast_step_flops_count_only_what_still_runs():
+    model = tiny_dit()
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.tensor([1])
+    cache = taylorseer.apply(model, CacheConfig(interval=6, max_order=1, first_enhance=3), modules=MODULES)
+    report = count_schedule(lambda: model(x, t, y), cache, num_steps=50)
+    d, tokens, depth = 64, 16, 2
+    # Forecast call: embedders (patch conv, timestep MLP), adaLN linears of the blocks, final layer.
+    patch = 2 * tokens * d * 4 * 2 * 2
+    t_mlp = 2 * (256 * d + d * d)
+    ada = depth * 2 * d * 6 * d
+    final = 2 * d * 2 * d + 2 * tokens * d * (2 * 2 * 8)
+    assert report.forecast_step_flops == patch + t_mlp + ada + final
+    # Full call adds attention (qkv, scores, values, proj) and MLP for every block.
+    attn = 2 * tokens * d * 3 * d + 2 * 2 * tokens * tokens * d + 2 * tokens * d * d
+    mlp = 2 * 2 * tokens * d * 4 * d
+    assert report.full_step_flops == report.forecast_step_flops + depth * (attn + mlp)
+    assert report.full_steps == 10
+    assert report.flops_total == 10 * report.full_step_flops + 40 * report.forecast_step_flops
+    assert cache.history == []  # the count leaves no state behind
