@@ -1,0 +1,133 @@
+"""Load a FLUX pipeline, attach the cache to its transformer, and sample with it.
+
+The pipeline is diffusers' own, unmodified: ``FluxPipeline`` for FLUX.1-dev / FLUX.1-schnell (hub id or a
+local folder in the same layout) and ``FluxKontextPipeline`` for FLUX.1-Kontext. The cache only touches
+``pipe.transformer`` (see :mod:`taylorseer_flux.cache`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import taylorseer
+from taylorseer import CacheConfig, ForecastCache
+from taylorseer.diffusers_io import load_pipeline
+from taylorseer.runs import timed
+
+from .cache import apply_flux_cache
+
+PIPELINES = ("FluxPipeline", "FluxKontextPipeline")
+
+
+def _dtype_keyword() -> str:
+    # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns); older ones need torch_dtype.
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+def load_flux(source: str, *, pipeline: str = "FluxPipeline", dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu", cpu_offload: bool = False, vae_tiling: bool = False,
+              vae_slicing: bool = False):
+    """``<pipeline>.from_pretrained(source)`` on ``device``, with diffusers' memory options.
+
+    Raises :class:`taylorseer.diffusers_io.WeightsNotFoundError` (what was looked for and how to get it)
+    when the weights cannot be loaded.
+    """
+    import diffusers
+
+    if pipeline not in PIPELINES:
+        raise ValueError(f"model.pipeline={pipeline!r} is not supported: expected one of {list(PIPELINES)}")
+    device = torch.device(device)
+    if cpu_offload and device.type != "cuda":
+        raise ValueError(f"cpu_offload=true moves models to and from a CUDA device, but device is {device}: "
+                         "set device=cuda or cpu_offload=false")
+    pipe = load_pipeline(getattr(diffusers, pipeline), source, **{_dtype_keyword(): dtype})
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    pipe.set_progress_bar_config(disable=True)  # the sampling script shows its own bar over the prompts
+    return pipe
+
+
+@dataclass
+class FluxCache:
+    """The settings of the cache on one pipeline, so it can be detached (uncached baseline) and put back."""
+
+    pipe: object
+    config: CacheConfig
+    num_steps: int
+    forecast_text: bool = False
+
+    def attach(self) -> ForecastCache | None:
+        if not self.config.enabled or taylorseer.get_cache(self.pipe.transformer) is not None:
+            return taylorseer.get_cache(self.pipe.transformer)
+        return apply_flux_cache(self.pipe.transformer, self.config, self.num_steps, forecast_text=self.forecast_text)
+
+    def detach(self) -> None:
+        taylorseer.remove(self.pipe.transformer)
+
+
+@dataclass
+class Generation:
+    images: list
+    seconds: float  # wall time of the pipeline call (device work included)
+    cache_bytes: int = 0  # most bytes the cache held during the call
+    full_steps: dict[str, int] = field(default_factory=dict)  # context -> computed steps
+    history: list = field(default_factory=list)  # the cache's StepRecords of the call
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], *, num_steps: int, height: int | None = None,
+             width: int | None = None, guidance_scale: float = 3.5, true_cfg_scale: float = 1.0,
+             negative_prompt: str | None = None, max_sequence_length: int = 512, image=None,
+             output_type: str = "pil", device=None) -> Generation:
+    """One pipeline call for a batch of prompts, image ``i`` from ``torch.Generator().manual_seed(seeds[i])``.
+
+    The noise comes from CPU generators, one per image, so an image does not depend on the device, the
+    batch it is in, or its place in the batch. The cache (if attached) is reset before the call; diffusers
+    resets it again at the end of the call.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    cache = taylorseer.get_cache(pipe.transformer)
+    if cache is not None:
+        cache.reset(num_steps=num_steps)
+    peak = {"bytes": 0, "history": []}
+
+    def on_step_end(_pipe, _i, _t, _kwargs):
+        if cache is not None:
+            peak["bytes"] = max(peak["bytes"], cache.nbytes())
+            peak["history"] = list(cache.history)  # diffusers clears the cache after the last step
+        return {}
+
+    kwargs = dict(
+        prompt=list(prompts),
+        num_inference_steps=num_steps,
+        guidance_scale=guidance_scale,
+        generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
+        max_sequence_length=max_sequence_length,
+        output_type=output_type,
+        callback_on_step_end=on_step_end,
+    )
+    if height is not None:
+        kwargs.update(height=height, width=width)
+    if true_cfg_scale > 1:
+        kwargs.update(true_cfg_scale=true_cfg_scale, negative_prompt=[negative_prompt or ""] * len(prompts))
+    if image is not None:
+        kwargs["image"] = [image] * len(prompts)
+    timing: dict = {}
+    with torch.inference_mode(), timed(timing, device=device):
+        out = pipe(**kwargs)
+    full: dict[str, int] = {}
+    for record in peak["history"]:
+        full[record.context] = full.get(record.context, 0) + int(record.full)
+    return Generation(list(out.images), timing["seconds"], peak["bytes"], full, peak["history"])

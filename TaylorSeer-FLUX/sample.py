@@ -1,0 +1,249 @@
+"""Sample FLUX with TaylorSeer: prompts -> PNGs and metrics.json in a run folder.
+
+    bash scripts/sample_flux.sh                                   # FLUX.1-dev, N=6, O=1, warm-up 3, 50 steps, 1024^2
+    bash scripts/sample_flux.sh prompt_file=prompts.txt cache.max_order=2 compare_uncached=true
+    bash scripts/sample_flux.sh model.path=/data/FLUX.1-dev dtype=bfloat16 cpu_offload=true vae_tiling=true
+    bash scripts/sample_flux.sh cache=none                       # the uncached baseline
+
+Run folder ``${out_root}/flux/<model>-<cache tag>-<steps>steps-<H>x<W>-seed<seed>``: one PNG per image,
+``{index:05d}-{prompt slug}.png`` (image ``index`` is sampled with seed ``seed + index``), ``config.yaml``
+(the exact config) and ``metrics.json`` (latency per image, FLOPs uncached/total and compression, cache
+bytes, peak memory; with ``compare_uncached`` also the uncached latency, wall speedup and PSNR/SSIM of
+every image against its uncached twin in ``uncached/``). A rerun skips the images already there.
+
+Everything that can be checked without the model (cache settings, prompts, sizes, the run folder's
+earlier settings) is checked before the model loads, and nothing is written before the model loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from taylorseer_eval.fidelity import finite_mean, psnr, ssim
+from tqdm.auto import tqdm
+
+from taylorseer import CacheConfig, runs
+from taylorseer.diffusers_io import WeightsNotFoundError, read_prompts
+
+from .flops import count_flux_flops
+from .pipeline import PIPELINES, FluxCache, generate, load_flux
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+# Settings that change the images: a run folder made with other values is not resumed into.
+IMAGE_KEYS = ("model.path", "model.pipeline", "dtype", "guidance_scale", "true_cfg_scale", "negative_prompt",
+              "max_sequence_length", "image", "forecast_text", "cache")
+
+
+def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
+    """Everything that can be checked before a model is loaded; returns the cache config and the prompts."""
+    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
+    prompts = read_prompts(OmegaConf.to_object(cfg.prompt) if OmegaConf.is_config(cfg.prompt) else cfg.prompt,
+                           cfg.prompt_file)
+    for key in ("num_steps", "batch_size", "num_images_per_prompt", "max_sequence_length"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1")
+    for key in ("height", "width"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
+            raise ValueError(f"{key}={value!r} is invalid: FLUX needs a positive multiple of 16 (8x VAE, 2x2 patches)")
+    if cfg.guidance_scale < 0:
+        raise ValueError(f"guidance_scale={cfg.guidance_scale} is invalid: expected >= 0")
+    if cfg.model.pipeline not in PIPELINES:
+        raise ValueError(f"model.pipeline={cfg.model.pipeline!r} is not supported: expected one of {list(PIPELINES)}")
+    if cfg.model.pipeline == "FluxKontextPipeline":
+        if not cfg.image or not Path(cfg.image).expanduser().is_file():
+            raise ValueError(f"image={cfg.image!r}: FLUX Kontext edits an input image; pass image=path/to/input.png")
+        if cfg.true_cfg_scale > 1 and cache_config.enabled:
+            raise ValueError("true_cfg_scale > 1 with FluxKontextPipeline: the pipeline does not name its cond/uncond "
+                             "calls, so the cache cannot keep them apart; use true_cfg_scale=1 or cache=none")
+    elif cfg.image:
+        raise ValueError(f"image={cfg.image!r} is only used by FLUX Kontext (model=flux_kontext)")
+    return cache_config, prompts
+
+
+def run_dir(cfg: DictConfig, cache_config: CacheConfig) -> Path:
+    name = cfg.run_name or (f"{cfg.model.short_name}-{cache_config.tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}"
+                            f"-seed{cfg.seed}")
+    return Path(cfg.out_root) / "flux" / name
+
+
+def _image_settings(container: dict) -> dict:
+    out = {}
+    for key in IMAGE_KEYS:
+        node = container
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def check_resume(out_dir: Path, cfg: DictConfig) -> None:
+    """A folder written with other image settings must not be resumed into (its PNGs would be kept)."""
+    path = out_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old = _image_settings(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    new = _image_settings(OmegaConf.to_container(cfg, resolve=True))
+    changed = {k: (old[k], new[k]) for k in IMAGE_KEYS if old[k] != new[k]}
+    if changed:
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{out_dir} holds images made with other settings ({details}); "
+                         f"pass run_name=<new name> or out_root=<other folder>")
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (N, 3, H, W) floats in [0, 1]."""
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                        for im in images])
+
+
+def main(cfg: DictConfig) -> dict:
+    cache_config, prompts = validate(cfg)
+    device = runs.resolve_device(cfg.device)
+    dtype = runs.resolve_dtype(cfg.dtype, device)
+    out_dir = run_dir(cfg, cache_config)
+    check_resume(out_dir, cfg)
+    image = None
+    if cfg.image:
+        from diffusers.utils import load_image
+
+        image = load_image(str(Path(cfg.image).expanduser()))
+
+    pipe = load_flux(cfg.model.path, pipeline=cfg.model.pipeline, dtype=dtype, device=device,
+                     cpu_offload=cfg.cpu_offload, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
+    handle = FluxCache(pipe, cache_config, cfg.num_steps, forecast_text=cfg.forecast_text)
+    handle.attach()
+    compare = bool(cfg.compare_uncached and cache_config.enabled)
+    call = dict(num_steps=cfg.num_steps, height=cfg.height, width=cfg.width, guidance_scale=cfg.guidance_scale,
+                true_cfg_scale=cfg.true_cfg_scale, negative_prompt=cfg.negative_prompt,
+                max_sequence_length=cfg.max_sequence_length, image=image, device=device)
+
+    # Image i of the run: prompt i // num_images_per_prompt, seed + i.
+    items = [(i * cfg.num_images_per_prompt + j, p) for i, p in enumerate(prompts)
+             for j in range(cfg.num_images_per_prompt)]
+    names = {index: f"{index:05d}-{runs.slug(prompt)}.png" for index, prompt in items}
+    previous = runs.read_json(out_dir / "metrics.json") or {}
+    records = {}
+    for record in previous.get("items", []):
+        # Done: its PNGs are there and so are its measurements (metrics.json is rewritten after every batch).
+        index = record.get("index")
+        if index not in names or record.get("file") != names[index] or (compare and "psnr" not in record):
+            continue
+        files = [out_dir / names[index]] + ([out_dir / "uncached" / names[index]] if compare else [])
+        if all(f.is_file() for f in files):
+            records[index] = record
+    todo = [item for item in items if item[0] not in records]
+    runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    shapes = _ShapeCapture(pipe.transformer)
+    if todo and cfg.warmup:
+        # Untimed: the first call of a process pays for kernel selection and allocator growth.
+        generate(pipe, [todo[0][1]], [cfg.seed], **{**call, "num_steps": min(2, cfg.num_steps)}, output_type="latent")
+    runs.reset_peak_memory(device)
+    flops = None
+    bar = tqdm(total=len(todo), disable=not cfg.progress or not todo, desc=f"flux {cache_config.tag}", unit="img")
+    for start in range(0, len(todo), cfg.batch_size):
+        batch = todo[start:start + cfg.batch_size]
+        indices, batch_prompts = [i for i, _ in batch], [p for _, p in batch]
+        seeds = [cfg.seed + i for i in indices]
+        gen = generate(pipe, batch_prompts, seeds, **call)
+        reference = None
+        if compare:
+            handle.detach()
+            try:
+                reference = generate(pipe, batch_prompts, seeds, **call)
+            finally:
+                handle.attach()
+        for k, (index, prompt) in enumerate(batch):
+            record = dict(index=index, prompt=prompt, seed=seeds[k], file=names[index],
+                          latency_s=gen.seconds / len(batch), cache_bytes=gen.cache_bytes,
+                          full_steps=gen.full_steps)
+            if reference is not None:
+                x, ref = to_tensor([gen.images[k]]), to_tensor([reference.images[k]])
+                record.update(uncached_latency_s=reference.seconds / len(batch),
+                              psnr=finite_mean(psnr(x, ref)), ssim=float(ssim(x, ref).mean()))
+                runs.save_image(out_dir / "uncached" / names[index], reference.images[k])
+            runs.save_image(out_dir / names[index], gen.images[k])
+            records[index] = record
+        flops = flops or count_flops(cfg, cache_config, pipe, shapes.found)
+        runs.write_json(out_dir / "metrics.json", _metrics(cfg, cache_config, flops, records, device, dtype))
+        bar.update(len(batch))
+    bar.close()
+    shapes.remove()
+    flops = flops or count_flops(cfg, cache_config, pipe, shapes.found)
+    metrics = _metrics(cfg, cache_config, flops, records, device, dtype)
+    runs.write_json(out_dir / "metrics.json", metrics)
+    print(f"[sample_flux] {len(todo)} new, {len(records)} images in {out_dir}")
+    summary = (f"[sample_flux] {cache_config.tag}: {metrics.get('full_steps', '?')}/{cfg.num_steps} full steps, FLOPs "
+               f"compression {metrics.get('compression', float('nan')):.2f}x, {metrics['latency_s']:.3f} s/image, "
+               f"cache {metrics['cache_bytes'] / 2**20:.1f} MiB")
+    if "wall_speedup" in metrics:
+        summary += (f", wall speedup {metrics['wall_speedup']:.2f}x, PSNR {metrics['psnr_vs_uncached']:.2f} dB, "
+                    f"SSIM {metrics['ssim_vs_uncached']:.4f}")
+    print(summary)
+    return metrics
+
+
+class _ShapeCapture:
+    """Token counts and calls per step of the transformer's first calls, for the FLOPs count."""
+
+    def __init__(self, transformer):
+        self.found: dict = {}
+        self._handle = transformer.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states")
+        if hidden is not None and text is not None and "image_tokens" not in self.found:
+            self.found.update(image_tokens=int(hidden.shape[1]), text_tokens=int(text.shape[1]))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def count_flops(cfg: DictConfig, cache_config: CacheConfig, pipe, shapes: dict):
+    """FLOPs of one image's sampling run, on a meta copy of the pipeline's transformer."""
+    if not shapes:
+        # No call in this run (all images there already): FluxPipeline's token counts.
+        patch = 2 * getattr(pipe, "vae_scale_factor", 8)
+        shapes = dict(image_tokens=(cfg.height // patch) * (cfg.width // patch), text_tokens=cfg.max_sequence_length)
+    return count_flux_flops(dict(pipe.transformer.config), cache_config, cfg.num_steps,
+                            num_image_tokens=shapes["image_tokens"], text_tokens=shapes["text_tokens"],
+                            calls_per_step=2 if cfg.true_cfg_scale > 1 else 1, forecast_text=cfg.forecast_text)
+
+
+def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, device, dtype) -> dict:
+    items = [records[i] for i in sorted(records)]
+    extra = dict(model=OmegaConf.to_container(cfg.model, resolve=True), run_device=str(device),
+                 dtype=str(dtype).replace("torch.", ""), seed=cfg.seed, calls_per_step=flops.calls_per_step,
+                 run_config=OmegaConf.to_container(cfg, resolve=True), items=items)
+    compared = [r for r in items if "psnr" in r]
+    if compared:
+        cached_s = sum(r["latency_s"] for r in compared)
+        uncached_s = sum(r["uncached_latency_s"] for r in compared)
+        extra.update(uncached_latency_s=uncached_s / len(compared), wall_speedup=uncached_s / cached_s,
+                     psnr_vs_uncached=float(np.mean([r["psnr"] for r in compared])),
+                     ssim_vs_uncached=float(np.mean([r["ssim"] for r in compared])), num_compared=len(compared))
+    seconds = sum(r["latency_s"] for r in items)
+    cache_bytes = max((r["cache_bytes"] for r in items), default=0)
+    return runs.sampling_metrics(cache_config, flops, len(items), seconds, cache_bytes, device, **extra)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="sample_flux", version_base=None)
+def _cli(cfg: DictConfig) -> None:
+    try:
+        main(cfg)
+    except (WeightsNotFoundError, ValueError) as err:
+        # One clear message, no traceback: these are settings or setup problems, not bugs.
+        print(f"[sample_flux] error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _cli()
