@@ -1,0 +1,124 @@
+"""Which parts of diffusers' ``HunyuanVideoTransformer3DModel`` the forecasting cache holds.
+
+As in the paper (and upstream's defaults: N=5, O=1, warm-up 1):
+
+* double-stream block ``transformer_blocks.i`` (20 in the real model): the joint attention
+  (``.attn``: image and text outputs after their output projections, one tuple) and the two
+  feed-forwards (``.ff`` image, ``.ff_context`` text). They are plain cached modules: on a forecast
+  step the block still runs its AdaLN modulation, gates and residual adds with the current
+  conditioning, and the attention/MLP modules return their forecasts instead of running.
+* single-stream block ``single_transformer_blocks.i`` (40): the attention (``.attn``, recorded on
+  full steps as the paper does) and the whole branch before its gate (``.proj_out``'s output,
+  i.e. ``proj_out(cat(attn, mlp))``). On a forecast step *nothing* of the branch may run (no
+  attention, no MLP projection, no concat), so the block's forward is replaced: it computes only
+  the gate from ``block.norm``'s modulation linear and returns ``residual + gate * forecast``, split
+  back into the (video, text) pair the block returns.
+
+Nothing in diffusers' code mutates these outputs in place (the blocks form ``h + out * gate`` into new
+tensors; the single-block attention returns slices that the core copies into buffers it owns), so
+an order-0 forecast may hand out the stored buffer itself.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+
+import torch
+from diffusers.models.transformers.transformer_hunyuan_video import (
+    HunyuanVideoSingleTransformerBlock,
+    HunyuanVideoTransformer3DModel,
+    HunyuanVideoTransformerBlock,
+)
+
+import taylorseer
+from taylorseer import CacheConfig, ForecastCache
+
+# Plain cached modules: their outputs are the cached features (fnmatch patterns over named_modules()).
+DOUBLE_MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context")
+SINGLE_MODULES = ("single_transformer_blocks.*.attn", "single_transformer_blocks.*.proj_out")
+CACHED_MODULES = DOUBLE_MODULES + SINGLE_MODULES
+
+
+def attach(transformer: HunyuanVideoTransformer3DModel, config: CacheConfig,
+           num_steps: int | None = None) -> ForecastCache:
+    """Put the forecasting cache on ``transformer`` (undo with ``taylorseer.remove(transformer)``)."""
+    _check_blocks(transformer)
+    single = {f"single_transformer_blocks.{i}": single_block_forward
+              for i in range(len(transformer.single_transformer_blocks))}
+    if config.offload:
+        # The core's plain wrapper (cache.run) forecasts without knowing the device, which leaves
+        # offloaded (CPU) factors on the CPU; this wrapper forecasts onto the input's device.
+        overrides = {pattern: device_aware_forward for pattern in CACHED_MODULES}
+        return taylorseer.apply(transformer, config, modules=[], overrides={**overrides, **single},
+                                num_steps=num_steps)
+    return taylorseer.apply(transformer, config, modules=list(CACHED_MODULES), overrides=single, num_steps=num_steps)
+
+
+def cached_module_names(transformer: torch.nn.Module) -> list[str]:
+    """Names of the modules whose outputs are cached (the single blocks' ``proj_out`` is their branch)."""
+    return [n for n, _ in transformer.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in CACHED_MODULES)]
+
+
+def single_block_forward(block: HunyuanVideoSingleTransformerBlock, original: Callable, cache: ForecastCache,
+                         name: str) -> Callable:
+    """Forward for one single-stream block: full steps run the original, forecast steps only the gate.
+
+    On a full step the original forward runs; its ``attn`` and ``proj_out`` submodules are plain
+    cached modules, so they record the attention output and the pre-gate branch as they run.
+    """
+    branch_name = f"{name}.proj_out"
+    norm = block.norm
+
+    def forward(hidden_states, encoder_hidden_states, temb, *args, **kwargs):
+        if cache.is_full:
+            return original(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
+        # AdaLayerNormZeroSingle: linear(silu(temb)) -> (shift, scale, gate); only the gate is needed
+        # because the normalised input feeds nothing but the (skipped) branch.
+        gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)[2].unsqueeze(1)  # (B, 1, C)
+        branch = forecast_like(cache, branch_name, hidden_states)  # (B, N_video + N_text, C)
+        n_video = hidden_states.shape[1]
+        # Same arithmetic as the block: gate * branch + residual, with the residual never concatenated.
+        video = gate * branch[:, :n_video] + hidden_states
+        text = gate * branch[:, n_video:] + encoder_hidden_states
+        return video, text
+
+    return forward
+
+
+def device_aware_forward(module: torch.nn.Module, original: Callable, cache: ForecastCache, name: str) -> Callable:
+    """``cache.run`` for a plain cached module, with the forecast moved to the input's device and dtype."""
+
+    def forward(hidden_states, *args, **kwargs):
+        if cache.is_full:
+            out = original(hidden_states, *args, **kwargs)
+            cache.update(name, out)
+            return out
+        return forecast_like(cache, name, hidden_states)
+
+    return forward
+
+
+def forecast_like(cache: ForecastCache, name: str, like: torch.Tensor):
+    """``cache.forecast(name)`` on ``like``'s device, in ``like``'s dtype (offloaded factors come back)."""
+    out = cache.forecast(name, device=like.device)
+    if isinstance(out, tuple):
+        return tuple(_match(t, like) for t in out)
+    return _match(out, like)
+
+
+def _match(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if tensor.device == like.device and tensor.dtype == like.dtype:
+        return tensor  # no copy: the common, non-offloaded case
+    return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
+
+
+def _check_blocks(transformer: torch.nn.Module) -> None:
+    """Only the text-to-video blocks are supported; the image-to-video (token-replace) ones differ."""
+    kinds = {type(b) for b in getattr(transformer, "transformer_blocks", [])} | {
+        type(b) for b in getattr(transformer, "single_transformer_blocks", [])}
+    expected = {HunyuanVideoTransformerBlock, HunyuanVideoSingleTransformerBlock}
+    if not kinds or not kinds <= expected:
+        found = sorted(k.__name__ for k in kinds) or ["no transformer_blocks"]
+        raise TypeError(f"TaylorSeer-HunyuanVideo caches HunyuanVideoTransformer3DModel's text-to-video blocks; "
+                        f"found {found} (image-to-video token-replace blocks are not supported)")

@@ -1,0 +1,225 @@
+"""FLOPs and cache size of full-size HunyuanVideo, counted on the ``meta`` device (no weights, no GPU).
+
+The transformer is built from its real config under ``torch.device("meta")``: every op runs on
+shapes only, so PyTorch's ``FlopCounterMode`` counts the true matmul/attention FLOPs of a step
+(2 FLOPs per multiply-add) and the cache, attached exactly as for sampling, holds meta tensors whose
+byte counts are the real ones. Usage::
+
+    python -m taylorseer_hunyuan_video.estimate                       # 480x640x65, 50 steps, N=5 O=1
+    python -m taylorseer_hunyuan_video.estimate --orders 1 2 --frames 129 --height 720 --width 1280
+
+Shapes at 480x640x65: the VAE compresses 8x in space and 4x in time (65 frames -> 17 latent
+frames, 60x80 latents), the transformer patchifies 1x2x2 -> 17*30*40 = 20,400 video tokens, plus
+256 text tokens (the pipeline pads the prompt to ``max_sequence_length``); hidden 3072 = 24 x 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+
+import taylorseer
+from taylorseer import CacheConfig, FlopsReport
+
+from .cache import attach, cached_module_names
+
+# hunyuanvideo-community/HunyuanVideo transformer/config.json (13B parameters).
+HUNYUAN_VIDEO_CONFIG = dict(
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    num_layers=20,
+    num_single_layers=40,
+    num_refiner_layers=2,
+    mlp_ratio=4.0,
+    patch_size=2,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    guidance_embeds=True,
+    text_embed_dim=4096,
+    pooled_projection_dim=768,
+    rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+)
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """One sampled video's size and what it becomes inside the transformer."""
+
+    height: int = 480
+    width: int = 640
+    num_frames: int = 65
+    text_tokens: int = 256  # the pipeline's max_sequence_length
+    batch: int = 1
+    spatial_compression: int = 8  # AutoencoderKLHunyuanVideo
+    temporal_compression: int = 4
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the latent video."""
+        return ((self.num_frames - 1) // self.temporal_compression + 1, self.height // self.spatial_compression,
+                self.width // self.spatial_compression)
+
+    def video_tokens(self, patch_size: int, patch_size_t: int) -> int:
+        f, h, w = self.latent
+        return (f // patch_size_t) * (h // patch_size) * (w // patch_size)
+
+
+def meta_transformer(config: dict | None = None,
+                     dtype: torch.dtype = torch.bfloat16) -> HunyuanVideoTransformer3DModel:
+    """The transformer with shapes only (instant, no memory): for counting, never for sampling."""
+    config = {k: v for k, v in dict(config or HUNYUAN_VIDEO_CONFIG).items() if not k.startswith("_")}
+    # Create the parameters in ``dtype`` directly (a later .to(dtype) makes diffusers warn about fp32 modules).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = HunyuanVideoTransformer3DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def dummy_inputs(model: HunyuanVideoTransformer3DModel, shape: VideoShape, device="meta",
+                 dtype: torch.dtype | None = None) -> dict:
+    """Keyword arguments of one transformer call at ``shape`` (what HunyuanVideoPipeline passes)."""
+    cfg = model.config
+    dtype = dtype or model.dtype
+    b = shape.batch
+    return dict(
+        hidden_states=torch.zeros(b, cfg.in_channels, *shape.latent, device=device, dtype=dtype),
+        timestep=torch.full((b,), 500.0, device=device),
+        encoder_hidden_states=torch.zeros(b, shape.text_tokens, cfg.text_embed_dim, device=device, dtype=dtype),
+        encoder_attention_mask=torch.ones(b, shape.text_tokens, device=device, dtype=dtype),
+        pooled_projections=torch.zeros(b, cfg.pooled_projection_dim, device=device, dtype=dtype),
+        guidance=torch.full((b,), 6000.0, device=device, dtype=dtype),
+        return_dict=False,
+    )
+
+
+def count_run_flops(cache_config: CacheConfig, shape: VideoShape = VideoShape(), num_steps: int = 50,
+                    transformer_config: dict | None = None, calls_per_step: int = 1) -> FlopsReport:
+    """FLOPs of one video's sampling run: one computed and one forecast call counted, the rest from the schedule."""
+    model = meta_transformer(transformer_config)
+    inputs = dummy_inputs(model, shape)
+    cache = attach(model, cache_config, num_steps=num_steps) if cache_config.enabled else None
+    try:
+        with torch.no_grad():
+            return taylorseer.count_schedule(lambda: model(**inputs), cache, num_steps, calls_per_step)
+    finally:
+        taylorseer.remove(model)
+
+
+@dataclass(frozen=True)
+class CacheEstimate:
+    max_order: int
+    factor_dtype: str
+    num_modules: int  # cached modules (a double block's attention counts once, with two output tensors)
+    num_tensors: int  # cached tensors
+    elements_per_order: int  # elements of one factor of every cached tensor
+    nbytes: int  # measured from the cache after O+1 full steps on the meta device
+    formula_nbytes: int  # (O + 1) x elements_per_order x itemsize, from the recorded output shapes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"gib": self.nbytes / 2**30, "gb": self.nbytes / 1e9}
+
+
+def estimate_cache(max_order: int, shape: VideoShape = VideoShape(), factor_dtype: str = "bfloat16",
+                   transformer_config: dict | None = None) -> CacheEstimate:
+    """Bytes the cache holds at ``max_order`` for one context (double it for true CFG: cond + uncond)."""
+    model = meta_transformer(transformer_config)
+    inputs = dummy_inputs(model, shape)
+    shapes: list[tuple[int, ...]] = []
+    names = cached_module_names(model)
+    named = dict(model.named_modules())
+
+    def record(_module, _args, out):
+        for t in out if isinstance(out, tuple) else (out,):
+            shapes.append(tuple(t.shape))
+
+    # Hooks see the real outputs on the first full step (registered before the cache wraps forward).
+    handles = [named[n].register_forward_hook(record) for n in names]
+    # interval 1 + first_enhance 1: every step full and every full step forms derivatives, so O+1
+    # calls fill every order.
+    config = CacheConfig(interval=1, max_order=max_order, first_enhance=1, factor_dtype=factor_dtype)
+    cache = attach(model, config, num_steps=max_order + 1)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            for h in handles:
+                h.remove()
+            for _ in range(max_order):
+                model(**inputs)
+        nbytes = cache.nbytes()
+    finally:
+        for h in handles:
+            h.remove()
+        taylorseer.remove(model)
+    elements = sum(_numel(s) for s in shapes)
+    itemsize = torch.empty((), dtype=getattr(torch, factor_dtype)).element_size()
+    return CacheEstimate(max_order, factor_dtype, len(names), len(shapes), elements, nbytes,
+                         (max_order + 1) * elements * itemsize)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def report(shape: VideoShape, num_steps: int, cache_config: CacheConfig, orders: list[int]) -> str:
+    """A markdown summary for the README."""
+    base = count_run_flops(CacheConfig(enabled=False), shape, num_steps)
+    cached = count_run_flops(cache_config, shape, num_steps)
+    tokens = shape.video_tokens(HUNYUAN_VIDEO_CONFIG["patch_size"], HUNYUAN_VIDEO_CONFIG["patch_size_t"])
+    lines = [
+        f"HunyuanVideo {shape.height}x{shape.width}x{shape.num_frames} (latent {shape.latent}, {tokens} video + "
+        f"{shape.text_tokens} text tokens), {num_steps} steps, meta device, FlopCounterMode (2 FLOPs per MAC):",
+        "",
+        "| run | full steps | TFLOPs per full step | TFLOPs per forecast step | TFLOPs total | compression |",
+        "| --- | --- | --- | --- | --- | --- |",
+        _row("no cache", base),
+        _row(f"TaylorSeer {cache_config.tag}", cached),
+        "",
+        "| cache | modules | tensors | bytes (bf16) | GiB | GB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for order in orders:
+        est = estimate_cache(order, shape)
+        assert est.nbytes == est.formula_nbytes, (est.nbytes, est.formula_nbytes)
+        lines.append(f"| O={order} | {est.num_modules} | {est.num_tensors} | {est.nbytes:,} | "
+                     f"{est.nbytes / 2**30:.2f} | {est.nbytes / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+def _row(label: str, r: FlopsReport) -> str:
+    return (f"| {label} | {r.full_steps} of {r.num_steps} | {r.full_step_flops / 1e12:.2f} | "
+            f"{r.forecast_step_flops / 1e12:.3f} | {r.flops_total / 1e12:.1f} | {r.compression:.3f}x |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--frames", type=int, default=65)
+    parser.add_argument("--text-tokens", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--interval", type=int, default=5)
+    parser.add_argument("--order", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--orders", type=int, nargs="+", default=[1, 2], help="orders for the cache-size table")
+    args = parser.parse_args(argv)
+    shape = VideoShape(args.height, args.width, args.frames, args.text_tokens)
+    config = CacheConfig(interval=args.interval, max_order=args.order, first_enhance=args.warmup)
+    print(report(shape, args.steps, config, args.orders))
+
+
+if __name__ == "__main__":
+    main()
