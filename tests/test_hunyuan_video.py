@@ -1,0 +1,363 @@
+"""TaylorSeer on diffusers' HunyuanVideoPipeline: a tiny random pipeline, saved and loaded like the real one.
+
+Sizes: 32x32 pixels x 5 frames -> 2x4x4 latents -> 8 video tokens (patch 1x2x2) + 16 text tokens,
+hidden 32 (2 heads x 16), 2 double + 2 single blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from taylorseer_hunyuan_video import sample
+from taylorseer_hunyuan_video.cache import attach, cached_module_names
+from taylorseer_hunyuan_video.estimate import VideoShape, dummy_inputs, estimate_cache, meta_transformer
+from taylorseer_hunyuan_video.pipeline import generate, load_hunyuan_video
+from taylorseer_hunyuan_video.video_io import read_video, video_filename, write_mp4
+from tiny_hunyuan import TRANSFORMER_CONFIG, save_tiny_pipeline
+
+import taylorseer
+from taylorseer import CacheConfig, count_flops
+from taylorseer.diffusers_io import WeightsNotFoundError
+
+H, W, F, TEXT = 32, 32, 5, 16
+VIDEO_TOKENS = ((F - 1) // 4 + 1) * (H // 8 // 2) * (W // 8 // 2)  # 2 * 2 * 2 = 8
+HIDDEN = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
+N_BLOCKS = TRANSFORMER_CONFIG["num_layers"] + TRANSFORMER_CONFIG["num_single_layers"]
+CALL = dict(height=H, width=W, num_frames=F, max_sequence_length=TEXT, guidance_scale=6.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two shared cores: tiny ops run fastest (and steadiest) on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_hunyuan"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    # The loader the sampling script uses (diffusers from_pretrained on the saved folder).
+    return load_hunyuan_video(str(tiny_dir), dtype=torch.float32, flow_shift=7.0)
+
+
+@pytest.fixture
+def pipe(loaded):
+    loaded.set_progress_bar_config(disable=True)
+    yield loaded
+    taylorseer.remove(loaded.transformer)
+
+
+def latents(pipe, steps, prompt="a cat walks on the beach", seed=42, **kwargs):
+    video = generate(pipe, prompt, seed, num_steps=steps, output_type="latent", **{**CALL, **kwargs})
+    return video.frames, video.stats
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def test_the_saved_pipeline_loads_back_with_the_flow_shift(tiny_dir, loaded):
+    assert (tiny_dir / "model_index.json").is_file()
+    assert type(loaded).__name__ == "HunyuanVideoPipeline"
+    assert loaded.scheduler.config.shift == 7.0
+    assert (loaded.vae_scale_factor_spatial, loaded.vae_scale_factor_temporal) == (8, 4)
+
+
+def test_cached_modules_are_the_papers():
+    model = meta_transformer(TRANSFORMER_CONFIG)
+    names = cached_module_names(model)
+    assert names == [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn", "ff", "ff_context")] + [
+        f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn", "proj_out")]
+
+
+# ------------------------------------------------------------------------------------------- exactness
+def test_interval_one_is_bit_identical_to_no_cache(pipe):
+    reference, _ = latents(pipe, 6)
+    attach(pipe.transformer, CacheConfig(interval=1, max_order=2, first_enhance=1), num_steps=6)
+    cached, stats = latents(pipe, 6)
+    assert stats.full_steps() == {"cond": 6}
+    assert torch.equal(cached, reference)
+
+
+def test_schedule_is_10_of_50_at_n5_and_9_at_n6(pipe):
+    attach(pipe.transformer, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=50)
+    _, stats = latents(pipe, 50)
+    assert [r.step for r in stats.history if r.full] == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]
+    assert len(stats.history) == 50 and {r.context for r in stats.history} == {"cond"}
+    taylorseer.remove(pipe.transformer)
+    attach(pipe.transformer, CacheConfig(interval=6, max_order=1, first_enhance=1), num_steps=50)
+    _, stats = latents(pipe, 50)
+    assert stats.full_steps() == {"cond": 9}
+    assert round(50 / 9, 2) == 5.56
+
+
+def test_state_is_reset_between_calls(pipe):
+    attach(pipe.transformer, CacheConfig(interval=3, max_order=2, first_enhance=1), num_steps=10)
+    first, _ = latents(pipe, 10)
+    assert taylorseer.get_cache(pipe.transformer).nbytes() == 0  # diffusers reset it at the end of the call
+    second, _ = latents(pipe, 10)
+    other, _ = latents(pipe, 10, prompt="a red car at night", seed=7)
+    third, _ = latents(pipe, 10)
+    taylorseer.remove(pipe.transformer)
+    attach(pipe.transformer, CacheConfig(interval=3, max_order=2, first_enhance=1), num_steps=10)
+    fresh, _ = latents(pipe, 10)
+    assert torch.equal(first, second) and torch.equal(first, third) and torch.equal(first, fresh)
+    assert not torch.equal(first, other)
+
+
+def test_remove_restores_the_transformer(pipe):
+    reference, _ = latents(pipe, 8)
+    attach(pipe.transformer, CacheConfig(interval=4, max_order=1, first_enhance=1), num_steps=8)
+    cached, _ = latents(pipe, 8)
+    assert not torch.equal(cached, reference)  # the cache really forecasts
+    taylorseer.remove(pipe.transformer)
+    model = pipe.transformer
+    assert all("forward" not in m.__dict__ for m in model.modules() if m is not model)
+    # diffusers' HookRegistry (which relays cache_context) puts back the bound class forward on the root.
+    assert "forward" not in model.__dict__ or model.forward.__func__ is type(model).forward
+    assert not pipe.transformer._forward_pre_hooks
+    assert torch.equal(latents(pipe, 8)[0], reference)
+
+
+def test_offloaded_factors_give_the_same_video(pipe):
+    attach(pipe.transformer, CacheConfig(interval=4, max_order=1, first_enhance=1), num_steps=8)
+    kept, kept_stats = latents(pipe, 8)
+    taylorseer.remove(pipe.transformer)
+    attach(pipe.transformer, CacheConfig(interval=4, max_order=1, first_enhance=1, offload=True), num_steps=8)
+    offloaded, stats = latents(pipe, 8)
+    assert torch.equal(offloaded, kept) and stats.cache_bytes == kept_stats.cache_bytes
+
+
+def test_true_cfg_keeps_cond_and_uncond_apart(pipe):
+    attach(pipe.transformer, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=10)
+    _, single = latents(pipe, 10)
+    _, both = latents(pipe, 10, true_cfg_scale=3.0, negative_prompt="blue")
+    assert both.full_steps() == {"cond": 2, "uncond": 2}
+    assert both.cache_bytes == 2 * single.cache_bytes
+
+
+# ---------------------------------------------------------------------------------------- forecast steps
+def _transformer_inputs(pipe):
+    model = pipe.transformer
+    inputs = dummy_inputs(model, VideoShape(H, W, F, TEXT), device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    for key in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
+        inputs[key] = torch.randn(inputs[key].shape, generator=g)
+    return inputs
+
+
+def test_a_forecast_call_runs_no_attention_and_no_mlp(pipe):
+    model = pipe.transformer
+    inputs = _transformer_inputs(pipe)
+    cache = attach(model, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=50)
+    calls = []
+    # Modules that only run when a branch is really computed (the cached ones themselves are still called).
+    compute = [m for b in model.transformer_blocks for m in (b.attn.to_q, b.attn.add_q_proj, b.ff.net[2],
+                                                             b.ff_context.net[2])]
+    compute += [m for b in model.single_transformer_blocks for m in (b.attn.to_q, b.proj_mlp, b.proj_out)]
+    handles = [m.register_forward_pre_hook(lambda mod, args: calls.append(mod)) for m in compute]
+    try:
+        with torch.no_grad():
+            full_flops = count_flops(lambda: model(**inputs))  # step 0: full
+            assert len(calls) == len(compute)
+            calls.clear()
+            forecast_flops = count_flops(lambda: model(**inputs))  # step 1: forecast
+    finally:
+        for h in handles:
+            h.remove()
+    assert [r.full for r in cache.history] == [True, False]
+    assert calls == []
+    # What still runs is exactly the embedders, the modulation linears and the final layer.
+    assert forecast_flops < full_flops / 3
+
+
+def test_single_block_forecast_is_residual_plus_gate_times_the_branch(pipe):
+    model = pipe.transformer
+    inputs = _transformer_inputs(pipe)
+    block = model.single_transformer_blocks[1]
+    seen = {}
+    block.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    block.proj_out.register_forward_hook(lambda m, args, out: seen.update(branch=out.clone()))
+    attach(model, CacheConfig(interval=5, max_order=0, first_enhance=1), num_steps=50)  # O=0: reuse
+    try:
+        with torch.no_grad():
+            model(**inputs)  # full: records the branch
+            branch = seen.pop("branch")
+            model(**{**inputs, "timestep": torch.tensor([300.0])})  # forecast, other conditioning
+        assert "branch" not in seen  # proj_out did not run
+        hidden, text, temb = seen["args"][:3]
+        gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)[2].unsqueeze(1)
+        expected = gate * branch + torch.cat([hidden, text], dim=1)
+        video_out, text_out = seen["out"]
+        assert video_out.shape == hidden.shape and text_out.shape == text.shape
+        torch.testing.assert_close(torch.cat([video_out, text_out], dim=1), expected, rtol=0, atol=1e-6)
+    finally:
+        block._forward_hooks.clear()
+        block.proj_out._forward_hooks.clear()
+
+
+def test_order_zero_forecasts_do_not_change_the_stored_features(pipe):
+    model = pipe.transformer
+    inputs = _transformer_inputs(pipe)
+    cache = attach(model, CacheConfig(interval=4, max_order=0, first_enhance=1), num_steps=8)
+    names = cached_module_names(model)
+    with torch.no_grad():
+        model(**inputs)
+        stored = {n: [t.clone() for t in _as_tuple(cache.forecast(n))] for n in names}
+        for _ in range(3):
+            model(**inputs)
+    assert [r.full for r in cache.history] == [True, False, False, False]
+    for n in names:
+        assert all(torch.equal(a, b) for a, b in zip(_as_tuple(cache.forecast(n)), stored[n], strict=True)), n
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+# ------------------------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("max_order,factor_dtype,itemsize", [(1, "auto", 4), (2, "bfloat16", 2)])
+def test_cache_bytes_are_modules_times_orders_times_shape_times_itemsize(pipe, max_order, factor_dtype, itemsize):
+    attach(pipe.transformer, CacheConfig(interval=3, max_order=max_order, first_enhance=1, factor_dtype=factor_dtype),
+           num_steps=12)
+    _, stats = latents(pipe, 12)  # full steps 0, 3, 6, 9: every order is filled
+    # Per block: double = attn (video + text) + ff (video) + ff_context (text); single = attn + branch, each
+    # over all video + text tokens: 2 x (tokens x hidden) elements per block and per order.
+    per_order = N_BLOCKS * 2 * (VIDEO_TOKENS + TEXT) * HIDDEN
+    assert stats.cache_bytes == (max_order + 1) * per_order * itemsize
+
+
+def test_the_meta_estimate_matches_the_formula():
+    est = estimate_cache(2, VideoShape(H, W, F, TEXT), "bfloat16", TRANSFORMER_CONFIG)
+    # double: attn (video, text) + ff + ff_context = 4 tensors; single: attn (video, text) + branch = 3
+    assert est.num_modules == 3 * 2 + 2 * 2 and est.num_tensors == 4 * 2 + 3 * 2
+    assert est.nbytes == est.formula_nbytes == 3 * N_BLOCKS * 2 * (VIDEO_TOKENS + TEXT) * HIDDEN * 2
+
+
+# ------------------------------------------------------------------------------------------- video files
+def test_mp4_has_the_requested_frames_and_size(pipe, tmp_path):
+    video = generate(pipe, "a dog runs on the street", 42, num_steps=4, **CALL)
+    assert video.frames.shape == (F, H, W, 3)
+    path = write_mp4(tmp_path / video_filename("a dog runs on the street", 0), video.frames, fps=24)
+    assert path.name == "a dog runs on the street-0.mp4"
+    frames = read_video(path)
+    assert frames.shape == (F, H, W, 3) and frames.dtype.name == "uint8"
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_vbench_file_names():
+    assert video_filename("A cat walks on the grass, realistic style.", 4) == (
+        "A cat walks on the grass, realistic style.-4.mp4")
+    assert video_filename("left/right", 0) == "left_right-0.mp4"
+    long = video_filename("é" * 300, 12)
+    assert len(long.encode()) <= 255 and long.endswith("-12.mp4")
+
+
+# ------------------------------------------------------------------------------------------- the app
+def _cli(monkeypatch, *overrides):
+    monkeypatch.setattr(sys, "argv", ["sample", *overrides])
+    sample.cli()
+
+
+def test_hydra_app_writes_videos_and_metrics_and_resumes(monkeypatch, tiny_dir, tmp_path, capsys):
+    args = [f"model.path={tiny_dir}", f"out_root={tmp_path}", f"height={H}", f"width={W}", f"num_frames={F}",
+            f"max_sequence_length={TEXT}", "num_steps=10", "videos_per_prompt=2", "progress=false", "warmup=false",
+            "prompt=[a cat walks,a dog runs]"]
+    _cli(monkeypatch, *args)
+    run = tmp_path / "hunyuan_video" / "N5-O1-W1-10steps-32x32x5"
+    assert sorted(p.name for p in run.glob("*.mp4")) == ["a cat walks-0.mp4", "a cat walks-1.mp4",
+                                                        "a dog runs-0.mp4", "a dog runs-1.mp4"]
+    assert read_video(run / "a dog runs-1.mp4").shape == (F, H, W, 3)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_items"] == 4 and metrics["full_steps"] == 2 and metrics["schedule_compression"] == 5.0
+    assert metrics["cache_bytes"] == 2 * N_BLOCKS * 2 * (VIDEO_TOKENS + TEXT) * HIDDEN * 4
+    assert metrics["cached_modules"] == 10 and metrics["flops_total"] < metrics["flops_uncached"]
+    assert [(r["prompt"], r["seed"]) for r in metrics["items"]] == [("a cat walks", 42), ("a cat walks", 43),
+                                                                   ("a dog runs", 42), ("a dog runs", 43)]
+    assert (run / "config.yaml").is_file()
+    capsys.readouterr()
+    _cli(monkeypatch, *args)  # everything is there: nothing is sampled again
+    assert "nothing to do" in capsys.readouterr().out
+    (run / "a cat walks-1.mp4").unlink()  # a preempted run: only the missing video is made again
+    _cli(monkeypatch, *args)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_items"] == 4 and (run / "a cat walks-1.mp4").is_file()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["cache.interval=0"], "cache.interval=0 is invalid"),
+    (["+cache.nope=1"], "unknown cache option(s) ['nope']"),
+    (["+nope=1"], "unknown option(s) ['nope']"),
+    (["num_frames=64"], "num_frames=64 is invalid: expected 4k+1"),
+    (["height=100"], "height=100 is invalid"),
+    (["prompt=null"], "no prompt given"),
+    (["prompt_file=/does/not/exist.txt"], "does not exist"),
+    (["cpu_offload=true", "device=cpu"], "cpu_offload=true needs a CUDA device"),
+])
+def test_bad_settings_fail_before_loading_with_one_clear_line(monkeypatch, tmp_path, capsys, overrides, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(monkeypatch, f"model.path={tmp_path / 'missing'}", f"out_root={tmp_path}", *overrides)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_weights_say_where_and_how(monkeypatch, tmp_path, capsys):
+    with pytest.raises(WeightsNotFoundError, match="huggingface-cli download"):
+        load_hunyuan_video(str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit):
+        _cli(monkeypatch, f"model.path={tmp_path / 'nowhere'}", f"out_root={tmp_path}", "progress=false")
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nowhere") in err and "model_index.json" in err
+
+
+def test_an_unknown_key_without_plus_is_refused_by_hydra(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _cli(monkeypatch, "nope=1")
+    assert "+nope=1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+def _block_flops(tokens: int, hidden: int, mlp_ratio: float = 4.0) -> int:
+    """What a forecast step skips in one block (double or single: the same), FlopCounterMode convention.
+
+    QKV 6 t h^2 + output projection(s) 2 t h^2 + attention 4 t^2 h + MLP 4 r t h^2.
+    """
+    return int(8 * tokens * hidden**2 + 4 * tokens**2 * hidden + 4 * mlp_ratio * tokens * hidden**2)
+
+
+def test_full_size_transformer_flops_on_the_meta_device():
+    # The real 13B architecture on shapes only; 5 frames instead of 65 keeps it a few seconds.
+    shape = VideoShape(480, 640, 5)
+    model = meta_transformer()
+    inputs = dummy_inputs(model, shape)
+    cache = attach(model, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=50)
+    with torch.no_grad():
+        report = taylorseer.count_schedule(lambda: model(**inputs), cache, 50)
+    tokens = shape.video_tokens(2, 1) + 256
+    assert shape.latent == (2, 60, 80) and tokens == 2400 + 256
+    assert report.full_step_flops - report.forecast_step_flops == 60 * _block_flops(tokens, 3072)
+    assert report.forecast_step_flops < 5e-3 * report.full_step_flops  # embedders, modulation, final layer
+    assert report.full_steps == 10 and 4.9 < report.compression < 5.0
+
+
+@pytest.mark.slow
+def test_full_size_flops_and_cache_at_480x640x65():
+    from taylorseer_hunyuan_video.estimate import count_run_flops
+
+    shape = VideoShape()  # 480x640, 65 frames: 17x60x80 latents, 20,400 video + 256 text tokens
+    report = count_run_flops(CacheConfig(interval=5, max_order=1, first_enhance=1), shape, 50)
+    assert shape.video_tokens(2, 1) == 20400
+    assert report.full_step_flops - report.forecast_step_flops == 60 * _block_flops(20656, 3072)
+    assert report.full_step_flops / 1e12 == pytest.approx(595.43, abs=0.01)
+    assert report.flops_uncached / 1e12 == pytest.approx(29771.4, abs=0.1)
+    assert report.full_steps == 10 and report.compression == pytest.approx(4.995, abs=1e-3)
+    for order, expected in ((1, 30_458_511_360), (2, 45_687_767_040)):
+        est = estimate_cache(order, shape)
+        assert est.nbytes == est.formula_nbytes == expected == (order + 1) * 60 * 2 * 20656 * 3072 * 2
