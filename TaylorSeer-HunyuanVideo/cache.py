@@ -8,7 +8,8 @@ As in the paper (and upstream's defaults: N=5, O=1, warm-up 1):
   step the block still runs its AdaLN modulation, gates and residual adds with the current
   conditioning, and the attention/MLP modules return their forecasts instead of running.
 * single-stream block ``single_transformer_blocks.i`` (40): the attention (``.attn``, recorded on
-  full steps as the paper does) and the whole branch before its gate (``.proj_out``'s output,
+  full steps as the paper does; ``single_attention=False`` skips this record, see
+  :func:`module_patterns`) and the whole branch before its gate (``.proj_out``'s output,
   i.e. ``proj_out(cat(attn, mlp))``). On a forecast step *nothing* of the branch may run (no
   attention, no MLP projection, no concat), so the block's forward is replaced: it computes only
   the gate from ``block.norm``'s modulation linear and returns ``residual + gate * forecast``, split
@@ -36,28 +37,41 @@ from taylorseer import CacheConfig, ForecastCache
 
 # Plain cached modules: their outputs are the cached features (fnmatch patterns over named_modules()).
 DOUBLE_MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context")
-SINGLE_MODULES = ("single_transformer_blocks.*.attn", "single_transformer_blocks.*.proj_out")
-CACHED_MODULES = DOUBLE_MODULES + SINGLE_MODULES
+SINGLE_ATTENTION = "single_transformer_blocks.*.attn"
+SINGLE_BRANCH = "single_transformer_blocks.*.proj_out"
+CACHED_MODULES = DOUBLE_MODULES + (SINGLE_ATTENTION, SINGLE_BRANCH)
 
 
-def attach(transformer: HunyuanVideoTransformer3DModel, config: CacheConfig,
-           num_steps: int | None = None) -> ForecastCache:
+def module_patterns(single_attention: bool = True) -> tuple[str, ...]:
+    """The cached modules' patterns.
+
+    ``single_attention=False`` leaves out the single blocks' attention record: a forecast step
+    forecasts their whole branch and never reads it, so the videos are the same and the cache is a
+    third smaller (the paper records it; True is paper-exact).
+    """
+    return CACHED_MODULES if single_attention else DOUBLE_MODULES + (SINGLE_BRANCH,)
+
+
+def attach(transformer: HunyuanVideoTransformer3DModel, config: CacheConfig, num_steps: int | None = None,
+           single_attention: bool = True) -> ForecastCache:
     """Put the forecasting cache on ``transformer`` (undo with ``taylorseer.remove(transformer)``)."""
     _check_blocks(transformer)
+    patterns = module_patterns(single_attention)
     single = {f"single_transformer_blocks.{i}": single_block_forward
               for i in range(len(transformer.single_transformer_blocks))}
     if config.offload:
         # The core's plain wrapper (cache.run) forecasts without knowing the device, which leaves
         # offloaded (CPU) factors on the CPU; this wrapper forecasts onto the input's device.
-        overrides = {pattern: device_aware_forward for pattern in CACHED_MODULES}
+        overrides = {pattern: device_aware_forward for pattern in patterns}
         return taylorseer.apply(transformer, config, modules=[], overrides={**overrides, **single},
                                 num_steps=num_steps)
-    return taylorseer.apply(transformer, config, modules=list(CACHED_MODULES), overrides=single, num_steps=num_steps)
+    return taylorseer.apply(transformer, config, modules=list(patterns), overrides=single, num_steps=num_steps)
 
 
-def cached_module_names(transformer: torch.nn.Module) -> list[str]:
+def cached_module_names(transformer: torch.nn.Module, single_attention: bool = True) -> list[str]:
     """Names of the modules whose outputs are cached (the single blocks' ``proj_out`` is their branch)."""
-    return [n for n, _ in transformer.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in CACHED_MODULES)]
+    patterns = module_patterns(single_attention)
+    return [n for n, _ in transformer.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def single_block_forward(block: HunyuanVideoSingleTransformerBlock, original: Callable, cache: ForecastCache,

@@ -68,11 +68,12 @@ def place(pipe: HunyuanVideoPipeline, device: torch.device, cpu_offload: bool = 
         pipe.to(device)
 
 
-def attach_cache(pipe: HunyuanVideoPipeline, config: CacheConfig, num_steps: int) -> ForecastCache | None:
+def attach_cache(pipe: HunyuanVideoPipeline, config: CacheConfig, num_steps: int,
+                 single_attention: bool = True) -> ForecastCache | None:
     """The forecasting cache on ``pipe.transformer`` (None when the cache is disabled: pure diffusers)."""
     if not config.enabled:
         return None
-    return attach(pipe.transformer, config, num_steps=num_steps)
+    return attach(pipe.transformer, config, num_steps, single_attention)
 
 
 @dataclass

@@ -38,7 +38,7 @@ TAG = "sample_hunyuan_video"
 KNOWN_KEYS = {"out_root", "device", "dtype", "seed", "progress", "model", "cache", "prompt", "prompt_file",
               "videos_per_prompt", "num_steps", "height", "width", "num_frames", "guidance_scale", "true_cfg_scale",
               "negative_prompt", "flow_shift", "max_sequence_length", "fps", "video_quality", "cpu_offload",
-              "vae_tiling", "warmup", "run_name"}
+              "vae_tiling", "warmup", "run_name", "record_single_attention"}
 MODEL_KEYS = {"name", "short_name", "path", "spatial_compression", "temporal_compression"}
 # Settings that change the videos: a run folder made with other values is not resumed into.
 VIDEO_KEYS = ("model.path", "dtype", "seed", "guidance_scale", "true_cfg_scale", "negative_prompt", "flow_shift",
@@ -91,7 +91,7 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     _number(cfg, "fps", 0.0, strict=True)
     if cfg.video_quality is not None and not 0 <= _number(cfg, "video_quality", 0.0) <= 10:
         raise ValueError(f"video_quality={cfg.video_quality} is invalid: expected 0..10 (imageio's scale) or null")
-    for key in ("cpu_offload", "vae_tiling", "warmup", "progress"):
+    for key in ("cpu_offload", "vae_tiling", "warmup", "progress", "record_single_attention"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"{key}={cfg[key]!r} is invalid: expected true or false")
     return cache_config, prompts
@@ -124,7 +124,7 @@ def main(cfg: DictConfig) -> dict | None:
         raise ValueError(f"the VAE at {cfg.model.path} compresses {pipe.vae_scale_factor_spatial}x (space) and "
                          f"{pipe.vae_scale_factor_temporal}x (time), but model.spatial_compression/"
                          f"temporal_compression say {cfg.model.spatial_compression}/{cfg.model.temporal_compression}")
-    cache = attach_cache(pipe, cache_config, cfg.num_steps)
+    cache = attach_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention)
     place(pipe, device, cfg.cpu_offload)
     pipe.set_progress_bar_config(disable=not cfg.progress, leave=False)
     runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -168,7 +168,8 @@ def _metrics(cfg: DictConfig, cache_config: CacheConfig, pipe, items: list[dict]
                        spatial_compression=cfg.model.spatial_compression,
                        temporal_compression=cfg.model.temporal_compression)
     # Counted on a meta-device copy of this transformer's architecture: exact FLOPs, no memory, ~seconds.
-    flops = count_run_flops(cache_config, shape, cfg.num_steps, dict(pipe.transformer.config), calls_per_step)
+    flops = count_run_flops(cache_config, shape, cfg.num_steps, dict(pipe.transformer.config), calls_per_step,
+                            cfg.record_single_attention)
     config = pipe.transformer.config
     totals = summarize(items)
     extra = dict(
@@ -180,7 +181,9 @@ def _metrics(cfg: DictConfig, cache_config: CacheConfig, pipe, items: list[dict]
         text_tokens=cfg.max_sequence_length,
         calls_per_step=calls_per_step,
         latency_denoise_s=totals["denoise_seconds"] / max(totals["num_items"], 1),
-        cached_modules=len(cached_module_names(pipe.transformer)) if cache_config.enabled else 0,
+        cached_modules=(len(cached_module_names(pipe.transformer, cfg.record_single_attention))
+                        if cache_config.enabled else 0),
+        record_single_attention=cfg.record_single_attention,
         cache_location="pinned CPU memory" if cache_config.offload else f"{device.type} memory (with the model)",
         run_config=OmegaConf.to_container(cfg, resolve=True),
         items=items,

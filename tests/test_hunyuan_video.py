@@ -233,6 +233,19 @@ def test_cache_bytes_are_modules_times_orders_times_shape_times_itemsize(pipe, m
     assert stats.cache_bytes == (max_order + 1) * per_order * itemsize
 
 
+def test_without_the_single_attention_record_the_video_is_the_same_and_the_cache_a_third_smaller(pipe):
+    config = CacheConfig(interval=3, max_order=1, first_enhance=1)
+    attach(pipe.transformer, config, num_steps=12)
+    paper, paper_stats = latents(pipe, 12)
+    taylorseer.remove(pipe.transformer)
+    attach(pipe.transformer, config, num_steps=12, single_attention=False)
+    lean, stats = latents(pipe, 12)
+    assert torch.equal(lean, paper)
+    n_double, n_single = TRANSFORMER_CONFIG["num_layers"], TRANSFORMER_CONFIG["num_single_layers"]
+    assert stats.cache_bytes == 2 * (2 * n_double + n_single) * (VIDEO_TOKENS + TEXT) * HIDDEN * 4
+    assert paper_stats.cache_bytes == 2 * (2 * n_double + 2 * n_single) * (VIDEO_TOKENS + TEXT) * HIDDEN * 4
+
+
 def test_the_meta_estimate_matches_the_formula():
     est = estimate_cache(2, VideoShape(H, W, F, TEXT), "bfloat16", TRANSFORMER_CONFIG)
     # double: attn (video, text) + ff + ff_context = 4 tensors; single: attn (video, text) + branch = 3
@@ -361,3 +374,5 @@ def test_full_size_flops_and_cache_at_480x640x65():
     for order, expected in ((1, 30_458_511_360), (2, 45_687_767_040)):
         est = estimate_cache(order, shape)
         assert est.nbytes == est.formula_nbytes == expected == (order + 1) * 60 * 2 * 20656 * 3072 * 2
+    lean = estimate_cache(1, shape, single_attention=False)  # 20 double x 2 + 40 single x 1 units
+    assert lean.nbytes == 2 * (20 * 2 + 40) * 20656 * 3072 * 2 == 20_305_674_240
