@@ -85,7 +85,7 @@ def load_dit(path: str | Path, model: str = "DiT-XL/2", image_size: int = 256, n
     if missing or unexpected or wrong:
         raise ValueError(
             f"{path} does not fit {model} at {image_size}px: missing keys {missing[:4]}, unexpected keys "
-            f"{unexpected[:4]}, shape mismatches {wrong[:3]} (are model.name and model.image_size right for this file?)"
+            f"{unexpected[:4]}, shape mismatches {wrong[:3]} (check model.name and model.image_size)"
         )
     dit.load_state_dict(state, strict=True)
     return dit.eval()

@@ -120,7 +120,7 @@ def _save_images(out_dir: Path, images: torch.Tensor, labels: list[int], nrow: i
         array = (img * 255).round().to(torch.uint8).permute(1, 2, 0).squeeze(-1).numpy()
         return Image.fromarray(array)
 
-    for i, (img, y) in enumerate(zip(images, labels)):
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
         runs.save_image(out_dir / f"{i:04d}-class{y}.png", to_pil(img))
     runs.save_image(out_dir / "grid.png", to_pil(make_grid(images, nrow=nrow, padding=2, pad_value=1.0)))
 

@@ -98,7 +98,7 @@ def main(cfg: DictConfig) -> Path:
             z = sample(model, diffusion, labels, cfg.cfg_scale, seed=int(torch.randint(2**62, (1,), generator=gen)))
             images = to_images(z, vae).cpu()
         timing["seconds"] += part["seconds"]
-        for i, img in zip(indices, images):
+        for i, img in zip(indices, images, strict=True):
             if i in missing:
                 array = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
                 runs.save_image(sample_dir / f"{i:06d}.png", Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1

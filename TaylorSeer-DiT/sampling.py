@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import taylorseer
-from taylorseer import CacheConfig, ForecastCache, FlopsReport
+from taylorseer import CacheConfig, FlopsReport, ForecastCache
 
 from .checkpoints import LATENT_SCALE
 from .diffusion import GaussianDiffusion, StepCallback
@@ -77,3 +77,17 @@ def count_flops(model: DiT, config: CacheConfig, num_steps: int, cfg_scale: floa
     cache = taylorseer.get_cache(model)
     with torch.no_grad():
         return taylorseer.count_schedule(lambda: model(x, t, y), cache if config.enabled else None, num_steps)
+
+
+def meta_flops(config: CacheConfig, model: str = "DiT-XL/2", image_size: int = 256, num_steps: int = 50,
+               cfg_scale: float = 1.5) -> FlopsReport:
+    """FLOPs of one image's sampling run for a full-size DiT, counted on the meta device (no weights)."""
+    from .checkpoints import build_model
+
+    with torch.device("meta"):
+        dit = build_model(model, image_size)
+    attach_cache(dit, config, num_steps)
+    try:
+        return count_flops(dit, config, num_steps, cfg_scale)
+    finally:
+        taylorseer.remove(dit)

@@ -59,12 +59,6 @@ def attach(transformer: HunyuanVideoTransformer3DModel, config: CacheConfig, num
     patterns = module_patterns(single_attention)
     single = {f"single_transformer_blocks.{i}": single_block_forward
               for i in range(len(transformer.single_transformer_blocks))}
-    if config.offload:
-        # The core's plain wrapper (cache.run) forecasts without knowing the device, which leaves
-        # offloaded (CPU) factors on the CPU; this wrapper forecasts onto the input's device.
-        overrides = {pattern: device_aware_forward for pattern in patterns}
-        return taylorseer.apply(transformer, config, modules=[], overrides={**overrides, **single},
-                                num_steps=num_steps)
     return taylorseer.apply(transformer, config, modules=list(patterns), overrides=single, num_steps=num_steps)
 
 
@@ -90,7 +84,7 @@ def single_block_forward(block: HunyuanVideoSingleTransformerBlock, original: Ca
         # AdaLayerNormZeroSingle: linear(silu(temb)) -> (shift, scale, gate); only the gate is needed
         # because the normalised input feeds nothing but the (skipped) branch.
         gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)[2].unsqueeze(1)  # (B, 1, C)
-        branch = forecast_like(cache, branch_name, hidden_states)  # (B, N_video + N_text, C)
+        branch = cache.forecast(branch_name)  # (B, N_video + N_text, C), on the block's device and dtype
         n_video = hidden_states.shape[1]
         # Same arithmetic as the block: gate * branch + residual, with the residual never concatenated.
         video = gate * branch[:, :n_video] + hidden_states
@@ -98,33 +92,6 @@ def single_block_forward(block: HunyuanVideoSingleTransformerBlock, original: Ca
         return video, text
 
     return forward
-
-
-def device_aware_forward(module: torch.nn.Module, original: Callable, cache: ForecastCache, name: str) -> Callable:
-    """``cache.run`` for a plain cached module, with the forecast moved to the input's device and dtype."""
-
-    def forward(hidden_states, *args, **kwargs):
-        if cache.is_full:
-            out = original(hidden_states, *args, **kwargs)
-            cache.update(name, out)
-            return out
-        return forecast_like(cache, name, hidden_states)
-
-    return forward
-
-
-def forecast_like(cache: ForecastCache, name: str, like: torch.Tensor):
-    """``cache.forecast(name)`` on ``like``'s device, in ``like``'s dtype (offloaded factors come back)."""
-    out = cache.forecast(name, device=like.device)
-    if isinstance(out, tuple):
-        return tuple(_match(t, like) for t in out)
-    return _match(out, like)
-
-
-def _match(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if tensor.device == like.device and tensor.dtype == like.dtype:
-        return tensor  # no copy: the common, non-offloaded case
-    return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
 
 def _check_blocks(transformer: torch.nn.Module) -> None:

@@ -16,7 +16,8 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> torch.T
     return 10 * torch.log10(data_range**2 / mse)
 
 
-def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0, window: int = 11,
+         sigma: float = 1.5) -> torch.Tensor:
     """Per-item SSIM (Wang et al. 2004) with a Gaussian window, averaged over channels, (N,)."""
     x, ref = x.double(), ref.double()
     window = min(window, x.shape[-1], x.shape[-2])

@@ -126,24 +126,29 @@ class ForecastCache:
             states = ctx.states[name] = [Factors() for _ in tensors]
         # Derivatives only at full steps i > first_enhance - 2 (upstream's warm-up rule).
         derive = ctx.step > self.config.first_enhance - 2
-        for state, tensor in zip(states, tensors):
-            state.out_dtype = tensor.dtype
-            if self.config.offload:
-                state.tensors = [t.to(tensor.device, non_blocking=True) for t in state.tensors]
+        for state, tensor in zip(states, tensors, strict=True):
+            state.out_dtype, state.device = tensor.dtype, tensor.device
+            host = state.tensors if self.config.offload else None
+            if host:
+                state.tensors = [t.to(tensor.device, non_blocking=True) for t in host]
             self.forecaster.update(state, tensor, ctx.position, derive, self._factor_dtype(tensor))
             if self.config.offload:
-                state.tensors = [_to_host(t) for t in state.tensors]
+                # Back to (pinned) host memory, into the buffers of the last step where they fit.
+                spares = (host or []) + [None] * len(state.tensors)
+                state.tensors = [_to_host(t, spare) for t, spare in zip(state.tensors, spares, strict=False)]
 
-    def forecast(self, name: str, device: torch.device | None = None):
-        """The forecast output of module ``name`` at the current step, in the module's output dtype."""
+    def forecast(self, name: str):
+        """The forecast output of module ``name`` at the current step, in the module's output dtype
+        and on its device (offloaded factors are brought back for the arithmetic)."""
         ctx = self._ctx
         states = ctx.states.get(name)
         if states is None:
-            raise RuntimeError(f"no factors for {name!r} in context {self.context_name!r}: the first step must be full")
+            raise RuntimeError(f"no factors for {name!r} in context {self.context_name!r}: the first step is full")
         outs = []
         for state in states:
-            if self.config.offload and device is not None:
-                state = Factors([t.to(device, non_blocking=True) for t in state.tensors], state.positions)
+            if self.config.offload:
+                state = Factors([t.to(state.device, non_blocking=True) for t in state.tensors], state.positions,
+                                state.out_dtype, state.device)
             outs.append(self.forecaster.predict(state, ctx.position).to(state.out_dtype))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
@@ -163,12 +168,13 @@ class ForecastCache:
         return getattr(torch, name)
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """Copy to (pinned, when CUDA is there) CPU memory for cache.offload."""
+def _to_host(tensor: torch.Tensor, spare: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy to (pinned, when CUDA is there) CPU memory for cache.offload, reusing ``spare`` if it fits."""
     if tensor.device.type == "cpu":
         return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
-    return host.copy_(tensor, non_blocking=True)
+    if spare is None or spare.shape != tensor.shape or spare.dtype != tensor.dtype:
+        spare = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    return spare.copy_(tensor, non_blocking=True)
 
 
 def _as_tuple(output) -> tuple[torch.Tensor, ...]:

@@ -35,6 +35,7 @@ class Factors:
     tensors: list[torch.Tensor] = field(default_factory=list)
     positions: list[float] = field(default_factory=list)
     out_dtype: torch.dtype | None = None  # dtype the model expects back from a forecast
+    device: torch.device | None = None  # where the module ran (factors may live elsewhere: offload)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)

@@ -15,7 +15,8 @@ from PIL import Image
 
 import taylorseer
 from taylorseer import CacheConfig, count_flops
-from taylorseer_dit import checkpoints, sample as sample_app
+from taylorseer_dit import checkpoints
+from taylorseer_dit import sample as sample_app
 from taylorseer_dit.diffusion import GaussianDiffusion, space_timesteps
 from taylorseer_dit.models import DiT_models
 from taylorseer_dit.sampling import CACHED_MODULES, attach_cache, sample

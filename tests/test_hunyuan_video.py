@@ -11,16 +11,16 @@ import sys
 
 import pytest
 import torch
-from taylorseer_hunyuan_video import sample
-from taylorseer_hunyuan_video.cache import attach, cached_module_names
-from taylorseer_hunyuan_video.estimate import VideoShape, dummy_inputs, estimate_cache, meta_transformer
-from taylorseer_hunyuan_video.pipeline import generate, load_hunyuan_video
-from taylorseer_hunyuan_video.video_io import read_video, video_filename, write_mp4
 from tiny_hunyuan import TRANSFORMER_CONFIG, save_tiny_pipeline
 
 import taylorseer
 from taylorseer import CacheConfig, count_flops
 from taylorseer.diffusers_io import WeightsNotFoundError
+from taylorseer_hunyuan_video import sample
+from taylorseer_hunyuan_video.cache import attach, cached_module_names
+from taylorseer_hunyuan_video.estimate import VideoShape, dummy_inputs, estimate_cache, meta_transformer
+from taylorseer_hunyuan_video.pipeline import generate, load_hunyuan_video
+from taylorseer_hunyuan_video.video_io import read_video, video_filename, write_mp4
 
 H, W, F, TEXT = 32, 32, 5, 16
 VIDEO_TOKENS = ((F - 1) // 4 + 1) * (H // 8 // 2) * (W // 8 // 2)  # 2 * 2 * 2 = 8
