@@ -11,30 +11,98 @@ Attached to diffusers' unmodified ``FluxTransformer2DModel`` (0.42.1 layout) thr
   step they run and their outputs update the factors.
 * Each double-stream block also gets a forward for forecast steps: the block's own forward would still
   normalise and modulate the inputs of ``attn``/``ff``/``ff_context`` (five passes over the tokens) only
-  for the cached modules to ignore them. The short forward computes the gates and the gated residual adds,
-  in the same order as diffusers, so the image output is bit-identical to the long way round.
+  for the cached modules to ignore them. The short forward computes the two gates and the gated residual
+  adds.
 * Each single-stream block gets a forward that, on a full step, runs the original forward while a
-  temporary hook records ``proj_out``'s output, and on a forecast step computes the gate alone
-  (``norm.linear(silu(temb))``) and returns ``residual + gate * forecast``: no attention, no ``proj_mlp``,
-  no concatenation run.
+  temporary hook records ``proj_out``'s output, and on a forecast step computes the gate alone and returns
+  ``residual + gate * forecast``: no attention, no ``proj_mlp``, no concatenation run.
+
+A forecast step must cost almost nothing next to a computed one, so it is written for memory traffic:
+the forecast ``sum_i c_i F_i`` is folded into the gated residual add, one ``addcmul`` per factor
+(order 1: two passes over the tokens per cached feature instead of four, no temporaries), and only the
+gate rows of the modulation matrices are read. Same values as running the blocks with forecast module
+outputs, up to float rounding (tested against that, to 1e-5 after 50 steps).
 
 Text tokens on a forecast step: with no attention running, a text token's block output reaches nothing
 (the next block's attention does not run and the model's output reads the image tokens only). By
-default the forecast step therefore leaves the text stream as it is, which saves a third of the forecast
-step's memory traffic; ``forecast_text=True`` forecasts it too, so every block output follows the paper
-token for token. The transformer's output is bit-identical either way (tested).
+default the forecast step therefore leaves the text stream as it is (and the text features that only it
+would read, the single blocks' text tokens and the text MLP, are not stored), which saves a third of the
+forecast step's memory traffic; ``forecast_text=True`` forecasts it too, so every block output follows
+the paper token for token. The transformer's output is bit-identical either way (tested).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 import taylorseer
 from taylorseer import CacheConfig, ForecastCache
+from taylorseer.forecast import Factors, NewtonForecaster, TaylorForecaster
 
 DOUBLE_MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context")
+_LINEAR_FORECASTERS = (TaylorForecaster, NewtonForecaster)
+
+
+@functools.lru_cache(maxsize=1024)
+def _coefficients(forecaster_cls: type, num_factors: int, positions: tuple, position: float) -> tuple[float, ...]:
+    """Weights c_i with forecast = sum_i c_i * factor_i, taken from the core's own ``predict``.
+
+    Both forecasters are linear in the factors, so predicting from one-hot vectors gives the weights
+    without restating their formulas here. Every module of a context shares the positions: computed once
+    per step, then memoised.
+    """
+    eye = torch.eye(num_factors, dtype=torch.float64)
+    state = Factors(tensors=[eye[i] for i in range(num_factors)], positions=list(positions))
+    return tuple(float(c) for c in forecaster_cls(max(num_factors - 1, 0)).predict(state, position))
+
+
+def forecast_terms(cache: ForecastCache, name: str) -> list[list[tuple[float, torch.Tensor]]]:
+    """The forecast of module ``name`` at the current step as weighted factors, one list per output tensor.
+
+    Lets the caller fold the forecast into the gated residual add (``addcmul``) instead of materialising
+    it: order 1 then costs two passes over the tokens instead of four. Falls back to the core's forecast
+    (one term of weight 1) where the factors are not plain device tensors of a linear forecaster.
+    """
+    states = cache._ctx.states.get(name)  # noqa: SLF001 - see the report: the core should expose this
+    if states is None or cache.config.offload or type(cache.forecaster) not in _LINEAR_FORECASTERS:
+        forecast = cache.forecast(name)
+        return [[(1.0, t)] for t in (forecast if isinstance(forecast, tuple) else (forecast,))]
+    position = cache._ctx.position  # noqa: SLF001
+    out = []
+    for state in states:
+        weights = _coefficients(type(cache.forecaster), len(state.tensors), tuple(state.positions), position)
+        out.append(list(zip(weights, state.tensors, strict=True)))
+    return out
+
+
+def gated_add(residual: torch.Tensor, gate: torch.Tensor, terms, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + gate * sum_i c_i F_i`` (into ``out`` when given), one ``addcmul`` per factor."""
+    for c, factor in terms:
+        if out is None:
+            out = torch.addcmul(residual, gate, factor, value=c)
+        else:
+            out.addcmul_(gate, factor, value=c)
+    return out
+
+
+def modulation_chunk(linear: torch.nn.Module, x: torch.Tensor, chunks: int, index: int) -> torch.Tensor:
+    """``linear(x).chunk(chunks, dim=1)[index]``, reading only that chunk's rows of a plain ``nn.Linear``.
+
+    A forecast step needs the gates alone, a third of each modulation matrix (FLUX.1-dev: 2.1 GB of bf16
+    weights per step instead of 6.4). A Linear that is wrapped (LoRA, quantised, offloaded, cast by hooks)
+    runs whole, as it would in the block.
+    """
+    plain = (type(linear) is torch.nn.Linear and "forward" not in linear.__dict__ and not linear._forward_hooks
+             and not linear._forward_pre_hooks)
+    if not plain:
+        return linear(x).chunk(chunks, dim=1)[index]
+    n = linear.out_features // chunks
+    bias = None if linear.bias is None else linear.bias[index * n:(index + 1) * n]
+    return F.linear(x, linear.weight[index * n:(index + 1) * n], bias)
 
 
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -53,19 +121,22 @@ def double_block_override(forecast_text: bool = False) -> Callable:
                 return original(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
             # AdaLayerNormZero: linear(silu(temb)) -> shift, scale, gate (attention), shift, scale, gate (MLP).
             # Shift and scale only feed the inputs of the cached modules, which do not run.
-            _, _, gate_msa, _, _, gate_mlp = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
-            attn = cache.forecast(attn_name)  # (img, txt) or (img, txt, ip) with an IP-adapter processor
-            hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn[0]
-            hidden_states = hidden_states + gate_mlp.unsqueeze(1) * cache.forecast(ff_name)
-            if len(attn) == 3:
-                hidden_states = hidden_states + attn[2]
+            emb = F.silu(temb)
+            gate_msa = modulation_chunk(block.norm1.linear, emb, 6, 2).unsqueeze(1)
+            gate_mlp = modulation_chunk(block.norm1.linear, emb, 6, 5).unsqueeze(1)
+            attn = forecast_terms(cache, attn_name)  # outputs (img, txt) or (img, txt, ip) with an IP adapter
+            # diffusers: h = h + g_msa * attn; h = h + g_mlp * ff (+ ip). Accumulated in one new buffer.
+            out = gated_add(hidden_states, gate_msa, attn[0])
+            out = gated_add(hidden_states, gate_mlp, forecast_terms(cache, ff_name)[0], out=out)
+            for c, factor in attn[2] if len(attn) == 3 else ():
+                out.add_(factor, alpha=c)
             if forecast_text:
-                mod = block.norm1_context.linear(block.norm1_context.silu(temb)).chunk(6, dim=1)
-                c_gate_msa, c_gate_mlp = mod[2], mod[5]
-                encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * attn[1]
-                context_ff = cache.forecast(ff_context_name)
-                encoder_hidden_states = _clip_fp16(encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff)
-            return encoder_hidden_states, hidden_states
+                c_gate_msa = modulation_chunk(block.norm1_context.linear, emb, 6, 2).unsqueeze(1)
+                c_gate_mlp = modulation_chunk(block.norm1_context.linear, emb, 6, 5).unsqueeze(1)
+                text = gated_add(encoder_hidden_states, c_gate_msa, attn[1])
+                text = gated_add(encoder_hidden_states, c_gate_mlp, forecast_terms(cache, ff_context_name)[0], text)
+                encoder_hidden_states = _clip_fp16(text)
+            return encoder_hidden_states, out
 
         return forward
 
@@ -75,8 +146,8 @@ def double_block_override(forecast_text: bool = False) -> Callable:
 def single_block_override(forecast_text: bool = False) -> Callable:
     """Factory for ``single_transformer_blocks.<i>``: records ``proj_out`` on full steps, forecasts it otherwise.
 
-    The feature is stored as two entries, ``<name>.img`` and ``<name>.txt`` (image and text tokens of
-    ``proj_out``'s output), so that a forecast step can forecast the image tokens alone.
+    The feature is stored as ``<name>.img`` and, with ``forecast_text``, ``<name>.txt`` (image and text tokens
+    of ``proj_out``'s output), so that a forecast step can forecast the image tokens alone.
     """
 
     def factory(block: torch.nn.Module, original: Callable, cache: ForecastCache, name: str) -> Callable:
@@ -91,7 +162,8 @@ def single_block_override(forecast_text: bool = False) -> Callable:
                 # diffusers' forward concatenates (text, image) tokens before proj_out; record both parts.
                 def record(_module, _inputs, output):
                     cache.update(img_name, output[:, text_len:])
-                    cache.update(txt_name, output[:, :text_len])
+                    if forecast_text:  # otherwise never forecast: not worth its memory
+                        cache.update(txt_name, output[:, :text_len])
 
                 handle = block.proj_out.register_forward_hook(record)
                 try:
@@ -99,12 +171,13 @@ def single_block_override(forecast_text: bool = False) -> Callable:
                 finally:
                     handle.remove()
             # AdaLayerNormZeroSingle: linear(silu(temb)) -> shift, scale, gate; only the gate is needed.
-            gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)[2].unsqueeze(1)
+            gate = modulation_chunk(block.norm.linear, F.silu(temb), 3, 2).unsqueeze(1)
             # diffusers: residual + gate * proj_out(...) on cat(text, image), then split. Elementwise, so the
-            # image part is hidden + gate * F_img exactly, without building the concatenation.
-            hidden_states = _clip_fp16(hidden_states + gate * cache.forecast(img_name))
+            # image part is hidden + gate * F_img, without building the concatenation.
+            hidden_states = _clip_fp16(gated_add(hidden_states, gate, forecast_terms(cache, img_name)[0]))
             if forecast_text:
-                encoder_hidden_states = _clip_fp16(encoder_hidden_states + gate * cache.forecast(txt_name))
+                text = gated_add(encoder_hidden_states, gate, forecast_terms(cache, txt_name)[0])
+                encoder_hidden_states = _clip_fp16(text)
             return encoder_hidden_states, hidden_states
 
         return forward
@@ -134,14 +207,16 @@ def apply_flux_cache(
         config: the cache settings (paper: ``CacheConfig(interval=6, max_order=1, first_enhance=3)``).
         num_steps: sampling steps per pipeline call.
         forecast_text: also forecast the text tokens on forecast steps (see the module docstring).
-        short_double: use the short forecast-step forward of the double-stream blocks (same output; False
-            leaves the double blocks' own forward in place, the plain-cached-modules way).
+        short_double: use the short forecast-step forward of the double-stream blocks (same output up to
+            float rounding; False leaves the double blocks' own forward in place, the plain-cached-modules way).
     """
     double, single = block_names(transformer)
     overrides = {name: single_block_override(forecast_text) for name in single}
     if short_double:
         overrides.update({name: double_block_override(forecast_text) for name in double})
-    modules = DOUBLE_MODULES if double else ()
+    # The text MLP's forecast is only read by the double block's own forward or with forecast_text.
+    modules = [m for m in DOUBLE_MODULES if forecast_text or not short_double or not m.endswith("ff_context")]
+    modules = modules if double else []
     return taylorseer.apply(transformer, config, modules=modules, overrides=overrides, num_steps=num_steps)
 
 

@@ -89,12 +89,13 @@ class Generation:
 def generate(pipe, prompts: list[str], seeds: list[int], *, num_steps: int, height: int | None = None,
              width: int | None = None, guidance_scale: float = 3.5, true_cfg_scale: float = 1.0,
              negative_prompt: str | None = None, max_sequence_length: int = 512, image=None,
-             output_type: str = "pil", device=None) -> Generation:
+             output_type: str = "pil", device=None, **pipeline_kwargs) -> Generation:
     """One pipeline call for a batch of prompts, image ``i`` from ``torch.Generator().manual_seed(seeds[i])``.
 
     The noise comes from CPU generators, one per image, so an image does not depend on the device, the
     batch it is in, or its place in the batch. The cache (if attached) is reset before the call; diffusers
-    resets it again at the end of the call.
+    resets it again at the end of the call. ``image`` is FLUX Kontext's input image; its output size is
+    ``height x width`` (Kontext's ``max_area``). Other keyword arguments go to the pipeline as they are.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -124,6 +125,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_steps: int, heig
         kwargs.update(true_cfg_scale=true_cfg_scale, negative_prompt=[negative_prompt or ""] * len(prompts))
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
+        if height is not None:
+            kwargs["max_area"] = height * width  # Kontext scales its output to this area, keeping the aspect
+    kwargs.update(pipeline_kwargs)
     timing: dict = {}
     with torch.inference_mode(), timed(timing, device=device):
         out = pipe(**kwargs)

@@ -13,13 +13,12 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from taylorseer_flux.cache import DOUBLE_MODULES, apply_flux_cache  # noqa: E402
-from taylorseer_flux.flops import count_flux_flops, transformer_inputs  # noqa: E402
-from taylorseer_flux.pipeline import generate, load_flux  # noqa: E402
-
 import taylorseer  # noqa: E402
 from taylorseer import CacheConfig  # noqa: E402
 from taylorseer.diffusers_io import WeightsNotFoundError  # noqa: E402
+from taylorseer_flux.cache import DOUBLE_MODULES, apply_flux_cache  # noqa: E402
+from taylorseer_flux.flops import count_flux_flops, transformer_inputs  # noqa: E402
+from taylorseer_flux.pipeline import generate, load_flux  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_flux import IMAGE_SIZE, TEXT_TOKENS, TINY_TRANSFORMER, save_tiny_flux  # noqa: E402
@@ -118,14 +117,18 @@ def _linear_flops(model, tokens: dict[str, int]) -> int:
         if not isinstance(module, torch.nn.Linear):
             continue
         rows = next((n for prefix, n in tokens.items() if name.startswith(prefix)), None)
-        if name.startswith(("time_text_embed.", "norm_out.")) or name.endswith((".norm1.linear", ".norm.linear")):
-            rows = 1  # per-image vectors: timestep/guidance/pooled-text embedders and modulation
+        if name.startswith(("time_text_embed.", "norm_out.")):
+            rows = 1  # per-image vectors: timestep/guidance/pooled-text embedders, final modulation
         if rows is not None:
             total += 2 * rows * module.in_features * module.out_features
+        elif name.endswith(".norm1.linear"):  # double block: the attention and MLP gates, 2 of 6 chunks
+            total += 2 * module.in_features * module.out_features * 2 // 6
+        elif name.endswith(".norm.linear"):  # single block: the gate, 1 of 3 chunks
+            total += 2 * module.in_features * module.out_features // 3
     return total
 
 
-def test_forecast_call_flops_are_embedders_modulation_and_final_layer_only():
+def test_forecast_call_flops_are_embedders_gates_and_final_layer_only():
     from diffusers import FluxTransformer2DModel
 
     image_tokens, text_tokens = 64, TEXT_TOKENS
@@ -203,7 +206,7 @@ def _euler(transformer, inputs: dict, steps: int = STEPS) -> torch.Tensor:
 
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_short_forecast_forwards_equal_plain_cached_modules(order):
-    """The block overrides only skip work whose results are unused: same output, bit for bit."""
+    """The block overrides only skip work whose results are unused and fuse the rest: same output."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -211,17 +214,86 @@ def test_short_forecast_forwards_equal_plain_cached_modules(order):
     torch.manual_seed(1)
     inputs = transformer_inputs(TINY_TRANSFORMER, 64, TEXT_TOKENS, batch=2, device="cpu")
     config = CacheConfig(interval=6, max_order=order, first_enhance=3)
+    uncached = _euler(model, inputs)
     # Reference: every cached feature a plain cached module (the single blocks' proj_out included).
     taylorseer.apply(model, config, modules=DOUBLE_MODULES + ("single_transformer_blocks.*.proj_out",),
                      num_steps=STEPS)
     plain = _euler(model, inputs)
     taylorseer.remove(model)
-    for kwargs in ({}, {"forecast_text": True}, {"short_double": False}):
+    outs = {}
+    for key, kwargs in {"short": {}, "text": {"forecast_text": True}, "long double": {"short_double": False}}.items():
         cache = apply_flux_cache(model, config, STEPS, **kwargs)
-        out = _euler(model, inputs)
+        outs[key] = _euler(model, inputs)
         assert cache.full_step_count == 10
         taylorseer.remove(model)
-        assert torch.equal(out, plain), kwargs
+    # Forecasting the text tokens changes no image token: bit for bit.
+    assert torch.equal(outs["short"], outs["text"])
+    forecast_error = (plain - uncached).abs().max().item()
+    assert forecast_error > 1e-4  # the comparison below is far tighter than the forecasts' own error
+    for key, out in outs.items():
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_forecast_terms_match_the_core_forecast():
+    """The weights folded into addcmul reproduce the core's forecast, for both forecasters and orders 0-2."""
+    from taylorseer.cache import ForecastCache
+    from taylorseer_flux.cache import forecast_terms
+
+    for forecaster in ("taylor", "newton"):
+        for order in (0, 1, 2):
+            cache = ForecastCache(CacheConfig(interval=4, max_order=order, first_enhance=2, forecaster=forecaster))
+            for step in range(11):
+                full = cache.begin_step()
+                if full:
+                    cache.update("m", (torch.full((3,), float(step) ** 2), torch.full((2,), 1.0 - step)))
+                    continue
+                expected = cache.forecast("m")
+                for terms, want in zip(forecast_terms(cache, "m"), expected, strict=True):
+                    got = sum(c * t for c, t in terms)
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_schnell_architecture_without_guidance_embedder():
+    """FLUX.1-schnell's transformer has no guidance embedder: the cache is the same."""
+    from diffusers import FluxTransformer2DModel
+
+    config = {**TINY_TRANSFORMER, "guidance_embeds": False}
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**config).eval()
+    inputs = transformer_inputs(config, 64, TEXT_TOKENS, device="cpu")
+    assert "guidance" not in inputs
+    reference = _euler(model, inputs, steps=4)
+    cache = apply_flux_cache(model, CacheConfig(interval=1), 4)
+    assert torch.equal(_euler(model, inputs, steps=4), reference)
+    taylorseer.remove(model)
+    cache = apply_flux_cache(model, PAPER, 4)  # schnell's 4 steps: 0-2 computed, 3 forecast
+    out = _euler(model, inputs, steps=4)
+    assert [r.full for r in cache.history] == [True, True, True, False]
+    taylorseer.remove(model)
+    assert 0 < (out - reference).abs().max().item() < 0.05
+
+
+def test_kontext_pipeline_from_the_same_folder(tiny_dir):
+    import numpy as np
+    from PIL import Image
+
+    kontext = load_flux(str(tiny_dir), pipeline="FluxKontextPipeline")
+    image = Image.fromarray((np.random.RandomState(0).rand(IMAGE_SIZE, IMAGE_SIZE, 3) * 255).astype(np.uint8))
+    # _auto_resize=False keeps the input at 32x32 (Kontext would scale it to ~1024^2 otherwise).
+    call = dict(CALL, num_steps=20, image=image, _auto_resize=False)
+    reference = generate(kontext, ["make it red"], [0], **call).images[0]
+    apply_flux_cache(kontext.transformer, CacheConfig(interval=1), 20)
+    try:
+        assert torch.equal(generate(kontext, ["make it red"], [0], **call).images[0], reference)
+    finally:
+        taylorseer.remove(kontext.transformer)
+    apply_flux_cache(kontext.transformer, PAPER, 20)
+    try:
+        out = generate(kontext, ["make it red"], [0], **call)
+    finally:
+        taylorseer.remove(kontext.transformer)
+    assert out.full_steps == {"default": 5}  # 0, 1, 2, 8, 14; Kontext names no cache context
+    assert 0 < (out.images[0] - reference).abs().max().item() < 0.05
 
 
 def test_flux_dev_flops_on_meta_match_the_published_count():
@@ -282,6 +354,7 @@ def test_sample_app_end_to_end_and_resume(tiny_dir, tmp_path):
 
 def test_sample_app_clear_errors_write_nothing(tiny_dir, tmp_path):
     from hydra.errors import ConfigCompositionException
+
     from taylorseer_flux.sample import main
 
     out_root = tmp_path / "runs"
@@ -301,7 +374,7 @@ def test_sample_app_clear_errors_write_nothing(tiny_dir, tmp_path):
 
 
 def test_sample_script_reports_one_line_error(tmp_path):
-    env = {**os.environ, "TAYLORSEER_VENV": os.environ.get("VIRTUAL_ENV", str(ROOT / ".venv"))}
+    env = {**os.environ, "TAYLORSEER_VENV": os.environ.get("VIRTUAL_ENV", str(ROOT / ".venv")), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(["bash", str(ROOT / "scripts" / "sample_flux.sh"), "cache.interval=0",
                              f"out_root={tmp_path / 'runs'}"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
