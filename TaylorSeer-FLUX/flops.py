@@ -40,8 +40,9 @@ def transformer_inputs(config: dict, num_image_tokens: int, text_tokens: int, ba
     """Keyword arguments of one transformer call of the given size (random values off the meta device)."""
 
     def rand(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype) if str(device) != "meta" else \
-            torch.empty(*shape, device=device, dtype=dtype)
+        if torch.device(device).type == "meta":
+            return torch.empty(*shape, device=device, dtype=dtype)
+        return torch.randn(*shape, device=device, dtype=dtype)
 
     kwargs = dict(
         hidden_states=rand(batch, num_image_tokens, config["in_channels"]),

@@ -24,11 +24,11 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig, runs
 from taylorseer.diffusers_io import WeightsNotFoundError, read_prompts
+from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
 from .flops import count_flux_flops
 from .pipeline import PIPELINES, FluxCache, generate, load_flux
@@ -36,7 +36,7 @@ from .pipeline import PIPELINES, FluxCache, generate, load_flux
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 # Settings that change the images: a run folder made with other values is not resumed into.
 IMAGE_KEYS = ("model.path", "model.pipeline", "dtype", "guidance_scale", "true_cfg_scale", "negative_prompt",
-              "max_sequence_length", "image", "forecast_text", "cache")
+              "max_sequence_length", "image", "cache")
 
 
 def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
