@@ -191,7 +191,7 @@ def main(cfg: DictConfig) -> dict:
 
 
 class _ShapeCapture:
-    """Token counts and calls per step of the transformer's first calls, for the FLOPs count."""
+    """Image and text token counts of the transformer's first call, for the FLOPs count."""
 
     def __init__(self, transformer):
         self.found: dict = {}
