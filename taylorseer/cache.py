@@ -152,6 +152,24 @@ class ForecastCache:
             outs.append(self.forecaster.predict(state, ctx.position).to(state.out_dtype))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def terms(self, name: str) -> list[list[tuple[float, torch.Tensor]]]:
+        """The forecast of ``name`` as weighted factors, one list per output tensor: forecast =
+        sum of weight * factor. Lets a block fold the forecast into its gated residual add
+        (:func:`taylorseer.forecast.gated_add`) instead of materialising it. Factors come in the
+        factor dtype, on the module's device."""
+        ctx = self._ctx
+        states = ctx.states.get(name)
+        if states is None:
+            raise RuntimeError(f"no factors for {name!r} in context {self.context_name!r}: the first step is full")
+        out = []
+        for state in states:
+            tensors = state.tensors
+            if self.config.offload:
+                tensors = [t.to(state.device, non_blocking=True) for t in tensors]
+            weights = self.forecaster.weights(state.positions, ctx.position, len(tensors))
+            out.append(list(zip(weights, tensors, strict=True)))
+        return out
+
     # -------------------------------------------------------------------------------- accounting
     def nbytes(self) -> int:
         """Bytes held by the factors of every context right now."""

@@ -63,15 +63,13 @@ class TaylorForecaster:
         state.tensors = [_store(feature, old[orders] if len(old) > orders else None, dtype)] + old[:orders]
         state.positions = [position]
 
+    def weights(self, positions: list[float], position: float, num_factors: int) -> list[float]:
+        """forecast = sum_i weights[i] * factor_i, with weights k^i / i! at distance k from the last full step."""
+        k = position - positions[-1]
+        return [k**i / math.factorial(i) for i in range(num_factors)]
+
     def predict(self, state: Factors, position: float) -> torch.Tensor:
-        factors = state.tensors
-        if len(factors) == 1:
-            return factors[0]
-        k = position - state.positions[-1]
-        out = torch.add(factors[0], factors[1], alpha=k)
-        for i in range(2, len(factors)):
-            out.add_(factors[i], alpha=k**i / math.factorial(i))
-        return out
+        return combine(state.tensors, self.weights(state.positions, position, len(state.tensors)))
 
 
 class NewtonForecaster:
@@ -94,17 +92,45 @@ class NewtonForecaster:
         state.tensors = [_store(feature, old[orders] if len(old) > orders else None, dtype)] + old[:orders]
         state.positions = (nodes + [position])[-(orders + 1) :]
 
-    def predict(self, state: Factors, position: float) -> torch.Tensor:
-        factors, nodes = state.tensors, state.positions
-        if len(factors) == 1:
-            return factors[0]
-        newest_first = nodes[::-1]
-        weight = position - newest_first[0]
-        out = torch.add(factors[0], factors[1], alpha=weight)
-        for i in range(2, len(factors)):
+    def weights(self, positions: list[float], position: float, num_factors: int) -> list[float]:
+        """Newton basis at ``position``: 1, (x - x0), (x - x0)(x - x1), ... with x0 the newest node."""
+        newest_first = positions[::-1]
+        out, weight = [1.0], 1.0
+        for i in range(1, num_factors):
             weight *= position - newest_first[i - 1]
-            out.add_(factors[i], alpha=weight)
+            out.append(weight)
         return out
+
+    def predict(self, state: Factors, position: float) -> torch.Tensor:
+        return combine(state.tensors, self.weights(state.positions, position, len(state.tensors)))
+
+
+def combine(factors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i weights[i] * factors[i] with weights[0] == 1: one fused kernel per order.
+
+    A single factor is returned as it is (order 0 / first step): no copy.
+    """
+    if len(factors) == 1:
+        return factors[0]
+    out = torch.add(factors[0], factors[1], alpha=weights[1])
+    for factor, weight in zip(factors[2:], weights[2:], strict=True):
+        out.add_(factor, alpha=weight)
+    return out
+
+
+def gated_add(residual: torch.Tensor, gate: torch.Tensor, terms: list[tuple[float, torch.Tensor]],
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + gate * sum_i c_i F_i`` (into ``out`` when given) with one ``addcmul`` per factor.
+
+    What a block does with a forecast branch (gate, then residual add), without materialising the
+    forecast: order 1 costs two passes over the tokens instead of four, and no temporaries.
+    """
+    for c, factor in terms:
+        if out is None:
+            out = torch.addcmul(residual, gate, factor, value=c)
+        else:
+            out.addcmul_(gate, factor, value=c)
+    return out
 
 
 def _store(feature: torch.Tensor, spare: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -112,3 +112,21 @@ def test_factors_are_owned_buffers_and_counted():
     kept = [model(torch.zeros(5), torch.tensor(float(s))) for s in range(10)]
     assert [k[0].item() for k in kept[::2]] == [0.0, 2.0, 4.0, 6.0, 8.0]  # full-step outputs unchanged
     assert cache.nbytes() == 3 * 5 * 4  # O+1 factors of 5 float32 values
+
+
+@pytest.mark.parametrize("forecaster", ["taylor", "newton"])
+def test_weighted_terms_and_gated_add_equal_the_forecast(forecaster):
+    from taylorseer.forecast import gated_add
+
+    model = StepFeature(lambda s: 0.1 * s**3 - s)
+    cache = taylorseer.apply(model, CacheConfig(interval=3, max_order=2, first_enhance=2, forecaster=forecaster),
+                             modules=["branch"], num_steps=20)
+    for s in range(9):  # ends on step 8, a forecast step (full: 0, 1, 4, 7)
+        model(torch.zeros(4), torch.tensor(float(s)))
+    assert not cache.is_full
+    (terms,) = cache.terms("branch")
+    assert len(terms) == 3
+    forecast = cache.forecast("branch")
+    assert torch.allclose(sum(w * f for w, f in terms), forecast)
+    residual, gate = torch.randn(4), torch.randn(4)
+    assert torch.allclose(gated_add(residual, gate, terms), residual + gate * forecast, atol=1e-6)
