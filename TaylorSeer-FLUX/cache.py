@@ -33,7 +33,6 @@ the paper token for token. The transformer's output is bit-identical either way 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -41,55 +40,9 @@ import torch.nn.functional as F
 
 import taylorseer
 from taylorseer import CacheConfig, ForecastCache
-from taylorseer.forecast import Factors, NewtonForecaster, TaylorForecaster
+from taylorseer.forecast import gated_add
 
 DOUBLE_MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context")
-_LINEAR_FORECASTERS = (TaylorForecaster, NewtonForecaster)
-
-
-@functools.lru_cache(maxsize=1024)
-def _coefficients(forecaster_cls: type, num_factors: int, positions: tuple, position: float) -> tuple[float, ...]:
-    """Weights c_i with forecast = sum_i c_i * factor_i, taken from the core's own ``predict``.
-
-    Both forecasters are linear in the factors, so predicting from one-hot vectors gives the weights
-    without restating their formulas here. Every module of a context shares the positions: computed once
-    per step, then memoised.
-    """
-    eye = torch.eye(num_factors, dtype=torch.float64)
-    state = Factors(tensors=[eye[i] for i in range(num_factors)], positions=list(positions))
-    return tuple(float(c) for c in forecaster_cls(max(num_factors - 1, 0)).predict(state, position))
-
-
-def forecast_terms(cache: ForecastCache, name: str) -> list[list[tuple[float, torch.Tensor]]]:
-    """The forecast of module ``name`` at the current step as weighted factors, one list per output tensor.
-
-    Lets the caller fold the forecast into the gated residual add (``addcmul``) instead of materialising
-    it: order 1 then costs two passes over the tokens instead of four. Falls back to the core's forecast
-    (one term of weight 1) where the factors are not plain device tensors of a linear forecaster.
-    """
-    # The core has no public accessor for a module's factors yet (proposed: ForecastCache.terms).
-    states = cache._ctx.states.get(name)
-    if states is None or cache.config.offload or type(cache.forecaster) not in _LINEAR_FORECASTERS:
-        forecast = cache.forecast(name)
-        return [[(1.0, t)] for t in (forecast if isinstance(forecast, tuple) else (forecast,))]
-    position = cache._ctx.position
-    out = []
-    for state in states:
-        weights = _coefficients(type(cache.forecaster), len(state.tensors), tuple(state.positions), position)
-        out.append(list(zip(weights, state.tensors, strict=True)))
-    return out
-
-
-def gated_add(residual: torch.Tensor, gate: torch.Tensor, terms, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + gate * sum_i c_i F_i`` (into ``out`` when given), one ``addcmul`` per factor."""
-    for c, factor in terms:
-        if out is None:
-            out = torch.addcmul(residual, gate, factor, value=c)
-        else:
-            out.addcmul_(gate, factor, value=c)
-    return out
-
-
 def modulation_chunk(linear: torch.nn.Module, x: torch.Tensor, chunks: int, index: int) -> torch.Tensor:
     """``linear(x).chunk(chunks, dim=1)[index]``, reading only that chunk's rows of a plain ``nn.Linear``.
 
@@ -125,17 +78,17 @@ def double_block_override(forecast_text: bool = False) -> Callable:
             emb = F.silu(temb)
             gate_msa = modulation_chunk(block.norm1.linear, emb, 6, 2).unsqueeze(1)
             gate_mlp = modulation_chunk(block.norm1.linear, emb, 6, 5).unsqueeze(1)
-            attn = forecast_terms(cache, attn_name)  # outputs (img, txt) or (img, txt, ip) with an IP adapter
+            attn = cache.terms(attn_name)  # outputs (img, txt) or (img, txt, ip) with an IP adapter
             # diffusers: h = h + g_msa * attn; h = h + g_mlp * ff (+ ip). Accumulated in one new buffer.
             out = gated_add(hidden_states, gate_msa, attn[0])
-            out = gated_add(hidden_states, gate_mlp, forecast_terms(cache, ff_name)[0], out=out)
+            out = gated_add(hidden_states, gate_mlp, cache.terms(ff_name)[0], out=out)
             for c, factor in attn[2] if len(attn) == 3 else ():
                 out.add_(factor, alpha=c)
             if forecast_text:
                 c_gate_msa = modulation_chunk(block.norm1_context.linear, emb, 6, 2).unsqueeze(1)
                 c_gate_mlp = modulation_chunk(block.norm1_context.linear, emb, 6, 5).unsqueeze(1)
                 text = gated_add(encoder_hidden_states, c_gate_msa, attn[1])
-                text = gated_add(encoder_hidden_states, c_gate_mlp, forecast_terms(cache, ff_context_name)[0], text)
+                text = gated_add(encoder_hidden_states, c_gate_mlp, cache.terms(ff_context_name)[0], text)
                 encoder_hidden_states = _clip_fp16(text)
             return encoder_hidden_states, out
 
@@ -175,9 +128,9 @@ def single_block_override(forecast_text: bool = False) -> Callable:
             gate = modulation_chunk(block.norm.linear, F.silu(temb), 3, 2).unsqueeze(1)
             # diffusers: residual + gate * proj_out(...) on cat(text, image), then split. Elementwise, so the
             # image part is hidden + gate * F_img, without building the concatenation.
-            hidden_states = _clip_fp16(gated_add(hidden_states, gate, forecast_terms(cache, img_name)[0]))
+            hidden_states = _clip_fp16(gated_add(hidden_states, gate, cache.terms(img_name)[0]))
             if forecast_text:
-                text = gated_add(encoder_hidden_states, gate, forecast_terms(cache, txt_name)[0])
+                text = gated_add(encoder_hidden_states, gate, cache.terms(txt_name)[0])
                 encoder_hidden_states = _clip_fp16(text)
             return encoder_hidden_states, hidden_states
 

@@ -234,25 +234,6 @@ def test_short_forecast_forwards_equal_plain_cached_modules(order):
         torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5, msg=key)
 
 
-def test_forecast_terms_match_the_core_forecast():
-    """The weights folded into addcmul reproduce the core's forecast, for both forecasters and orders 0-2."""
-    from taylorseer.cache import ForecastCache
-    from taylorseer_flux.cache import forecast_terms
-
-    for forecaster in ("taylor", "newton"):
-        for order in (0, 1, 2):
-            cache = ForecastCache(CacheConfig(interval=4, max_order=order, first_enhance=2, forecaster=forecaster))
-            for step in range(11):
-                full = cache.begin_step()
-                if full:
-                    cache.update("m", (torch.full((3,), float(step) ** 2), torch.full((2,), 1.0 - step)))
-                    continue
-                expected = cache.forecast("m")
-                for terms, want in zip(forecast_terms(cache, "m"), expected, strict=True):
-                    got = sum(c * t for c, t in terms)
-                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-
-
 def test_schnell_architecture_without_guidance_embedder():
     """FLUX.1-schnell's transformer has no guidance embedder: the cache is the same."""
     from diffusers import FluxTransformer2DModel
