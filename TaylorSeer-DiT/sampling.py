@@ -1,6 +1,9 @@
 """DiT + TaylorSeer: what to cache, how a batch of class labels becomes images, and its FLOPs.
 
-Cached: the pre-gate outputs of ``blocks.i.attn`` and ``blocks.i.mlp`` (REFERENCE.md section 2).
+Cached: the pre-gate outputs of ``blocks.i.attn`` and ``blocks.i.mlp`` (REFERENCE.md section 2). On a
+forecast step each block runs a short forward instead of its own: the two gates (only their rows of
+the adaLN matrix) and ``x + gate_msa * attn + gate_mlp * mlp`` with the forecasts folded in; the
+block's own forward would also normalise and modulate the inputs of the two branches, for nothing.
 With classifier-free guidance the conditional and unconditional halves run as one batch, so they
 share one cache context, as upstream does.
 """
@@ -8,9 +11,11 @@ share one cache context, as upstream does.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import taylorseer
 from taylorseer import CacheConfig, FlopsReport, ForecastCache
+from taylorseer.blockops import gated_add, modulation_chunk
 
 from .checkpoints import LATENT_SCALE
 from .diffusion import GaussianDiffusion, StepCallback
@@ -19,9 +24,24 @@ from .models import DiT
 CACHED_MODULES = ("blocks.*.attn", "blocks.*.mlp")
 
 
+def forecast_block_forward(block, original, cache: ForecastCache, name: str):
+    """Forward of ``blocks.<i>``: the block's own on full steps (its attn/mlp record), the short one otherwise."""
+    ada = block.adaLN_modulation[1]  # shift, scale, gate (attention), shift, scale, gate (MLP)
+
+    def forward(x, c):
+        if cache.is_full:
+            return original(x, c)
+        emb = F.silu(c)
+        out = gated_add(x, modulation_chunk(ada, emb, 6, 2).unsqueeze(1), cache.terms(f"{name}.attn")[0])
+        return gated_add(x, modulation_chunk(ada, emb, 6, 5).unsqueeze(1), cache.terms(f"{name}.mlp")[0], out=out)
+
+    return forward
+
+
 def attach_cache(model: DiT, config: CacheConfig, num_steps: int) -> ForecastCache:
     """Put the forecasting cache on every block's attn and mlp (also when disabled: hooks stay inert)."""
-    return taylorseer.apply(model, config, modules=CACHED_MODULES, num_steps=num_steps)
+    blocks = {f"blocks.{i}": forecast_block_forward for i in range(len(model.blocks))}
+    return taylorseer.apply(model, config, modules=CACHED_MODULES, overrides=blocks, num_steps=num_steps)
 
 
 def initial_noise(model: DiT, n: int, generator: torch.Generator, device) -> torch.Tensor:

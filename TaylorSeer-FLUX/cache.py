@@ -40,23 +40,9 @@ import torch.nn.functional as F
 
 import taylorseer
 from taylorseer import CacheConfig, ForecastCache
-from taylorseer.forecast import gated_add
+from taylorseer.blockops import gated_add, modulation_chunk
 
 DOUBLE_MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context")
-def modulation_chunk(linear: torch.nn.Module, x: torch.Tensor, chunks: int, index: int) -> torch.Tensor:
-    """``linear(x).chunk(chunks, dim=1)[index]``, reading only that chunk's rows of a plain ``nn.Linear``.
-
-    A forecast step needs the gates alone, a third of each modulation matrix: FLUX.1-dev reads 1.4 GB of
-    bf16 weights per forecast step instead of the 6.4 GB of both streams' full modulation. A Linear that is
-    wrapped (LoRA, quantised, offloaded, cast by hooks) runs whole, as it would in the block.
-    """
-    plain = (type(linear) is torch.nn.Linear and "forward" not in linear.__dict__ and not linear._forward_hooks
-             and not linear._forward_pre_hooks)
-    if not plain:
-        return linear(x).chunk(chunks, dim=1)[index]
-    n = linear.out_features // chunks
-    bias = None if linear.bias is None else linear.bias[index * n:(index + 1) * n]
-    return F.linear(x, linear.weight[index * n:(index + 1) * n], bias)
 
 
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:

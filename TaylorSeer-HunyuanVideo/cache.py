@@ -34,6 +34,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 
 import taylorseer
 from taylorseer import CacheConfig, ForecastCache
+from taylorseer.blockops import gated_add, modulation_chunk
 
 # Plain cached modules: their outputs are the cached features (fnmatch patterns over named_modules()).
 DOUBLE_MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context")
@@ -82,13 +83,15 @@ def single_block_forward(block: HunyuanVideoSingleTransformerBlock, original: Ca
         if cache.is_full:
             return original(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
         # AdaLayerNormZeroSingle: linear(silu(temb)) -> (shift, scale, gate); only the gate is needed
-        # because the normalised input feeds nothing but the (skipped) branch.
-        gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)[2].unsqueeze(1)  # (B, 1, C)
-        branch = cache.forecast(branch_name)  # (B, N_video + N_text, C), on the block's device and dtype
+        # (and only its rows of the matrix are read) because the normalised input feeds nothing but the
+        # skipped branch.
+        gate = modulation_chunk(norm.linear, norm.silu(temb), 3, 2).unsqueeze(1)  # (B, 1, C)
+        (terms,) = cache.terms(branch_name)  # factors of (B, N_video + N_text, C)
         n_video = hidden_states.shape[1]
-        # Same arithmetic as the block: gate * branch + residual, with the residual never concatenated.
-        video = gate * branch[:, :n_video] + hidden_states
-        text = gate * branch[:, n_video:] + encoder_hidden_states
+        # Same arithmetic as the block, residual + gate * branch, with the forecast folded into one addcmul
+        # per factor and the residual never concatenated.
+        video = gated_add(hidden_states, gate, [(c, f[:, :n_video]) for c, f in terms])
+        text = gated_add(encoder_hidden_states, gate, [(c, f[:, n_video:]) for c, f in terms])
         return video, text
 
     return forward

@@ -118,21 +118,6 @@ def combine(factors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return out
 
 
-def gated_add(residual: torch.Tensor, gate: torch.Tensor, terms: list[tuple[float, torch.Tensor]],
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + gate * sum_i c_i F_i`` (into ``out`` when given) with one ``addcmul`` per factor.
-
-    What a block does with a forecast branch (gate, then residual add), without materialising the
-    forecast: order 1 costs two passes over the tokens instead of four, and no temporaries.
-    """
-    for c, factor in terms:
-        if out is None:
-            out = torch.addcmul(residual, gate, factor, value=c)
-        else:
-            out.addcmul_(gate, factor, value=c)
-    return out
-
-
 def _store(feature: torch.Tensor, spare: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Copy ``feature`` into a buffer the cache owns, reusing the retired ``spare`` when it fits.
 

@@ -188,3 +188,22 @@ def test_sample_ddp_two_processes_and_resume(tiny_assets, tmp_path):
     np.testing.assert_array_equal(np.load(run / "samples_7.npz")["arr_0"], arr)
     assert np.asarray(Image.open(run / "samples" / "000002.png")).shape == (16, 16, 3)  # tiny VAE: 2x up
     assert CACHED_MODULES == ("blocks.*.attn", "blocks.*.mlp")
+
+
+def test_short_forecast_block_forward_equals_forecasting_the_modules(tiny_assets):
+    # attach_cache's block forward (gates only + fused gated adds) vs the plain module wrappers
+    _, model = tiny_assets
+    diffusion = GaussianDiffusion(20, "ddim")
+    config = CacheConfig(interval=4, max_order=2, first_enhance=2)
+    taylorseer.apply(model, config, modules=CACHED_MODULES, num_steps=20)
+    try:
+        plain = sample(model, diffusion, torch.tensor([1, 4]), cfg_scale=1.5, seed=5)
+    finally:
+        taylorseer.remove(model)
+    attach_cache(model, config, 20)
+    try:
+        short = sample(model, diffusion, torch.tensor([1, 4]), cfg_scale=1.5, seed=5)
+    finally:
+        taylorseer.remove(model)
+    assert not torch.equal(short, sample(model, diffusion, torch.tensor([1, 4]), cfg_scale=1.5, seed=5))
+    assert torch.allclose(short, plain, atol=1e-5, rtol=1e-5)

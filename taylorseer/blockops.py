@@ -1,0 +1,43 @@
+"""Building blocks for the forecast-step forward of a transformer block.
+
+On a forecast step a block's cached branches do not run, so all that is left of an adaLN-Zero block
+is ``x + gate * branch`` per branch. These helpers make that cost almost nothing: only the gate rows
+of the modulation matrix are read, and the forecast is folded into the gated residual add instead of
+being materialised. Used by the DiT, FLUX and HunyuanVideo block forwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gated_add(residual: torch.Tensor, gate: torch.Tensor, terms: list[tuple[float, torch.Tensor]],
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + gate * sum_i c_i F_i`` (into ``out`` when given) with one ``addcmul`` per factor.
+
+    What a block does with a forecast branch (gate, then residual add), without materialising the
+    forecast: order 1 costs two passes over the tokens instead of four, and no temporaries.
+    """
+    for c, factor in terms:
+        if out is None:
+            out = torch.addcmul(residual, gate, factor, value=c)
+        else:
+            out.addcmul_(gate, factor, value=c)
+    return out
+
+
+def modulation_chunk(linear: torch.nn.Module, x: torch.Tensor, chunks: int, index: int) -> torch.Tensor:
+    """``linear(x).chunk(chunks, dim=1)[index]``, reading only that chunk's rows of a plain ``nn.Linear``.
+
+    A forecast step needs the gates alone, a third of each modulation matrix: on FLUX.1-dev that is
+    1.4 GB of bf16 weights read per forecast step instead of 6.4 GB. A Linear that is
+    wrapped (LoRA, quantised, offloaded, cast by hooks) runs whole, as it would in the block.
+    """
+    plain = (type(linear) is torch.nn.Linear and "forward" not in linear.__dict__ and not linear._forward_hooks
+             and not linear._forward_pre_hooks)
+    if not plain:
+        return linear(x).chunk(chunks, dim=1)[index]
+    n = linear.out_features // chunks
+    bias = None if linear.bias is None else linear.bias[index * n:(index + 1) * n]
+    return F.linear(x, linear.weight[index * n:(index + 1) * n], bias)
