@@ -73,30 +73,6 @@ def run_dir(cfg: DictConfig, cache_config: CacheConfig) -> Path:
     return Path(cfg.out_root) / "flux" / name
 
 
-def _image_settings(container: dict) -> dict:
-    out = {}
-    for key in IMAGE_KEYS:
-        node = container
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        out[key] = node
-    return out
-
-
-def check_resume(out_dir: Path, cfg: DictConfig) -> None:
-    """A folder written with other image settings must not be resumed into (its PNGs would be kept)."""
-    path = out_dir / "config.yaml"
-    if not path.is_file():
-        return
-    old = _image_settings(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
-    new = _image_settings(OmegaConf.to_container(cfg, resolve=True))
-    changed = {k: (old[k], new[k]) for k in IMAGE_KEYS if old[k] != new[k]}
-    if changed:
-        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"{out_dir} holds images made with other settings ({details}); "
-                         f"pass run_name=<new name> or out_root=<other folder>")
-
-
 def to_tensor(images) -> torch.Tensor:
     """PIL images -> (N, 3, H, W) floats in [0, 1]."""
     return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
@@ -108,7 +84,7 @@ def main(cfg: DictConfig) -> dict:
     device = runs.resolve_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out_dir = run_dir(cfg, cache_config)
-    check_resume(out_dir, cfg)
+    runs.check_resume(out_dir, cfg, IMAGE_KEYS)
     image = None
     if cfg.image:
         from diffusers.utils import load_image

@@ -4,7 +4,6 @@ Nothing here knows about HunyuanVideo; FLUX's runner has the same pieces, and bo
 core (``taylorseer/runs.py``) as they are:
 
 * :func:`plan_items`      prompts x outputs-per-prompt -> items with seed ``seed + index`` and file names
-* :func:`check_resume`    refuse to resume into a folder made with other output-changing settings
 * :func:`kept_records`    the per-item records of earlier (preempted) runs whose files are still there
 * :class:`StepProbe`      per pipeline call: denoising time, most cache bytes, the schedule as it ran
 * :func:`summarize`       per-item records -> the totals ``taylorseer.runs.sampling_metrics`` takes
@@ -19,8 +18,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
 
 from taylorseer import ForecastCache
 from taylorseer.diffusers_io import WeightsNotFoundError
@@ -44,31 +41,6 @@ def plan_items(prompts: Iterable[str], per_prompt: int, seed: int, filename: Cal
     """
     unique = list(dict.fromkeys(prompts))
     return [Item(p, i, seed + i, filename(p, i)) for p in unique for i in range(per_prompt)]
-
-
-def _settings(container: dict, keys: Iterable[str]) -> dict:
-    out = {}
-    for key in keys:
-        node = container
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        out[key] = node
-    return out
-
-
-def check_resume(out_dir: Path, cfg: DictConfig, keys: Iterable[str]) -> None:
-    """Raise when ``out_dir/config.yaml`` differs from ``cfg`` in a setting that changes the outputs."""
-    path = Path(out_dir) / "config.yaml"
-    if not path.is_file():
-        return
-    keys = tuple(keys)
-    old = _settings(OmegaConf.to_container(OmegaConf.load(path), resolve=True), keys)
-    new = _settings(OmegaConf.to_container(cfg, resolve=True), keys)
-    changed = {k: (old[k], new[k]) for k in keys if old[k] != new[k]}
-    if changed:
-        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"{out_dir} holds outputs made with other settings ({details}); "
-                         f"pass run_name=<new name> or out_root=<other folder>")
 
 
 def kept_records(out_dir: Path, items: list[Item]) -> dict[str, dict]:

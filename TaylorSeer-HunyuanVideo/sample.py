@@ -29,7 +29,7 @@ from taylorseer.diffusers_io import read_prompts
 from .cache import cached_module_names
 from .estimate import VideoShape, count_run_flops
 from .pipeline import attach_cache, generate, load_hunyuan_video, place
-from .runner import StepProbe, check_resume, clear_errors, kept_records, plan_items, summarize
+from .runner import StepProbe, clear_errors, kept_records, plan_items, summarize
 from .video_io import video_filename, write_mp4
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -110,7 +110,7 @@ def main(cfg: DictConfig) -> dict | None:
     if cfg.cpu_offload and device.type != "cuda":
         raise ValueError(f"cpu_offload=true needs a CUDA device (device resolves to {device}); set cpu_offload=false")
     out_dir = run_dir(cfg, cache_config)
-    check_resume(out_dir, cfg, VIDEO_KEYS)
+    runs.check_resume(out_dir, cfg, VIDEO_KEYS)
     items = plan_items(prompts, cfg.videos_per_prompt, cfg.seed, video_filename)
     todo = [item for item in items if not (out_dir / item.file).is_file()]
     records = kept_records(out_dir, items)

@@ -13,11 +13,12 @@ import re
 import resource
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 
 def slug(text: str, max_len: int = 60) -> str:
@@ -144,3 +145,28 @@ def sampling_metrics(config, flops, num_items: int, seconds: float, cache_bytes:
         )
     out.update(extra)
     return out
+
+
+def _settings(container: dict, keys: Iterable[str]) -> dict:
+    out = {}
+    for key in keys:
+        node = container
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def check_resume(out_dir: Path, cfg: DictConfig, keys: Iterable[str]) -> None:
+    """Raise when ``out_dir/config.yaml`` differs from ``cfg`` in a setting that changes the outputs."""
+    path = Path(out_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    keys = tuple(keys)
+    old = _settings(OmegaConf.to_container(OmegaConf.load(path), resolve=True), keys)
+    new = _settings(OmegaConf.to_container(cfg, resolve=True), keys)
+    changed = {k: (old[k], new[k]) for k in keys if old[k] != new[k]}
+    if changed:
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{out_dir} holds outputs made with other settings ({details}); "
+                         f"pass run_name=<new name> or out_root=<other folder>")

@@ -29,13 +29,7 @@ STEPS = 50
 CALL = dict(num_steps=STEPS, height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=TEXT_TOKENS, output_type="pt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads, and on a shared 2-core machine spinning threads slow every test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ N_BLOCKS = TRANSFORMER_CONFIG["num_layers"] + TRANSFORMER_CONFIG["num_single_lay
 CALL = dict(height=H, width=W, num_frames=F, max_sequence_length=TEXT, guidance_scale=6.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: tiny ops run fastest (and steadiest) on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
