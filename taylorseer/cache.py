@@ -140,35 +140,27 @@ class ForecastCache:
     def forecast(self, name: str):
         """The forecast output of module ``name`` at the current step, in the module's output dtype
         and on its device (offloaded factors are brought back for the arithmetic)."""
-        ctx = self._ctx
-        states = ctx.states.get(name)
-        if states is None:
-            raise RuntimeError(f"no factors for {name!r} in context {self.context_name!r}: the first step is full")
-        outs = []
-        for state in states:
-            if self.config.offload:
-                state = Factors([t.to(state.device, non_blocking=True) for t in state.tensors], state.positions,
-                                state.out_dtype, state.device)
-            outs.append(self.forecaster.predict(state, ctx.position).to(state.out_dtype))
+        outs = [self.forecaster.predict(s, self._ctx.position).to(s.out_dtype) for s in self._factors_of(name)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def terms(self, name: str) -> list[list[tuple[float, torch.Tensor]]]:
         """The forecast of ``name`` as weighted factors, one list per output tensor: forecast =
         sum of weight * factor. Lets a block fold the forecast into its gated residual add
-        (:func:`taylorseer.forecast.gated_add`) instead of materialising it. Factors come in the
+        (:func:`taylorseer.blockops.gated_add`) instead of materialising it. Factors come in the
         factor dtype, on the module's device."""
-        ctx = self._ctx
-        states = ctx.states.get(name)
+        position = self._ctx.position
+        return [list(zip(self.forecaster.weights(s.positions, position, len(s.tensors)), s.tensors, strict=True))
+                for s in self._factors_of(name)]
+
+    def _factors_of(self, name: str) -> list[Factors]:
+        """The factors of ``name`` in the current context, on the module's device."""
+        states = self._ctx.states.get(name)
         if states is None:
             raise RuntimeError(f"no factors for {name!r} in context {self.context_name!r}: the first step is full")
-        out = []
-        for state in states:
-            tensors = state.tensors
-            if self.config.offload:
-                tensors = [t.to(state.device, non_blocking=True) for t in tensors]
-            weights = self.forecaster.weights(state.positions, ctx.position, len(tensors))
-            out.append(list(zip(weights, tensors, strict=True)))
-        return out
+        if not self.config.offload:
+            return states
+        return [Factors([t.to(s.device, non_blocking=True) for t in s.tensors], s.positions, s.out_dtype, s.device)
+                for s in states]
 
     # -------------------------------------------------------------------------------- accounting
     def nbytes(self) -> int:
