@@ -18,7 +18,8 @@ from .models import DiT, DiT_models
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-LATENT_SCALE = 0.18215  # sampled latents are divided by this before decoding
+LATENT_SCALE = 0.18215
+REPO_ROOT = Path(__file__).resolve().parents[1]  # sampled latents are divided by this before decoding
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -36,6 +37,8 @@ def find_checkpoint(checkpoint: str | None, model: str, image_size: int, ckpt_di
         path = Path(checkpoint).expanduser()
         if path.is_file():
             return path
+        if not path.is_absolute() and (REPO_ROOT / path).is_file():  # e.g. assets/, from another directory
+            return REPO_ROOT / path
         raise CheckpointNotFoundError(f"model.checkpoint={checkpoint!r} does not exist ({path.resolve()})")
     name = official_name(model, image_size)
     dirs = [d for d in (ckpt_dir, "pretrained_models", os.environ.get("TAYLORSEER_CKPT_DIR")) if d]

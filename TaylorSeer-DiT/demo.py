@@ -28,7 +28,7 @@ from taylorseer_eval.fid import frechet_distance
 from taylorseer_eval.fidelity import finite_mean, psnr
 from taylorseer_eval.report import markdown_table, quality_vs_speedup_plot, write_csv
 
-from .checkpoints import load_dit
+from .checkpoints import find_checkpoint, load_dit
 from .diffusion import GaussianDiffusion
 from .digits import load_classifier, load_split
 from .sample import CONFIG_DIR
@@ -109,7 +109,7 @@ def main(cfg: DictConfig) -> list[dict]:
     assert cfg.num_samples >= 10, f"num_samples={cfg.num_samples} must be >= 10 (FID needs a set)"
     out_dir = Path(cfg.out_root) / "demo" / f"digits-{cfg.num_samples}samples-{cfg.num_steps}steps-seed{cfg.seed}"
     torch.manual_seed(cfg.seed)
-    model = load_dit(cfg.model.checkpoint)
+    model = load_dit(find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size))
     classifier = load_classifier()
     data = load_split()
     with torch.no_grad():
@@ -172,6 +172,7 @@ def main(cfg: DictConfig) -> list[dict]:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="demo", version_base=None)
+@runs.clear_errors("demo", also=(AssertionError,))  # the scripts assert their arguments with messages
 def _cli(cfg: DictConfig) -> None:
     main(cfg)
 

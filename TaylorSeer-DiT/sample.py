@@ -126,6 +126,7 @@ def _save_images(out_dir: Path, images: torch.Tensor, labels: list[int], nrow: i
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="sample_dit", version_base=None)
+@runs.clear_errors("sample_dit", also=(AssertionError,))  # the scripts assert their arguments with messages
 def _cli(cfg: DictConfig) -> None:
     main(cfg)
 

@@ -17,7 +17,6 @@ earlier settings) is checked before the model loads, and nothing is written befo
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -27,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig, runs
-from taylorseer.diffusers_io import WeightsNotFoundError, read_prompts
+from taylorseer.diffusers_io import read_prompts
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
 from .flops import count_flux_flops
@@ -212,13 +211,9 @@ def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, d
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="sample_flux", version_base=None)
+@runs.clear_errors("sample_flux")
 def _cli(cfg: DictConfig) -> None:
-    try:
-        main(cfg)
-    except (WeightsNotFoundError, ValueError) as err:
-        # One clear message, no traceback: these are settings or setup problems, not bugs.
-        print(f"[sample_flux] error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main(cfg)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,16 @@ core (``taylorseer/runs.py``) as they are:
 * :func:`kept_records`    the per-item records of earlier (preempted) runs whose files are still there
 * :class:`StepProbe`      per pipeline call: denoising time, most cache bytes, the schedule as it ran
 * :func:`summarize`       per-item records -> the totals ``taylorseer.runs.sampling_metrics`` takes
-* :func:`clear_errors`    settings/setup errors as one line and exit status 2, bugs keep their traceback
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from taylorseer import ForecastCache
-from taylorseer.diffusers_io import WeightsNotFoundError
 from taylorseer.runs import read_json, synchronize
 
 
@@ -108,24 +104,3 @@ def summarize(records: list[dict]) -> dict:
         cache_bytes=max((r.get("cache_bytes", 0) for r in records), default=0),
         num_items=n,
     )
-
-
-def clear_errors(tag: str) -> Callable:
-    """Decorator for a CLI main: ValueError / WeightsNotFoundError -> ``[tag] error: ...`` on stderr, exit 2.
-
-    These are settings or setup problems whose message already says the fix; anything else is a bug
-    and keeps its traceback.
-    """
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except (WeightsNotFoundError, ValueError) as err:
-                print(f"[{tag}] error: {err}", file=sys.stderr)
-                sys.exit(2)
-
-        return wrapper
-
-    return wrap

@@ -29,7 +29,7 @@ from taylorseer.diffusers_io import read_prompts
 from .cache import cached_module_names
 from .estimate import VideoShape, count_run_flops
 from .pipeline import attach_cache, generate, load_hunyuan_video, place
-from .runner import StepProbe, clear_errors, kept_records, plan_items, summarize
+from .runner import StepProbe, kept_records, plan_items, summarize
 from .video_io import video_filename, write_mp4
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -193,7 +193,7 @@ def _metrics(cfg: DictConfig, cache_config: CacheConfig, pipe, items: list[dict]
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="sample_hunyuan_video", version_base=None)
-@clear_errors(TAG)
+@runs.clear_errors(TAG)
 def cli(cfg: DictConfig) -> None:
     main(cfg)
 

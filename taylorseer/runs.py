@@ -7,10 +7,12 @@ leaves a half-written file that a rerun would take as done.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -170,3 +172,27 @@ def check_resume(out_dir: Path, cfg: DictConfig, keys: Iterable[str]) -> None:
         details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ValueError(f"{out_dir} holds outputs made with other settings ({details}); "
                          f"pass run_name=<new name> or out_root=<other folder>")
+
+
+def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callable:
+    """Decorator for a command's main: settings and setup errors (ValueError, a missing file or
+    weights, and ``also``) print one line ``[tag] error: ...`` on stderr and exit with status 2.
+
+    Their messages already say the fix; anything else is a bug and keeps its traceback.
+    """
+    from .diffusers_io import WeightsNotFoundError
+
+    caught = (WeightsNotFoundError, ValueError, FileNotFoundError, *also)
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except caught as err:
+                print(f"[{tag}] error: {err}", file=sys.stderr)
+                sys.exit(2)
+
+        return wrapper
+
+    return wrap
