@@ -102,14 +102,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_steps: int, heig
     cache = taylorseer.get_cache(pipe.transformer)
     if cache is not None:
         cache.reset(num_steps=num_steps)
-    peak = {"bytes": 0, "history": []}
-
-    def on_step_end(_pipe, _i, _t, _kwargs):
-        if cache is not None:
-            peak["bytes"] = max(peak["bytes"], cache.nbytes())
-            peak["history"] = list(cache.history)  # diffusers clears the cache after the last step
-        return {}
-
+        cache.last_call = None
     kwargs = dict(
         prompt=list(prompts),
         num_inference_steps=num_steps,
@@ -117,7 +110,6 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_steps: int, heig
         generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
         max_sequence_length=max_sequence_length,
         output_type=output_type,
-        callback_on_step_end=on_step_end,
     )
     if height is not None:
         kwargs.update(height=height, width=width)
@@ -131,7 +123,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_steps: int, heig
     timing: dict = {}
     with torch.inference_mode(), timed(timing, device=device):
         out = pipe(**kwargs)
-    full: dict[str, int] = {}
-    for record in peak["history"]:
-        full[record.context] = full.get(record.context, 0) + int(record.full)
-    return Generation(list(out.images), timing["seconds"], peak["bytes"], full, peak["history"])
+    if cache is None:
+        return Generation(list(out.images), timing["seconds"])
+    cache.reset()  # diffusers already did at the end of the call; this keeps other pipelines alike
+    call = cache.last_call
+    return Generation(list(out.images), timing["seconds"], call.nbytes, call.full_steps(), call.history)

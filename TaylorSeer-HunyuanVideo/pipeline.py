@@ -99,6 +99,7 @@ def generate(pipe: HunyuanVideoPipeline, prompt: str, seed: int, *, num_steps: i
     cache = taylorseer.get_cache(pipe.transformer)
     if cache is not None:
         cache.reset(num_steps=num_steps)
+        cache.last_call = None
     own_probe = probe is None
     probe = probe or StepProbe(pipe.transformer, cache, num_steps, device)
     probe.begin()
@@ -113,6 +114,7 @@ def generate(pipe: HunyuanVideoPipeline, prompt: str, seed: int, *, num_steps: i
     try:
         with torch.inference_mode(), timed(timing, device=device):
             out = pipe(**kwargs)
+        probe.end()
     finally:
         if own_probe:
             probe.remove()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from taylorseer import ForecastCache
+from taylorseer.cache import CallSummary
 from taylorseer.runs import read_json, synchronize
 
 
@@ -51,22 +52,16 @@ def kept_records(out_dir: Path, items: list[Item]) -> dict[str, dict]:
 class CallStats:
     denoise_seconds: float = float("nan")  # first transformer call -> end of the last step, device work included
     cache_bytes: int = 0  # most bytes the cache held during the call
-    history: list = field(default_factory=list)  # the cache's StepRecords (diffusers clears them at the end)
+    history: list = field(default_factory=list)  # the cache's StepRecords of the call
 
     def full_steps(self) -> dict[str, int]:
         """Computed steps per cache context (cond/uncond)."""
-        out: dict[str, int] = {}
-        for record in self.history:
-            out[record.context] = out.get(record.context, 0) + int(record.full)
-        return out
+        return CallSummary(self.history, self.cache_bytes).full_steps()
 
 
 class StepProbe:
-    """Measures one diffusers pipeline call through a transformer pre-hook and ``callback_on_step_end``.
-
-    The cache's state has to be read from the step callback: the pipeline resets stateful hooks (and
-    so the cache) when it returns.
-    """
+    """Measures one diffusers pipeline call: denoising time through a transformer pre-hook and
+    ``callback_on_step_end``; cache bytes and schedule from the cache's ``last_call`` (``end()``)."""
 
     def __init__(self, transformer, cache: ForecastCache | None, num_steps: int, device=None):
         self.cache, self.num_steps, self.device = cache, num_steps, device
@@ -83,13 +78,17 @@ class StepProbe:
             self._start = time.perf_counter()
 
     def callback(self, _pipe, step: int, _timestep, _kwargs) -> dict:
-        if self.cache is not None:
-            self.stats.cache_bytes = max(self.stats.cache_bytes, self.cache.nbytes())
-            self.stats.history = list(self.cache.history)
         if step == self.num_steps - 1 and self._start is not None:
             synchronize(self.device)
             self.stats.denoise_seconds = time.perf_counter() - self._start
         return {}
+
+    def end(self) -> None:
+        """After the pipeline returned: the cache's record of the call (diffusers reset it at the end)."""
+        if self.cache is not None:
+            self.cache.reset()  # a no-op after diffusers' own reset; keeps other pipelines alike
+            call = self.cache.last_call
+            self.stats.cache_bytes, self.stats.history = call.nbytes, call.history
 
     def remove(self) -> None:
         self._handle.remove()

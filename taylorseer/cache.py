@@ -33,6 +33,21 @@ class StepRecord:
 
 
 @dataclass
+class CallSummary:
+    """What one sampling call did, kept by ``reset()`` (diffusers pipelines reset at their end)."""
+
+    history: list[StepRecord]
+    nbytes: int  # bytes the factors held at the end of the call (their most: the order only grows)
+
+    def full_steps(self) -> dict[str, int]:
+        """Computed steps per context (cond/uncond)."""
+        out: dict[str, int] = {}
+        for record in self.history:
+            out[record.context] = out.get(record.context, 0) + int(record.full)
+        return out
+
+
+@dataclass
 class _Context:
     step: int = -1  # current sampling step of this context (-1: none yet)
     position: float = 0.0  # where the current step lies on the forecaster's axis
@@ -49,11 +64,15 @@ class ForecastCache:
         self.forecaster = make_forecaster(config.forecaster, config.max_order)
         self.context_name = DEFAULT_CONTEXT
         self.history: list[StepRecord] = []  # one record per denoiser call, for FLOPs and tests
+        self.last_call: CallSummary | None = None  # the call before the last reset()
         self._contexts: dict[str, _Context] = {}
 
     # ----------------------------------------------------------------------------------- life cycle
     def reset(self, num_steps: int | None = None) -> None:
-        """Forget every factor and step counter (call at the start of a sampling call)."""
+        """Forget every factor and step counter (call at the start of a sampling call); what the
+        finished call did stays readable as ``last_call``."""
+        if self.history:
+            self.last_call = CallSummary(list(self.history), self.nbytes())
         self._contexts.clear()
         self.history.clear()
         self.context_name = DEFAULT_CONTEXT

@@ -124,3 +124,17 @@ def test_forecast_step_flops_count_only_what_still_runs():
     assert report.full_steps == 10
     assert report.flops_total == 10 * report.full_step_flops + 40 * report.forecast_step_flops
     assert cache.history == []  # the count leaves no state behind
+
+
+def test_reset_keeps_a_summary_of_the_finished_call():
+    # diffusers pipelines reset the cache when they return; what the call did stays readable
+    model = tiny_dit()
+    cache = taylorseer.apply(model, CacheConfig(interval=3, max_order=1, first_enhance=2), modules=MODULES)
+    trajectory(model, steps=12)
+    held = cache.nbytes()
+    cache.reset()
+    assert cache.nbytes() == 0 and cache.history == []
+    assert cache.last_call.nbytes == held > 0
+    assert cache.last_call.full_steps() == {"default": 5}
+    cache.reset()  # nothing ran since: the summary stays
+    assert cache.last_call.nbytes == held
