@@ -125,6 +125,5 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, num_steps: int, heig
         out = pipe(**kwargs)
     if cache is None:
         return Generation(list(out.images), timing["seconds"])
-    cache.reset()  # diffusers already did at the end of the call; this keeps other pipelines alike
-    call = cache.last_call
+    call = cache.end_call()
     return Generation(list(out.images), timing["seconds"], call.nbytes, call.full_steps(), call.history)

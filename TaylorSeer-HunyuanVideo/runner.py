@@ -86,8 +86,7 @@ class StepProbe:
     def end(self) -> None:
         """After the pipeline returned: the cache's record of the call (diffusers reset it at the end)."""
         if self.cache is not None:
-            self.cache.reset()  # a no-op after diffusers' own reset; keeps other pipelines alike
-            call = self.cache.last_call
+            call = self.cache.end_call()
             self.stats.cache_bytes, self.stats.history = call.nbytes, call.history
 
     def remove(self) -> None:

@@ -79,6 +79,13 @@ class ForecastCache:
         if num_steps is not None:
             self.num_steps = num_steps
 
+    def end_call(self) -> CallSummary | None:
+        """Close a sampling call and return what it did. Diffusers pipelines with ``CacheMixin``
+        already reset the cache when they return (then this only reads ``last_call``); for other
+        callers it records the call and resets."""
+        self.reset()
+        return self.last_call
+
     def set_context(self, name: str | None) -> None:
         self.context_name = name or DEFAULT_CONTEXT
 
