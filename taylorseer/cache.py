@@ -52,6 +52,7 @@ class _Context:
     step: int = -1  # current sampling step of this context (-1: none yet)
     position: float = 0.0  # where the current step lies on the forecaster's axis
     full: bool = True
+    batch: int | None = None  # batch size of this call's model inputs (the factors' batch)
     states: dict[str, list[Factors]] = field(default_factory=dict)  # module name -> one per output tensor
 
 
@@ -105,18 +106,33 @@ class ForecastCache:
             ctx = self._contexts[self.context_name] = _Context()
         return ctx
 
-    def begin_step(self, timestep: float | None = None) -> bool:
-        """Advance the current context by one sampling step; returns True when it is a full step."""
+    def begin_step(self, timestep: float | None = None, batch: int | None = None) -> bool:
+        """Advance the current context by one sampling step; returns True when it is a full step.
+
+        ``batch`` is the batch size of the model's input: the factors are per sample, so a batch that
+        changes within a sampling call (without a reset) is refused instead of broadcast.
+        """
         ctx = self._ctx
         ctx.step += 1
         if self.num_steps is not None and ctx.step >= self.num_steps:
             ctx.step = 0  # a new sampling call that nobody announced with reset()
         if ctx.step == 0:
             ctx.states.clear()
+            ctx.batch = batch
+        elif batch is not None and ctx.batch is not None and batch != ctx.batch and self.config.enabled:
+            raise RuntimeError(
+                f"the batch size changed from {ctx.batch} to {batch} at step {ctx.step} of context "
+                f"{self.context_name!r}: the cache holds features per sample and cannot forecast another batch. "
+                f"Call cache.reset() (taylorseer.get_cache(model).reset()) before a sampling call with a new batch.")
         ctx.full = is_full_step(ctx.step, self.config, self.num_steps)
         if self.config.step_distance == "timestep":
             if timestep is None:
                 raise ValueError("cache.step_distance='timestep' needs the model's timestep; this model gives none")
+            if ctx.step > 0 and float(timestep) == ctx.position and self.config.enabled:
+                raise ValueError(
+                    f"cache.step_distance='timestep' but the timestep did not change between steps {ctx.step - 1} and "
+                    f"{ctx.step} ({float(timestep)!r}): distances of zero make the derivatives infinite. This model "
+                    f"or sampler gives no usable timestep; use cache.step_distance=index.")
             ctx.position = float(timestep)
         else:
             ctx.position = float(ctx.step)

@@ -93,8 +93,9 @@ def count_schedule(call: Callable[[], object], cache: ForecastCache | None, num_
         return FlopsReport(num_steps, num_steps, calls_per_step, full_step, full_step)
     config = cache.config
     saved_num_steps = cache.num_steps
+    # offload=False: the count may run on the meta device, where there is nothing to copy to the host.
     cache.config = dataclasses.replace(config, interval=max(config.interval, 2), first_enhance=0,
-                                       last_full_steps=0, enabled=True, step_distance="index")
+                                       last_full_steps=0, enabled=True, step_distance="index", offload=False)
     cache.reset(num_steps=None)
     try:
         full_step = count_flops(call)

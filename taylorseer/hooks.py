@@ -65,15 +65,21 @@ def apply(
     """
     if hasattr(model, _ATTR):
         raise RuntimeError("a TaylorSeer cache is already attached to this model; call taylorseer.remove(model) first")
+    if not isinstance(config, CacheConfig):
+        raise TypeError(f"config must be a taylorseer.CacheConfig, got {type(config).__name__}")
+    if isinstance(modules, str):
+        modules = [modules]  # one pattern, not its characters
+    # Everything is matched before anything is wrapped: a bad pattern leaves the model untouched.
+    named = dict(model.named_modules())
+    plain = _match(named, modules)
+    special = [(name, module, factory) for pattern, factory in (overrides or {}).items()
+               for name, module in _match(named, [pattern])]
     cache = ForecastCache(config, num_steps=num_steps)
     attachment = _Attachment(cache)
-    named = dict(model.named_modules())
-
-    for name, module in _match(named, modules):
+    for name, module in plain:
         _wrap_forward(attachment, module, functools.partial(cache.run, name, module.forward))
-    for pattern, factory in (overrides or {}).items():
-        for name, module in _match(named, [pattern]):
-            _wrap_forward(attachment, module, factory(module, module.forward, cache, name))
+    for name, module, factory in special:
+        _wrap_forward(attachment, module, factory(module, module.forward, cache, name))
 
     get_timestep = timestep_fn or _default_timestep
 
@@ -81,7 +87,7 @@ def apply(
         timestep = get_timestep(args, kwargs) if config.step_distance == "timestep" else None
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.flatten()[0].item()
-        cache.begin_step(timestep)
+        cache.begin_step(timestep, _batch_size(args, kwargs))
 
     attachment.handles.append(model.register_forward_pre_hook(begin_step, with_kwargs=True))
     attachment.diffusers_relay = _register_diffusers_relay(model, cache)
@@ -128,6 +134,12 @@ def _match(named: dict[str, torch.nn.Module], patterns: Iterable[str]) -> list[t
 def _wrap_forward(attachment: _Attachment, module: torch.nn.Module, new_forward: Callable) -> None:
     attachment.wrapped.append((module, module.__dict__.get("forward")))
     module.forward = new_forward
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Batch size of a model call: the leading dimension of its first tensor input (``hidden_states``/``x``)."""
+    first = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
 
 
 def _default_timestep(args: tuple, kwargs: dict):

@@ -138,3 +138,57 @@ def test_reset_keeps_a_summary_of_the_finished_call():
     assert cache.last_call.full_steps() == {"default": 5}
     cache.reset()  # nothing ran since: the summary stays
     assert cache.last_call.nbytes == held
+
+
+def test_a_bad_override_pattern_leaves_the_model_untouched():
+    # Every pattern is matched before anything is wrapped: no orphan cache that remove() cannot undo.
+    model = tiny_dit()
+    reference = trajectory(model)
+
+    def factory(module, original, cache, name):
+        return original
+
+    with pytest.raises(ValueError, match=r"no submodule matches 'blocks\.\*\.nothing'"):
+        taylorseer.apply(model, CacheConfig(interval=3), modules=MODULES, overrides={"blocks.*.nothing": factory})
+    assert taylorseer.get_cache(model) is None and not model._forward_pre_hooks
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(trajectory(model), reference)
+    taylorseer.apply(model, CacheConfig(interval=3), modules=MODULES)  # and it can be attached afterwards
+
+
+def test_a_batch_that_changes_within_a_call_is_refused_not_broadcast():
+    model = tiny_dit()
+    cache = taylorseer.apply(model, CacheConfig(interval=3, max_order=1, first_enhance=1), modules=MODULES)
+    t, g = torch.tensor([500]), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model(torch.randn(4, 4, 8, 8, generator=g), t.repeat(4), torch.arange(4))  # step 0: full, batch 4
+        for batch in (1, 6):  # step 1 would forecast sample 0's features for every sample / a raw shape error
+            with pytest.raises(RuntimeError, match=rf"batch size changed from 4 to {batch} at step 1.*cache.reset"):
+                model(torch.randn(batch, 4, 8, 8, generator=g), t.repeat(batch), torch.arange(batch))
+            cache._ctx.step = 0  # the refused call still counted its step; undo that for the next try
+        cache.reset()  # what the message says to do: a new call with the new batch then works
+        out = model(torch.randn(2, 4, 8, 8, generator=g), t.repeat(2), torch.arange(2))
+    assert out.shape[0] == 2 and cache.step == 0
+
+
+def test_timestep_distance_refuses_a_constant_timestep():
+    model = tiny_dit()
+    taylorseer.apply(model, CacheConfig(interval=2, max_order=1, first_enhance=1, step_distance="timestep"),
+                     modules=MODULES)
+    x, y = torch.randn(1, 4, 8, 8), torch.tensor([1])
+    with torch.no_grad():
+        model(x, torch.tensor([500]), y)
+        with pytest.raises(ValueError, match="timestep did not change.*step_distance=index"):
+            model(x, torch.tensor([500]), y)  # before: 0/0 derivatives, NaN outputs
+
+
+def test_flops_count_with_offload_works_on_the_meta_device():
+    # The count reaches the cache's update on meta tensors; offload used to copy those to the host and crash.
+    with torch.device("meta"):
+        model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10, in_channels=4).eval()
+    cache = taylorseer.apply(model, CacheConfig(interval=3, max_order=1, offload=True), modules=MODULES)
+    x, t, y = (torch.zeros(1, 4, 8, 8, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"),
+               torch.zeros(1, dtype=torch.long, device="meta"))
+    report = count_schedule(lambda: model(x, t, y), cache, num_steps=12)
+    assert report.full_step_flops > report.forecast_step_flops > 0
+    assert cache.config.offload  # the cache's own setting is back
