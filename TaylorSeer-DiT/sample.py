@@ -103,7 +103,7 @@ def main(cfg: DictConfig) -> dict:
     _save_images(out_dir, images, labels, cfg.grid_nrow)
     metrics = runs.sampling_metrics(cache_config, flops, len(labels), timing["seconds"], cache_bytes, device, **extra)
     runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    runs.write_json(out_dir / "metrics.json", metrics)
+    runs.write_metrics(out_dir, metrics)
     print(f"[sample_dit] {len(labels)} images -> {out_dir}")
     print(f"[sample_dit] {cache_config.tag}: {metrics['full_steps']}/{metrics['num_steps']} full steps, "
           f"FLOPs compression {metrics['compression']:.2f}x, {metrics['latency_s']:.3f} s/image, "

@@ -112,7 +112,7 @@ def main(cfg: DictConfig) -> Path:
         pack_npz(sample_dir, cfg.num_samples, npz)
         metrics = runs.sampling_metrics(cache_config, flops, made, timing["seconds"], 0, device,
                                         num_samples=cfg.num_samples, world_size=world, npz=str(npz))
-        runs.write_json(out_dir / "metrics.json", metrics)
+        runs.write_metrics(out_dir, metrics)
         runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         print(f"[sample_ddp] wrote {npz} (made {made} new samples on rank 0)")
     if world > 1:

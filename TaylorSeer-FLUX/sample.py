@@ -147,13 +147,13 @@ def main(cfg: DictConfig) -> dict:
             runs.save_image(out_dir / names[index], gen.images[k])
             records[index] = record
         flops = flops or count_flops(cfg, cache_config, pipe, shapes.found)
-        runs.write_json(out_dir / "metrics.json", _metrics(cfg, cache_config, flops, records, device, dtype))
+        runs.write_metrics(out_dir, _metrics(cfg, cache_config, flops, records, device, dtype))
         bar.update(len(batch))
     bar.close()
     shapes.remove()
     flops = flops or count_flops(cfg, cache_config, pipe, shapes.found)
     metrics = _metrics(cfg, cache_config, flops, records, device, dtype)
-    runs.write_json(out_dir / "metrics.json", metrics)
+    runs.write_metrics(out_dir, metrics)
     print(f"[sample_flux] {len(todo)} new, {len(records)} images in {out_dir}")
     summary = (f"[sample_flux] {cache_config.tag}: {metrics.get('full_steps', '?')}/{cfg.num_steps} full steps, FLOPs "
                f"compression {metrics.get('compression', float('nan')):.2f}x, {metrics['latency_s']:.3f} s/image, "

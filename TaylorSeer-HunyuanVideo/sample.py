@@ -147,7 +147,7 @@ def main(cfg: DictConfig) -> dict | None:
     probe.remove()
 
     metrics = _metrics(cfg, cache_config, pipe, [records[i.file] for i in items if i.file in records], device, dtype)
-    runs.write_json(out_dir / "metrics.json", metrics)
+    runs.write_metrics(out_dir, metrics)
     print(f"[{TAG}] {len(todo)} new, {len(records)} videos in {out_dir}")
     print(f"[{TAG}] {cache_config.tag}: {metrics['full_steps']}/{cfg.num_steps} full steps, FLOPs compression "
           f"{metrics['compression']:.2f}x, {metrics['latency_s']:.2f} s/video ({metrics['latency_denoise_s']:.2f} s "

@@ -61,6 +61,46 @@ def save_image(path: str | Path, image) -> Path:
     return atomic_write(path, lambda p: image.save(p, format=fmt))
 
 
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if missing) for a read-modify-write of a run file."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_metrics(out_dir: str | Path, metrics: dict) -> Path:
+    """Write ``out_dir/metrics.json``, keeping the ``eval`` section that metric commands added to it.
+
+    Sampling owns every other key; ``taylorseer_eval`` adds ``metrics["eval"][<metric>]`` with
+    :func:`record_eval`. Each entry there carries the ``num_items`` it was computed on, so a table can
+    tell a metric of an older, smaller state of the folder from a current one.
+    """
+    path = Path(out_dir) / "metrics.json"
+    with locked(Path(out_dir) / ".metrics.lock"):
+        previous = read_json(path) or {}
+        merged = dict(metrics)
+        if "eval" in previous:
+            merged["eval"] = {**previous["eval"], **metrics.get("eval", {})}
+        return write_json(path, merged)
+
+
+def record_eval(out_dir: str | Path, name: str, result: dict) -> Path:
+    """Add (or replace) the result of metric ``name`` under ``metrics.json["eval"]``."""
+    path = Path(out_dir) / "metrics.json"
+    with locked(Path(out_dir) / ".metrics.lock"):
+        metrics = read_json(path) or {}
+        metrics.setdefault("eval", {})[name] = result
+        return write_json(path, metrics)
+
+
 def read_json(path: str | Path) -> dict | None:
     try:
         return json.loads(Path(path).read_text())
