@@ -26,6 +26,10 @@ class CheckpointNotFoundError(FileNotFoundError):
     pass
 
 
+class CheckpointError(ValueError):
+    """The checkpoint file exists but cannot be used; the message says why."""
+
+
 def official_name(model: str, image_size: int) -> str:
     return f"{model.replace('/', '-')}-{image_size}x{image_size}.pt"
 
@@ -54,10 +58,31 @@ def find_checkpoint(checkpoint: str | None, model: str, image_size: int, ckpt_di
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """The weights in ``path``: a plain state dict, or a training checkpoint's ``ema`` (else ``model``).
+
+    DiT's ``train.py`` saves ``{"model", "ema", "opt", "args"}`` with ``args`` an ``argparse.Namespace``:
+    that one class is allowed besides tensors (weights-only loading, no arbitrary code). A file that is
+    not a checkpoint (truncated, another format) fails with one message naming it.
+    """
+    import argparse
+    import pickle
+    import zipfile
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {first}. "
+                              f"Download it again or pass another model.checkpoint=...") from err
     for key in ("ema", "model", "state_dict"):
         if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
             return ckpt[key]
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__} without a state dict (expected the weights, or "
+                              f"a training checkpoint with 'ema' or 'model')")
     return ckpt
 
 

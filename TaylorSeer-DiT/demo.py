@@ -23,15 +23,16 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import taylorseer
-from taylorseer import CacheConfig, runs
+from taylorseer import CacheConfig, runs, settings
+from taylorseer.settings import Setting
 from taylorseer_eval.fid import frechet_distance
 from taylorseer_eval.fidelity import finite_mean, psnr
 from taylorseer_eval.report import markdown_table, quality_vs_speedup_plot, write_csv
 
 from .checkpoints import find_checkpoint, load_dit
-from .diffusion import GaussianDiffusion
+from .diffusion import SPACINGS, GaussianDiffusion
 from .digits import load_classifier, load_split
-from .sample import CONFIG_DIR
+from .sample import CONFIG_DIR, MODEL_SCHEMA
 from .sampling import attach_cache, count_flops, sample, to_images
 
 COLUMNS = ["method", "N", "O", "full_steps", "flops_compression", "wall_speedup", "psnr_vs_uncached",
@@ -103,10 +104,25 @@ def side_by_side(rows: list[tuple[str, torch.Tensor]], per_row: int = 10, scale:
     return canvas
 
 
+SCHEMA = {
+    **MODEL_SCHEMA,
+    "num_samples": Setting("int", minimum=10, hint="FID needs a set"),
+    "num_steps": Setting("int", minimum=1),
+    "spacing": Setting("str", choices=SPACINGS),
+    "cfg_scale": Setting("float", minimum=1.0),
+    "batch_size": Setting("int", minimum=1),
+    "intervals": Setting("list"),
+    "orders": Setting("list"),
+    "first_enhance": Setting("int", minimum=0),
+}
+
+
 def main(cfg: DictConfig) -> list[dict]:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    settings.check_model_family(plain["model"], "dit", "demo", CONFIG_DIR)
+    settings.check(plain, SCHEMA, "demo")
     first_enhance = int(cfg.first_enhance)
     all_methods = methods(list(cfg.intervals), list(cfg.orders), first_enhance)  # validates N, O, warm-up
-    assert cfg.num_samples >= 10, f"num_samples={cfg.num_samples} must be >= 10 (FID needs a set)"
     out_dir = Path(cfg.out_root) / "demo" / f"digits-{cfg.num_samples}samples-{cfg.num_steps}steps-seed{cfg.seed}"
     torch.manual_seed(cfg.seed)
     model = load_dit(find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size))
@@ -114,7 +130,7 @@ def main(cfg: DictConfig) -> list[dict]:
     data = load_split()
     with torch.no_grad():
         real_features = classifier.features(torch.cat([data["train_x"], data["test_x"]]))
-    diffusion = GaussianDiffusion(cfg.num_steps, "ddim")
+    diffusion = GaussianDiffusion(cfg.num_steps, "ddim", spacing=cfg.spacing)
     labels = torch.arange(cfg.num_samples) % 10
     # warm-up: first calls pay one-off allocation costs that would bias the first timing
     generate(model, diffusion, labels[:10], all_methods[0].config, cfg.cfg_scale, cfg.seed, cfg.batch_size)

@@ -4,9 +4,11 @@
     bash scripts/sample_dit.sh cache.interval=5 cache.max_order=2 compare_uncached=true
     bash scripts/sample_dit.sh model=digits cache=none          # the bundled digits model, no cache
 
-The run folder ``${out_root}/dit/<model>-<cache tag>-<sampler><steps>-cfg<scale>-seed<seed>`` gets
-the images, config.yaml and metrics.json (latency per image, FLOPs computed/total, compression,
-cache bytes, peak memory; with compare_uncached also the wall speedup and PSNR/SSIM).
+The run folder ``${out_root}/dit/<model>-<cache tag>-<sampler><steps>-cfg<scale>-seed<seed>`` (or
+``run_name``) gets the images, config.yaml, run.json (the settings that made them, checked on resume) and
+metrics.json (latency per image, FLOPs computed/total, compression, cache bytes, peak memory; with
+compare_uncached also the wall speedup and PSNR/SSIM). Image ``i`` is class ``class_labels[i]`` from the
+noise of seed ``(seed << 32) + i``, whatever the batch size; a rerun makes only the images that are missing.
 """
 
 from __future__ import annotations
@@ -16,117 +18,199 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 import taylorseer
-from taylorseer import CacheConfig, runs
+from taylorseer import CacheConfig, runfolder, runs, settings
+from taylorseer.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
 from .checkpoints import find_checkpoint, load_dit, load_vae
-from .diffusion import GaussianDiffusion
-from .sampling import attach_cache, count_flops, sample, to_images
+from .diffusion import SPACINGS, GaussianDiffusion
+from .sampling import attach_cache, count_flops, sample, sample_seed, to_images
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+TAG = "sample_dit"
+
+# The model group (configs/model/*.yaml with family: dit) and the keys both DiT apps share.
+MODEL_SCHEMA = {
+    "model.family": Setting("str"),
+    "model.name": Setting("str"),
+    "model.image_size": Setting("int", minimum=8, multiple_of=8),
+    "model.num_classes": Setting("int", minimum=1),
+    "model.in_channels": Setting("int", minimum=1),
+    "model.checkpoint": Setting("str", nullable=True),
+    "model.ckpt_dir": Setting("str", nullable=True),
+    "model.vae": Setting("str", nullable=True),
+    "model.latent": Setting("bool"),
+}
+SAMPLING_SCHEMA = {
+    **MODEL_SCHEMA,
+    "num_steps": Setting("int", minimum=1),
+    "sampler": Setting("str", choices=("ddim", "ddpm")),
+    "spacing": Setting("str", choices=SPACINGS),
+    "cfg_scale": Setting("float", minimum=1.0, hint="1 turns guidance off"),
+    "batch_size": Setting("int", minimum=1),
+}
+SCHEMA = {
+    **SAMPLING_SCHEMA,
+    "class_labels": Setting("list"),
+    "compare_uncached": Setting("bool"),
+    "grid_nrow": Setting("int", minimum=1),
+}
 
 
 def run_name(cfg: DictConfig, cache_config: CacheConfig) -> str:
     model = cfg.model.name.replace("/", "-")
     size = f"-{cfg.model.image_size}" if cfg.model.latent else ""
-    return f"{model}{size}-{cache_config.tag}-{cfg.sampler}{cfg.num_steps}-cfg{cfg.cfg_scale:g}-seed{cfg.seed}"
+    spacing = "" if cfg.spacing == "even" else f"-{cfg.spacing}spaced"
+    return (f"{model}{size}-{cache_config.tag}-{cfg.sampler}{cfg.num_steps}{spacing}-cfg{cfg.cfg_scale:g}"
+            f"-seed{cfg.seed}")
+
+
+def validate(cfg: DictConfig, schema: dict = SCHEMA, app: str = TAG, check_labels: bool = True) -> CacheConfig:
+    """Everything that can be checked before a model is loaded: keys, types, ranges, the model's family."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    settings.check_model_family(plain.get("model", {}), "dit", app, CONFIG_DIR)
+    settings.check(plain, schema, app)
+    cache_config = CacheConfig.from_dict(plain["cache"])
+    if check_labels:
+        labels = plain["class_labels"]
+        if not labels:
+            raise ValueError("class_labels is empty: give at least one class index, e.g. class_labels=[207,360]")
+        bad = [y for y in labels if isinstance(y, bool) or not isinstance(y, int)
+               or not 0 <= y < cfg.model.num_classes]
+        if bad:
+            raise ValueError(f"class_labels {bad} are not class indices in [0, {cfg.model.num_classes})")
+    return cache_config
 
 
 def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+    """(model, vae, identity of the weights): everything that can fail on missing weights fails here."""
     path = find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
     model = load_dit(path, cfg.model.name, cfg.model.image_size, cfg.model.num_classes, cfg.model.in_channels,
                      cfg.model.latent).to(device=device, dtype=dtype)
     vae = load_vae(cfg.model.vae, dtype).to(device) if cfg.model.latent else None
-    return model, vae
+    weights = {"resolved.checkpoint": runfolder.file_fingerprint(path)}
+    if vae is not None and Path(str(cfg.model.vae)).expanduser().is_dir():
+        weights["resolved.vae"] = runfolder.folder_fingerprint(Path(str(cfg.model.vae)).expanduser())
+    return model, vae, weights
 
 
-def validate(cfg: DictConfig, check_labels: bool = True) -> CacheConfig:
-    """Everything that can be checked before a model is loaded."""
-    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
-    assert cfg.num_steps >= 1, f"num_steps={cfg.num_steps} must be >= 1"
-    assert cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1"
-    assert cfg.cfg_scale >= 1.0, f"cfg_scale={cfg.cfg_scale} must be >= 1 (1 turns guidance off)"
-    if not check_labels:
-        return cache_config
-    labels = list(cfg.class_labels)
-    assert labels, "class_labels is empty: give at least one class index"
-    bad = [y for y in labels if not 0 <= int(y) < cfg.model.num_classes]
-    assert not bad, f"class_labels {bad} are outside [0, {cfg.model.num_classes})"
-    return cache_config
-
-
-def sample_all(model, diffusion, labels: list[int], cfg: DictConfig, vae, progress: bool) -> torch.Tensor:
-    images = []
-    batches = range(0, len(labels), cfg.batch_size)
-    for start in tqdm(batches, disable=not progress or len(batches) == 1, desc="batches"):
-        y = torch.tensor(labels[start:start + cfg.batch_size])
-        z = sample(model, diffusion, y, cfg.cfg_scale, seed=cfg.seed + start, progress=progress)
-        images.append(to_images(z, vae).cpu())
-    return torch.cat(images)
+def run_identity(cfg: DictConfig, device: torch.device, dtype: torch.dtype, weights: dict,
+                 ignore: tuple[str, ...] = ("grid_nrow",)) -> dict:
+    resolved = {"resolved.device": device.type, "resolved.dtype": str(dtype).replace("torch.", ""), **weights}
+    return runfolder.identity(OmegaConf.to_container(cfg, resolve=True), resolved, ignore)
 
 
 def main(cfg: DictConfig) -> dict:
     cache_config = validate(cfg)
     device = runs.resolve_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
-    out_dir = Path(cfg.out_root) / "dit" / run_name(cfg, cache_config)
-    model, vae = load_model(cfg, device, dtype)
-    diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler)
-    cache = attach_cache(model, cache_config, cfg.num_steps)
+    out_dir = Path(cfg.out_root) / "dit" / (cfg.run_name or run_name(cfg, cache_config))
+    model, vae, weights = load_model(cfg, device, dtype)
+    diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler, spacing=cfg.spacing)
     labels = [int(y) for y in cfg.class_labels]
+    compare = bool(cfg.compare_uncached and cache_config.enabled)
+    names = [f"{i:04d}-class{y}.png" for i, y in enumerate(labels)]
 
-    flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
-    runs.reset_peak_memory(device)
-    timing: dict = {}
-    with runs.timed(timing, device=device):
-        images = sample_all(model, diffusion, labels, cfg, vae, cfg.progress)
-    cache_bytes = cache.nbytes()
-    extra = {"model": OmegaConf.to_container(cfg.model), "sampler": cfg.sampler, "cfg_scale": cfg.cfg_scale,
-             "seed": cfg.seed, "run_device": str(device), "dtype": str(dtype).replace("torch.", "")}
-
-    if cfg.compare_uncached and cache_config.enabled:
+    with runfolder.RunFolder.open(out_dir, run_identity(cfg, device, dtype, weights)):
+        runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        records = runfolder.Records(out_dir)
+        done = records.done(lambda r: [r["file"]] + ([f"uncached/{r['file']}"] if "psnr" in r else []))
+        done = {i: r for i, r in done.items() if i < len(names) and r["file"] == names[i]
+                and (not compare or "psnr" in r)}
+        todo = [i for i in range(len(labels)) if i not in done]
+        attach_cache(model, cache_config, cfg.num_steps)
+        flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
+        runs.reset_peak_memory(device)
+        batches = [todo[k:k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
+        for batch in tqdm(batches, disable=not cfg.progress or len(batches) < 2, desc="batches"):
+            seeds = [sample_seed(cfg.seed, i) for i in batch]
+            y = torch.tensor([labels[i] for i in batch])
+            timing: dict = {}
+            with runs.timed(timing, device=device):
+                images = to_images(sample(model, diffusion, y, cfg.cfg_scale, seeds, progress=cfg.progress), vae).cpu()
+            cache_bytes = taylorseer.get_cache(model).nbytes()
+            new = {i: dict(index=i, label=labels[i], seed=seeds[k], file=names[i], cache_bytes=cache_bytes,
+                           latency_s=timing["seconds"] / len(batch)) for k, i in enumerate(batch)}
+            if compare:
+                with _detached(model, cache_config, cfg.num_steps):
+                    with runs.timed(timing, "uncached", device=device):
+                        reference = to_images(sample(model, diffusion, y, cfg.cfg_scale, seeds), vae).cpu()
+                for k, i in enumerate(batch):
+                    new[i].update(uncached_latency_s=timing["uncached"] / len(batch),
+                                  psnr=finite_mean(psnr(images[k:k + 1], reference[k:k + 1])),
+                                  ssim=float(ssim(images[k:k + 1], reference[k:k + 1]).mean()))
+                    runs.save_image(out_dir / "uncached" / names[i], _to_pil(reference[k]))
+            for k, i in enumerate(batch):
+                runs.save_image(out_dir / names[i], _to_pil(images[k]))
+                records.append(new[i])
+                done[i] = new[i]
+            runs.write_metrics(out_dir, _metrics(cfg, cache_config, flops, done, device, dtype))
         taylorseer.remove(model)
-        with runs.timed(timing, "uncached_seconds", device=device):
-            reference = sample_all(model, diffusion, labels, cfg, vae, cfg.progress)
-        extra.update(uncached_latency_s=timing["uncached_seconds"] / len(labels),
-                     wall_speedup=timing["uncached_seconds"] / timing["seconds"],
-                     psnr_vs_uncached=finite_mean(psnr(images, reference)),
-                     ssim_vs_uncached=float(ssim(images, reference).mean()))
-        _save_images(out_dir / "uncached", reference, labels, cfg.grid_nrow)
-    else:
-        taylorseer.remove(model)
-
-    _save_images(out_dir, images, labels, cfg.grid_nrow)
-    metrics = runs.sampling_metrics(cache_config, flops, len(labels), timing["seconds"], cache_bytes, device, **extra)
-    runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    runs.write_metrics(out_dir, metrics)
-    print(f"[sample_dit] {len(labels)} images -> {out_dir}")
-    print(f"[sample_dit] {cache_config.tag}: {metrics['full_steps']}/{metrics['num_steps']} full steps, "
-          f"FLOPs compression {metrics['compression']:.2f}x, {metrics['latency_s']:.3f} s/image, "
-          f"cache {cache_bytes / 2**20:.1f} MiB" + (f", wall speedup {extra['wall_speedup']:.2f}x, PSNR "
-                                                    f"{extra['psnr_vs_uncached']:.2f} dB" if "wall_speedup" in extra
-                                                    else ""))
+        _save_grid(out_dir, names, cfg.grid_nrow)
+        if compare:
+            _save_grid(out_dir / "uncached", names, cfg.grid_nrow)
+        metrics = _metrics(cfg, cache_config, flops, done, device, dtype)
+        runs.write_metrics(out_dir, metrics)
+    print(f"[{TAG}] {len(todo)} new, {len(done)} images in {out_dir}")
+    summary = (f"[{TAG}] {cache_config.tag}: {metrics['full_steps']}/{metrics['num_steps']} full steps, FLOPs "
+               f"compression {metrics['compression']:.2f}x, {metrics['latency_s']:.3f} s/image, cache "
+               f"{metrics['cache_bytes'] / 2**20:.1f} MiB")
+    if "wall_speedup" in metrics:
+        summary += f", wall speedup {metrics['wall_speedup']:.2f}x, PSNR {metrics['psnr_vs_uncached']:.2f} dB"
+    print(summary)
     return metrics
 
 
-def _save_images(out_dir: Path, images: torch.Tensor, labels: list[int], nrow: int) -> None:
-    from PIL import Image
+class _detached:
+    """The model without its cache for a block (the uncached comparison), then the cache back."""
 
-    def to_pil(img: torch.Tensor):
-        array = (img * 255).round().to(torch.uint8).permute(1, 2, 0).squeeze(-1).numpy()
-        return Image.fromarray(array)
+    def __init__(self, model, config: CacheConfig, num_steps: int):
+        self.model, self.config, self.num_steps = model, config, num_steps
 
-    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
-        runs.save_image(out_dir / f"{i:04d}-class{y}.png", to_pil(img))
-    runs.save_image(out_dir / "grid.png", to_pil(make_grid(images, nrow=nrow, padding=2, pad_value=1.0)))
+    def __enter__(self):
+        taylorseer.remove(self.model)
+
+    def __exit__(self, *exc):
+        attach_cache(self.model, self.config, self.num_steps)
+
+
+def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, done: dict, device, dtype) -> dict:
+    items = [done[i] for i in sorted(done)]
+    extra = {"model": OmegaConf.to_container(cfg.model), "sampler": cfg.sampler, "spacing": cfg.spacing,
+             "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "run_device": str(device),
+             "dtype": str(dtype).replace("torch.", ""), "items": items}
+    compared = [r for r in items if "psnr" in r]
+    if compared:
+        cached_s, uncached_s = sum(r["latency_s"] for r in compared), sum(r["uncached_latency_s"] for r in compared)
+        extra.update(uncached_latency_s=uncached_s / len(compared), wall_speedup=uncached_s / cached_s,
+                     psnr_vs_uncached=sum(r["psnr"] for r in compared) / len(compared),
+                     ssim_vs_uncached=sum(r["ssim"] for r in compared) / len(compared), num_compared=len(compared))
+    seconds = sum(r["latency_s"] for r in items)
+    cache_bytes = max((r["cache_bytes"] for r in items), default=0)
+    return runs.sampling_metrics(cache_config, flops, len(items), seconds, cache_bytes, device, **extra)
+
+
+def _to_pil(img: torch.Tensor) -> Image.Image:
+    return Image.fromarray((img * 255).round().to(torch.uint8).permute(1, 2, 0).squeeze(-1).numpy())
+
+
+def _save_grid(folder: Path, names: list[str], nrow: int) -> None:
+    """The grid of every image of the run, read back from disk (a resumed run made only some of them)."""
+    import numpy as np
+
+    images = [torch.from_numpy(np.asarray(Image.open(folder / n), dtype=np.float32) / 255) for n in names]
+    images = [im.unsqueeze(0) if im.dim() == 2 else im.permute(2, 0, 1) for im in images]
+    runs.save_image(folder / "grid.png", _to_pil(make_grid(torch.stack(images), nrow=nrow, padding=2,
+                                                           pad_value=1.0)))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="sample_dit", version_base=None)
-@runs.clear_errors("sample_dit", also=(AssertionError,))  # the scripts assert their arguments with messages
+@runs.clear_errors(TAG, also=(AssertionError,))  # the scripts assert their arguments with messages
 def _cli(cfg: DictConfig) -> None:
     main(cfg)
 

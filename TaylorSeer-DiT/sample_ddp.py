@@ -3,17 +3,18 @@
     torchrun --nproc_per_node 8 -m taylorseer_dit.sample_ddp num_samples=50000 cache.interval=4
     bash scripts/sample_dit_ddp.sh num_samples=50000            # the same, one process per GPU
 
-Every rank samples its share of each global batch: batch g holds indices [g*G, (g+1)*G) with
-G = per-rank batch x world size, rank r the slice [g*G + r*B, g*G + (r+1)*B). The count is rounded
-up to a multiple of G (as DiT does) and the first ``num_samples`` PNGs are packed. Rank r seeds its
-stream with seed*world_size + r (DiT's rule); each batch draws from a generator seeded with that
-and the batch index, so a rerun after a kill regenerates exactly the missing PNGs, identically.
-Finished batches are skipped; each PNG is written atomically.
+Sample ``i`` (0 <= i < num_samples) is a function of ``(seed, i)`` alone: its class is drawn from a
+generator seeded ``(seed << 32) + i + 2**31`` and its noise from one seeded ``(seed << 32) + i``. (DiT's
+own script seeds each rank with ``seed * world_size + rank``, so its samples change with the number of
+GPUs; here a run may be resumed on another number of GPUs or with another batch size and the folder still
+holds one consistent set.) The missing indices are dealt to the ranks round-robin; each PNG is written
+atomically with a record of how it was made, so a rerun after a kill or a Slurm requeue makes exactly the
+missing samples. Rank 0 checks and writes the run folder's identity (run.json) before anyone samples,
+rewrites metrics.json as batches finish, and packs ``samples_<N>.npz`` once every rank is done.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -25,11 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from taylorseer import runs
+import taylorseer
+from taylorseer import CacheConfig, runfolder, runs
+from taylorseer.settings import Setting
 
 from .diffusion import GaussianDiffusion
-from .sample import CONFIG_DIR, load_model, run_name, validate
-from .sampling import attach_cache, count_flops, sample, to_images
+from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, run_identity, run_name, validate
+from .sampling import attach_cache, count_flops, sample, sample_seed, to_images
+
+TAG = "sample_dit_ddp"
+SCHEMA = {**SAMPLING_SCHEMA, "num_samples": Setting("int", minimum=1), "class_labels": Setting("list"),
+          "compare_uncached": Setting("bool"), "grid_nrow": Setting("int", minimum=1)}
+NOT_USED_HERE = ("grid_nrow", "class_labels", "compare_uncached")  # inherited from sample_dit.yaml
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -43,13 +51,9 @@ def setup_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def batch_indices(batch: int, rank: int, world: int, per_rank: int) -> list[int]:
-    start = batch * per_rank * world + rank * per_rank
-    return list(range(start, start + per_rank))
-
-
-def batch_seed(seed: int, rank: int, world: int, batch: int) -> int:
-    return (seed * world + rank) * 1_000_003 + batch
+def class_label(seed: int, index: int, num_classes: int) -> int:
+    gen = torch.Generator().manual_seed(sample_seed(seed, index) + (1 << 31))
+    return int(torch.randint(num_classes, (1,), generator=gen))
 
 
 def pack_npz(sample_dir: Path, num_samples: int, out_path: Path) -> Path:
@@ -63,66 +67,100 @@ def pack_npz(sample_dir: Path, num_samples: int, out_path: Path) -> Path:
     return out_path
 
 
+def _claim(out_dir: Path, ident: dict, rank: int, world: int) -> runfolder.RunFolder | None:
+    """Rank 0 checks and takes the run folder; every rank learns whether it may go on."""
+    folder, error = None, None
+    if rank == 0:
+        try:
+            folder = runfolder.RunFolder.open(out_dir, ident)
+        except ValueError as err:
+            error = str(err)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise runfolder.RunFolderError(error)
+    return folder
+
+
 def main(cfg: DictConfig) -> Path:
-    cache_config = validate(cfg, check_labels=False)  # labels are drawn at random
-    assert cfg.num_samples >= 1, f"num_samples={cfg.num_samples} must be >= 1"
+    cache_config = validate(cfg, SCHEMA, TAG, check_labels=False)  # classes are drawn per sample
     rank, world = setup_distributed()
     device = runs.resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = runs.resolve_dtype(cfg.dtype, device)
-    out_dir = Path(cfg.out_root) / "dit_fid" / run_name(cfg, cache_config)
+    out_dir = Path(cfg.out_root) / "dit_fid" / (cfg.run_name or run_name(cfg, cache_config))
     sample_dir = out_dir / "samples"
-    per_rank = cfg.batch_size
-    global_batch = per_rank * world
-    num_batches = math.ceil(cfg.num_samples / global_batch)
-
-    model, vae = load_model(cfg, device, dtype)
-    diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler)
-    attach_cache(model, cache_config, cfg.num_steps)
-    if rank == 0:
-        print(f"[sample_ddp] {cfg.num_samples} samples ({num_batches * global_batch} with rounding) on {world} "
-              f"rank(s) -> {sample_dir}")
-    flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
-
-    timing, made = {"seconds": 0.0}, 0
-    for b in tqdm(range(num_batches), disable=rank != 0 or not cfg.progress, desc="batches"):
-        indices = batch_indices(b, rank, world, per_rank)
-        missing = [i for i in indices if not (sample_dir / f"{i:06d}.png").exists()]
-        if not missing:
-            continue  # finished before a kill: skip
-        gen = torch.Generator().manual_seed(batch_seed(cfg.seed, rank, world, b))
-        labels = torch.randint(0, cfg.model.num_classes, (per_rank,), generator=gen)
-        part: dict = {}
-        with runs.timed(part, device=device):
-            z = sample(model, diffusion, labels, cfg.cfg_scale, seed=int(torch.randint(2**62, (1,), generator=gen)))
-            images = to_images(z, vae).cpu()
-        timing["seconds"] += part["seconds"]
-        for i, img in zip(indices, images, strict=True):
-            if i in missing:
-                array = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-                runs.save_image(sample_dir / f"{i:06d}.png", Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1
-                                                                             else array))
-                made += 1
-
-    if world > 1:
-        dist.barrier()
-    npz = out_dir / f"samples_{cfg.num_samples}.npz"
-    if rank == 0:
-        pack_npz(sample_dir, cfg.num_samples, npz)
-        metrics = runs.sampling_metrics(cache_config, flops, made, timing["seconds"], 0, device,
-                                        num_samples=cfg.num_samples, world_size=world, npz=str(npz))
-        runs.write_metrics(out_dir, metrics)
-        runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        print(f"[sample_ddp] wrote {npz} (made {made} new samples on rank 0)")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    model, vae, weights = load_model(cfg, device, dtype)
+    diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler, spacing=cfg.spacing)
+    folder = _claim(out_dir, run_identity(cfg, device, dtype, weights, NOT_USED_HERE), rank, world)
+    try:
+        if rank == 0:
+            runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        records = runfolder.Records(out_dir, writer=f"rank{rank}")
+        done = records.done(lambda r: [r["file"]])
+        todo = [i for i in range(cfg.num_samples) if i not in done]
+        if world > 1:
+            dist.barrier()  # every rank has read the same state before anyone writes
+        mine = todo[rank::world]
+        attach_cache(model, cache_config, cfg.num_steps)
+        flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
+        if rank == 0:
+            print(f"[{TAG}] {cfg.num_samples} samples, {len(todo)} to make on {world} rank(s) -> {sample_dir}")
+        batches = [mine[k:k + cfg.batch_size] for k in range(0, len(mine), cfg.batch_size)]
+        for b, batch in enumerate(tqdm(batches, disable=rank != 0 or not cfg.progress, desc="batches")):
+            seeds = [sample_seed(cfg.seed, i) for i in batch]
+            labels = torch.tensor([class_label(cfg.seed, i, cfg.model.num_classes) for i in batch])
+            timing: dict = {}
+            with runs.timed(timing, device=device):
+                images = to_images(sample(model, diffusion, labels, cfg.cfg_scale, seeds), vae).cpu()
+            for k, i in enumerate(batch):
+                array = (images[k] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                name = f"samples/{i:06d}.png"
+                runs.save_image(out_dir / name, Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array))
+                records.append(dict(index=i, label=int(labels[k]), seed=seeds[k], file=name,
+                                    latency_s=timing["seconds"] / len(batch), rank=rank, world_size=world,
+                                    cache_bytes=taylorseer.get_cache(model).nbytes()))
+            if rank == 0 and b % 10 == 9:
+                _write_metrics(out_dir, cfg, cache_config, flops, device, world)
+        if world > 1:
+            dist.barrier()
+        npz = out_dir / f"samples_{cfg.num_samples}.npz"
+        if rank == 0:
+            metrics = _write_metrics(out_dir, cfg, cache_config, flops, device, world, npz)
+            if metrics["num_items"] < cfg.num_samples:
+                raise RuntimeError(f"only {metrics['num_items']} of {cfg.num_samples} samples are in {sample_dir}")
+            pack_npz(sample_dir, cfg.num_samples, npz)
+            print(f"[{TAG}] wrote {npz} ({len(todo)} new samples this run)")
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        if folder is not None:
+            folder.close()
     return npz
 
 
+def _write_metrics(out_dir: Path, cfg: DictConfig, cache_config: CacheConfig, flops, device, world: int,
+                   npz: Path | None = None) -> dict:
+    """metrics.json from every rank's records: true after a kill, complete after the last barrier."""
+    done = runfolder.Records(out_dir).done(lambda r: [r["file"]])
+    done = {i: r for i, r in done.items() if i < cfg.num_samples}
+    seconds = sum(r["latency_s"] for r in done.values())
+    extra = dict(num_samples=cfg.num_samples, world_size=world, complete=len(done) == cfg.num_samples,
+                 sampler=cfg.sampler, spacing=cfg.spacing, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+    if npz is not None:
+        extra["npz"] = str(npz)
+    cache_bytes = max((r.get("cache_bytes", 0) for r in done.values()), default=0)
+    metrics = runs.sampling_metrics(cache_config, flops, len(done), seconds, cache_bytes, device, **extra)
+    runs.write_metrics(out_dir, metrics)
+    return metrics
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="sample_dit_ddp", version_base=None)
-@runs.clear_errors("sample_dit_ddp", also=(AssertionError,))  # the scripts assert their arguments with messages
+@runs.clear_errors(TAG, also=(AssertionError,))  # the scripts assert their arguments with messages
 def _cli(cfg: DictConfig) -> None:
     main(cfg)
 

@@ -10,6 +10,8 @@ share one cache context, as upstream does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +20,7 @@ from taylorseer import CacheConfig, FlopsReport, ForecastCache
 from taylorseer.blockops import gated_add, modulation_chunk
 
 from .checkpoints import LATENT_SCALE
-from .diffusion import GaussianDiffusion, StepCallback
+from .diffusion import GaussianDiffusion, StepCallback, draw_noise
 from .models import DiT
 
 CACHED_MODULES = ("blocks.*.attn", "blocks.*.mlp")
@@ -44,25 +46,38 @@ def attach_cache(model: DiT, config: CacheConfig, num_steps: int) -> ForecastCac
     return taylorseer.apply(model, config, modules=CACHED_MODULES, overrides=blocks, num_steps=num_steps)
 
 
-def initial_noise(model: DiT, n: int, generator: torch.Generator, device) -> torch.Tensor:
+def initial_noise(model: DiT, n: int, generator, device) -> torch.Tensor:
     shape = (n, model.in_channels, model.input_size, model.input_size)
-    return torch.randn(shape, generator=generator, device="cpu").to(device)
+    return draw_noise(shape, generator, device, torch.float32)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a run seeded ``seed``: its noise (and, for FID runs, its class)
+    depend on nothing else, not the batch size, the world size or which rank made it."""
+    return (int(seed) << 32) + int(index)
 
 
 @torch.no_grad()
-def sample(model: DiT, diffusion: GaussianDiffusion, labels: torch.Tensor, cfg_scale: float, seed: int,
-           progress: bool = False, callback: StepCallback | None = None,
+def sample(model: DiT, diffusion: GaussianDiffusion, labels: torch.Tensor, cfg_scale: float,
+           seed: int | Sequence[int], progress: bool = False, callback: StepCallback | None = None,
            guidance_channels: int | None = None) -> torch.Tensor:
     """Latents (or pixels) for ``labels`` from the noise of ``seed``: (N, C, H, W).
 
-    The cache, if attached, is reset first, so repeated calls are independent. Noise is drawn on
-    the CPU so the same seed gives the same samples on any device.
+    ``seed`` is one seed for the whole batch, or one per sample (then each sample's noise comes from its
+    own generator, and a sample is the same whatever batch it is sampled in). The cache, if attached, is
+    reset first, so repeated calls are independent. Noise is drawn on the CPU so the same seed gives the
+    same samples on any device.
     """
     device = next(model.parameters()).device
     cache = taylorseer.get_cache(model)
     if cache is not None:
         cache.reset(num_steps=diffusion.num_steps)
-    generator = torch.Generator().manual_seed(seed)
+    if isinstance(seed, int):
+        generator = torch.Generator().manual_seed(seed)
+    else:
+        if len(seed) != len(labels):
+            raise ValueError(f"{len(seed)} seeds for {len(labels)} labels: give one seed per sample (or one int)")
+        generator = [torch.Generator().manual_seed(int(s)) for s in seed]
     z = initial_noise(model, len(labels), generator, device).to(next(model.parameters()).dtype)
     labels = labels.to(device)
     if cfg_scale > 1.0:

@@ -218,7 +218,8 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
     """Decorator for a command's main: settings and setup errors (ValueError, a missing file or
     weights, and ``also``) print one line ``[tag] error: ...`` on stderr and exit with status 2.
 
-    Their messages already say the fix; anything else is a bug and keeps its traceback.
+    Their messages already say the fix; anything else is a bug and keeps its traceback. Under torchrun
+    or Slurm every rank meets the same settings error: only rank 0 prints it.
     """
     from .diffusers_io import WeightsNotFoundError
 
@@ -230,7 +231,8 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
             try:
                 return fn(*args, **kwargs)
             except caught as err:
-                print(f"[{tag}] error: {err}", file=sys.stderr)
+                if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+                    print(f"[{tag}] error: {err}", file=sys.stderr)
                 sys.exit(2)
 
         return wrapper

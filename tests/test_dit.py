@@ -90,12 +90,40 @@ def test_dit_xl2_flops_match_the_paper():
     assert abs(macs / 118.6e9 - 1) < 0.02  # DiT paper: 118.6 Gflops (multiply-adds) per forward at 256
 
 
+# Upstream's `sample.py --ddim-sample --num-sampling-steps 50` (create_diffusion("50")): the paper's FID setting.
+UPSTREAM_DDIM50 = [0, 20, 41, 61, 82, 102, 122, 143, 163, 183, 204, 224, 245, 265, 285, 306, 326, 347, 367, 387, 408,
+                   428, 449, 469, 489, 510, 530, 550, 571, 591, 612, 632, 652, 673, 693, 714, 734, 754, 775, 795, 816,
+                   836, 856, 877, 897, 917, 938, 958, 979, 999]
+
+
 def test_respacing():
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
     steps = space_timesteps(1000, 250)
     assert len(steps) == 250 and steps[0] == 0 and steps[-1] == 999
-    diffusion = GaussianDiffusion(50, "ddim")
-    assert diffusion.timestep_map[-1] == 980 and diffusion.betas[0] == pytest.approx(1e-4)
+    assert GaussianDiffusion(50, "ddim").timestep_map.tolist() == UPSTREAM_DDIM50  # the default: upstream's
+    stride = GaussianDiffusion(50, "ddim", spacing="ddim")  # still selectable by name
+    assert stride.timestep_map.tolist() == list(range(0, 1000, 20)) and stride.betas[0] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="spacing='uniform' is invalid"):
+        GaussianDiffusion(50, "ddim", spacing="uniform")
+
+
+def test_every_dit_entry_point_defaults_to_upstream_spacing(monkeypatch):
+    from taylorseer_dit import demo
+
+    for name in ("sample_dit", "sample_dit_ddp", "demo"):
+        assert _compose(name, []).spacing == "even", name
+    built = []
+
+    class Recording(GaussianDiffusion):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.timestep_map.tolist())
+            raise KeyboardInterrupt  # stop the demo right after it built its sampler
+
+    monkeypatch.setattr(demo, "GaussianDiffusion", Recording)
+    with pytest.raises(KeyboardInterrupt):
+        demo.main(_compose("demo", ["num_samples=10", "progress=false"]))
+    assert built == [UPSTREAM_DDIM50]
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -172,7 +200,7 @@ def test_sample_ddp_two_processes_and_resume(tiny_assets, tmp_path):
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
     run = tmp_path / "dit_fid" / "DiT-Tiny-2-64-N3-O3-W2-ddim6-cfg1.5-seed0"
     pngs = sorted((run / "samples").glob("*.png"))
-    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(8)]  # 7 rounded up to 2 ranks x 2
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(7)]  # exactly the samples asked for
     arr = np.load(run / "samples_7.npz")["arr_0"]
     assert arr.shape == (7, 16, 16, 3) and arr.dtype == np.uint8
     assert len({a.tobytes() for a in arr}) == 7  # distinct samples, none duplicated
@@ -181,12 +209,31 @@ def test_sample_ddp_two_processes_and_resume(tiny_assets, tmp_path):
     kept_mtime = (run / "samples" / "000000.png").stat().st_mtime_ns
     for name in ("000002.png", "000005.png"):
         (run / "samples" / name).unlink()
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    # Resumed in one process with another batch size: sample i depends on (seed, i) only.
+    single = [sys.executable, "-m", "taylorseer_dit.sample_ddp", *cmd[cmd.index("taylorseer_dit.sample_ddp") + 1:],
+              "batch_size=3"]
+    subprocess.run(single, check=True, env=env, capture_output=True, timeout=300)
     assert (run / "samples" / "000000.png").stat().st_mtime_ns == kept_mtime  # untouched
     for name in ("000002.png", "000005.png"):  # regenerated, identical
         assert (run / "samples" / name).read_bytes() == before[name]
     np.testing.assert_array_equal(np.load(run / "samples_7.npz")["arr_0"], arr)
     assert np.asarray(Image.open(run / "samples" / "000002.png")).shape == (16, 16, 3)  # tiny VAE: 2x up
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_items"] == 7 and metrics["complete"] and metrics["npz"].endswith("samples_7.npz")
+    lines = [json.loads(line) for f in sorted((run / "records").glob("*.jsonl"))
+             for line in f.read_text().splitlines()]
+    assert sorted(r["index"] for r in lines) == [0, 1, 2, 2, 3, 4, 5, 5, 6]  # made once, remade only when deleted
+    # Another checkpoint into the same folder is refused (it used to pack the first model's samples).
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.manual_seed(1)
+    torch.save(DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10).state_dict(), other / "DiT-Tiny-2-64x64.pt")
+    moved = [a if not a.startswith("model.ckpt_dir=") else f"model.ckpt_dir={other}" for a in single]
+    result = subprocess.run(moved, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert "holds outputs made with other settings (resolved.checkpoint:" in result.stderr
+    assert "run_name=" in result.stderr
     assert CACHED_MODULES == ("blocks.*.attn", "blocks.*.mlp")
 
 
@@ -207,3 +254,27 @@ def test_short_forecast_block_forward_equals_forecasting_the_modules(tiny_assets
         taylorseer.remove(model)
     assert not torch.equal(short, sample(model, diffusion, torch.tensor([1, 4]), cfg_scale=1.5, seed=5))
     assert torch.allclose(short, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_files_that_cannot_be_used_fail_with_one_message(tiny_assets, tmp_path):
+    d, original = tiny_assets
+    path = d / checkpoints.official_name("DiT-Tiny/2", 64)
+    # DiT's train.py format: {"model", "ema", "opt", "args"} with args an argparse.Namespace.
+    import argparse
+
+    train_ckpt = tmp_path / "0400000.pt"
+    state = original.state_dict()
+    torch.save({"model": state, "ema": state, "opt": {"state": {}}, "args": argparse.Namespace(lr=1e-4)}, train_ckpt)
+    loaded = checkpoints.load_dit(train_ckpt, "DiT-Tiny/2", 64, num_classes=10)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"<html>404 not found</html>")
+    for bad in (truncated, garbage):
+        with pytest.raises(checkpoints.CheckpointError, match=f"{bad.name} is not a readable PyTorch checkpoint"):
+            checkpoints.load_dit(bad, "DiT-Tiny/2", 64, num_classes=10)
+    lists = tmp_path / "list.pt"
+    torch.save([1, 2], lists)
+    with pytest.raises(checkpoints.CheckpointError, match="holds a list without a state dict"):
+        checkpoints.load_dit(lists, "DiT-Tiny/2", 64, num_classes=10)

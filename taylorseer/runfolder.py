@@ -1,0 +1,247 @@
+"""What a run folder is: the settings that made its outputs, a lock, and one record per finished output.
+
+A run folder must never report results of other settings: tables and sweeps are built from them. So:
+
+* **Identity.** Every setting that can change an output is recorded in ``run.json`` before the first
+  output is written, and checked when a run resumes into the folder. The identity is the whole resolved
+  config *minus a deny-list* of settings known not to change an output (where results go, progress bars,
+  batch size, ...), *plus* what some settings resolve to: the device type and dtype, a digest of the
+  prompts' text (not the prompt file's path), a fingerprint of the weights (not their path). A setting an
+  app adds later is therefore checked by default; forgetting to deny one costs a needless refusal, never a
+  silently mixed folder. A mismatch is refused with one line naming the differing settings and the fix.
+* **Lock.** One run at a time writes into a folder (an advisory ``flock`` held for the whole run).
+* **Records.** Each finished output appends one JSON line to ``records/<writer>.jsonl`` (one file per
+  writer, so data-parallel ranks never share a file). An output counts as done when its record exists and
+  its files do; ``metrics.json`` is rebuilt from all records, so after a kill it still describes every
+  output in the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .runs import write_json
+
+# Settings that cannot change an output, for every app. Settings that resolve to something else are
+# denied here and their resolved value is put into the identity by the app (see ``identity``).
+NOT_OUTPUT_CHANGING = (
+    "out_root", "run_name", "progress", "warmup", "batch_size", "compare_uncached", "num_samples",
+    "cpu_offload",    # diffusers' model offload moves whole models between uses; the arithmetic is the same
+    "cache.offload",  # factors kept in host memory come back bit for bit (tested)
+    "device",         # -> device type
+    "dtype",          # -> torch dtype
+    "prompt", "prompt_file",  # -> digest of the prompts' text
+    "model.path", "model.checkpoint", "model.ckpt_dir",  # -> fingerprint of the weights
+)
+IDENTITY_FILE = "run.json"
+BOOKKEEPING = {IDENTITY_FILE, "config.yaml", "metrics.json", ".metrics.lock", ".lock", "records"}
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used with these settings; the message says why and what to do."""
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """``{"cache": {"interval": 3}}`` -> ``{"cache.interval": 3}`` (lists stay values)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def identity(config: dict, resolved: dict | None = None, ignore: Iterable[str] = ()) -> dict:
+    """The identity of a run: ``config`` (a plain, resolved dict) minus the deny-list and ``ignore``
+    (app-specific settings that cannot change an output), plus ``resolved`` values (flat keys)."""
+    denied = set(NOT_OUTPUT_CHANGING) | set(ignore)
+    flat = flatten(config)
+    kept = {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in denied)}
+    kept.update(resolved or {})
+    return dict(sorted(kept.items()))
+
+
+def digest(values) -> str:
+    """A short, stable digest of JSON-able values (e.g. the list of prompts)."""
+    text = json.dumps(values, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Size and the first and last MiB of a weights file, hashed.
+
+    Cheap on 24 GB of FLUX weights, and it changes with the content: a torch zip checkpoint ends in a
+    central directory holding a CRC-32 of every stored tensor, and retrained safetensors differ in their
+    first and last tensors' bytes.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:16]
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """Fingerprint of a model folder (a diffusers pipeline): its configs' text and every weight file's fingerprint."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = f.relative_to(root).as_posix()
+        if f.suffix in (".json", ".txt", ".model", ".yaml"):
+            h.update(rel.encode() + f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"):
+            h.update(rel.encode() + file_fingerprint(f).encode())
+    return h.hexdigest()[:16]
+
+
+def has_outputs(out_dir: str | Path) -> bool:
+    """True when the folder holds anything besides bookkeeping files (an output of some earlier run)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return False
+    return any(p.name not in BOOKKEEPING and not p.name.startswith(".") for p in out_dir.iterdir())
+
+
+def _describe(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_identity(out_dir: str | Path, ident: dict) -> None:
+    """Refuse a folder whose outputs were made with other settings (one line naming them and the fix)."""
+    out_dir = Path(out_dir)
+    if not has_outputs(out_dir):
+        return  # nothing there yet (or only bookkeeping of a run that failed before its first output)
+    fix = f"choose another folder (run_name=<new name> or out_root=<dir>) or delete {out_dir}"
+    path = out_dir / IDENTITY_FILE
+    try:
+        old = json.loads(path.read_text())["identity"]
+    except FileNotFoundError:
+        raise RunFolderError(f"{out_dir} holds outputs but no {IDENTITY_FILE} saying which settings made them "
+                             f"(an older version wrote it): {fix}") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise RunFolderError(f"{path} is unreadable, so the outputs in {out_dir} cannot be matched to these "
+                             f"settings: {fix}") from None
+    keys = sorted(set(old) | set(ident))
+    changed = [k for k in keys if old.get(k, "<unset>") != ident.get(k, "<unset>")]
+    if changed:
+        details = "; ".join(f"{k}: {_describe(old.get(k, '<unset>'))} -> {_describe(ident.get(k, '<unset>'))}"
+                            for k in changed[:6])
+        more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise RunFolderError(f"{out_dir} holds outputs made with other settings ({details}{more}): {fix}")
+
+
+@dataclass
+class RunFolder:
+    """An opened run folder: identity checked and written, lock held until :meth:`close`."""
+
+    path: Path
+    ident: dict
+    _lock: object = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path, ident: dict, lock: bool = True) -> RunFolder:
+        """Check ``ident`` against the folder, take its lock, write ``run.json``.
+
+        Call it after everything that can fail on bad settings or missing weights, right before the first
+        output: a run that failed earlier leaves nothing that would block its corrected rerun.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        handle = _take_lock(path) if lock else None
+        try:
+            check_identity(path, ident)
+            write_json(path / IDENTITY_FILE, {"identity": ident})
+        except BaseException:
+            if handle is not None:
+                handle.close()
+            raise
+        return cls(path, ident, handle)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _take_lock(path: Path):
+    import fcntl
+
+    handle = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFolderError(f"another run ({owner}) is writing into {path} right now: wait for it to finish, or "
+                             f"give this run its own folder (run_name=<new name>)") from None
+    except OSError:  # a file system without flock (some network mounts): run unlocked rather than not at all
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    handle.flush()
+    return handle
+
+
+class Records:
+    """Append-only per-output records: ``records/<writer>.jsonl``, merged over every writer on read.
+
+    ``key`` names the field that identifies an output (e.g. ``"index"`` or ``"file"``). A line torn by a
+    kill is skipped; a later record of the same key wins.
+    """
+
+    def __init__(self, out_dir: str | Path, writer: str = "main", key: str = "index"):
+        self.dir = Path(out_dir) / "records"
+        self.path = self.dir / f"{writer}.jsonl"
+        self.key = key
+
+    def append(self, record: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load(self) -> dict:
+        """Every record of every writer, by key."""
+        out: dict = {}
+        for path in sorted(self.dir.glob("*.jsonl")) if self.dir.is_dir() else ():
+            for record in _read_lines(path):
+                if self.key in record:
+                    out[record[self.key]] = record
+        return out
+
+    def done(self, files_of) -> dict:
+        """The records whose output files all exist; ``files_of(record)`` lists a record's files (relative)."""
+        root = self.dir.parent
+        return {k: r for k, r in self.load().items() if all((root / f).is_file() for f in files_of(r))}
+
+
+def _read_lines(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a writer killed mid-write
+            if isinstance(record, dict):
+                yield record

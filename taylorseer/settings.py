@@ -1,0 +1,115 @@
+"""Checking an app's settings before anything is loaded: unknown keys, types, ranges, the model's family.
+
+Hydra composes whatever it is given: ``num_steps=abc`` arrives as the string "abc", ``compare_uncached=no``
+as the (truthy) string "no", ``+num_stpes=10`` as a new key nobody reads, and ``model=digits`` in the FLUX
+app as a DiT model config. Each app declares its settings once (a flat ``{key: Setting}`` schema) and
+:func:`check` turns every such case into one line that names the key, the value and what is allowed,
+before any model or weight is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .runfolder import flatten
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or has a bad value; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its kind (``int``, ``float``, ``bool``, ``str``, ``list``, ``any``) and its limits."""
+
+    kind: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple | None = None
+    nullable: bool = False
+    multiple_of: int | None = None
+    hint: str = ""
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` is not allowed (None when it is)."""
+        if value is None:
+            return None if self.nullable else f"expected {self._expected()}, got null"
+        if self.choices is not None:
+            return None if value in self.choices else f"expected one of {list(self.choices)}"
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+            "list": isinstance(value, (list, tuple)),
+            "any": True,
+        }[self.kind]
+        if not ok:
+            return f"expected {self._expected()}"
+        if self.kind in ("int", "float"):
+            low = self.minimum is not None and value < self.minimum
+            if low or (self.maximum is not None and value > self.maximum):
+                return f"expected {self._expected()}"
+            if self.multiple_of and value % self.multiple_of:
+                return f"expected a multiple of {self.multiple_of}"
+        return None
+
+    def _expected(self) -> str:
+        noun = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                "list": "a list", "any": "a value"}[self.kind]
+        if self.minimum is not None and self.maximum is not None:
+            noun += f" in [{self.minimum:g}, {self.maximum:g}]"
+        elif self.minimum is not None:
+            noun += f" >= {self.minimum:g}"
+        if self.nullable:
+            noun += " or null"
+        return noun + (f" ({self.hint})" if self.hint else "")
+
+
+# Keys of configs/base.yaml, shared by every app.
+BASE = {
+    "out_root": Setting("str"),
+    "device": Setting("str", hint="auto, cpu, cuda or cuda:<index>"),
+    "dtype": Setting("str", choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")),
+    "seed": Setting("int", minimum=0),
+    "progress": Setting("bool"),
+    "run_name": Setting("str", nullable=True, hint="a folder name, or null for one built from the settings"),
+}
+
+
+def check(config: Mapping, schema: Mapping[str, Setting], app: str, delegated: tuple[str, ...] = ("cache",)) -> None:
+    """Raise :class:`SettingsError` for the first unknown key or bad value of ``config`` (a resolved, plain dict).
+
+    Keys under ``delegated`` prefixes are checked elsewhere (``cache.*`` by :class:`taylorseer.CacheConfig`).
+    """
+    flat = flatten(dict(config))
+    schema = {**BASE, **schema}
+    unknown = sorted(k for k in flat if k not in schema and not k.startswith(tuple(d + "." for d in delegated))
+                     and k not in delegated)
+    if unknown:
+        top = sorted({k.split(".")[0] for k in schema})
+        raise SettingsError(f"[{app}] unknown setting(s) {unknown}: check the spelling; {app} takes {top} "
+                            f"(every key is listed with a comment in configs/{app}.yaml)")
+    for key, setting in schema.items():
+        if key not in flat:
+            if setting.nullable:
+                continue
+            raise SettingsError(f"[{app}] setting {key!r} is missing (every key is listed in configs/{app}.yaml)")
+        why = setting.problem(flat[key])
+        if why:
+            raise SettingsError(f"{key}={flat[key]!r} is invalid: {why}")
+
+
+def check_model_family(model: Mapping, family: str, app: str, config_dir: str | Path) -> None:
+    """A model config of another app (``model=digits`` in the FLUX app) fails with the ones that fit."""
+    found = model.get("family")
+    if found == family:
+        return
+    fitting = sorted(p.stem for p in Path(config_dir, "model").glob("*.yaml")
+                     if f"family: {family}" in p.read_text())
+    what = f"a {found} model config" if found else "not a model config of this project"
+    raise SettingsError(f"the model config given to {app} is {what} (model.family={found!r}); {app} takes "
+                        f"family {family!r}: model={'|'.join(fitting)}")
