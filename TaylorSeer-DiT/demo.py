@@ -118,8 +118,8 @@ SCHEMA = {
 
 
 def main(cfg: DictConfig) -> list[dict]:
+    settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "dit", "demo", CONFIG_DIR)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    settings.check_model_family(plain["model"], "dit", "demo", CONFIG_DIR)
     settings.check(plain, SCHEMA, "demo")
     first_enhance = int(cfg.first_enhance)
     all_methods = methods(list(cfg.intervals), list(cfg.orders), first_enhance)  # validates N, O, warm-up

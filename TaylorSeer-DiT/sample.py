@@ -72,8 +72,9 @@ def run_name(cfg: DictConfig, cache_config: CacheConfig) -> str:
 
 def validate(cfg: DictConfig, schema: dict = SCHEMA, app: str = TAG, check_labels: bool = True) -> CacheConfig:
     """Everything that can be checked before a model is loaded: keys, types, ranges, the model's family."""
+    # The model's family first: a config of another app would not even resolve (its keys are missing).
+    settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "dit", app, CONFIG_DIR)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    settings.check_model_family(plain.get("model", {}), "dit", app, CONFIG_DIR)
     settings.check(plain, schema, app)
     cache_config = CacheConfig.from_dict(plain["cache"])
     if check_labels:
@@ -180,19 +181,10 @@ class _detached:
 
 
 def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, done: dict, device, dtype) -> dict:
-    items = [done[i] for i in sorted(done)]
     extra = {"model": OmegaConf.to_container(cfg.model), "sampler": cfg.sampler, "spacing": cfg.spacing,
              "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "run_device": str(device),
-             "dtype": str(dtype).replace("torch.", ""), "items": items}
-    compared = [r for r in items if "psnr" in r]
-    if compared:
-        cached_s, uncached_s = sum(r["latency_s"] for r in compared), sum(r["uncached_latency_s"] for r in compared)
-        extra.update(uncached_latency_s=uncached_s / len(compared), wall_speedup=uncached_s / cached_s,
-                     psnr_vs_uncached=sum(r["psnr"] for r in compared) / len(compared),
-                     ssim_vs_uncached=sum(r["ssim"] for r in compared) / len(compared), num_compared=len(compared))
-    seconds = sum(r["latency_s"] for r in items)
-    cache_bytes = max((r["cache_bytes"] for r in items), default=0)
-    return runs.sampling_metrics(cache_config, flops, len(items), seconds, cache_bytes, device, **extra)
+             "dtype": str(dtype).replace("torch.", "")}
+    return runs.sampling_metrics(cache_config, flops, [done[i] for i in sorted(done)], device, **extra)
 
 
 def _to_pil(img: torch.Tensor) -> Image.Image:

@@ -148,13 +148,12 @@ def _write_metrics(out_dir: Path, cfg: DictConfig, cache_config: CacheConfig, fl
     """metrics.json from every rank's records: true after a kill, complete after the last barrier."""
     done = runfolder.Records(out_dir).done(lambda r: [r["file"]])
     done = {i: r for i, r in done.items() if i < cfg.num_samples}
-    seconds = sum(r["latency_s"] for r in done.values())
     extra = dict(num_samples=cfg.num_samples, world_size=world, complete=len(done) == cfg.num_samples,
                  sampler=cfg.sampler, spacing=cfg.spacing, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
     if npz is not None:
         extra["npz"] = str(npz)
-    cache_bytes = max((r.get("cache_bytes", 0) for r in done.values()), default=0)
-    metrics = runs.sampling_metrics(cache_config, flops, len(done), seconds, cache_bytes, device, **extra)
+    metrics = runs.sampling_metrics(cache_config, flops, [done[i] for i in sorted(done)], device, keep_items=False,
+                                    **extra)
     runs.write_metrics(out_dir, metrics)
     return metrics
 

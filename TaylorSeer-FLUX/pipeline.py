@@ -46,7 +46,8 @@ def load_flux(source: str, *, pipeline: str = "FluxPipeline", dtype: torch.dtype
     if cpu_offload and device.type != "cuda":
         raise ValueError(f"cpu_offload=true moves models to and from a CUDA device, but device is {device}: "
                          "set device=cuda or cpu_offload=false")
-    pipe = load_pipeline(getattr(diffusers, pipeline), source, **{_dtype_keyword(): dtype})
+    # Kontext and plain FLUX folders hold the same components: either loads as either pipeline.
+    pipe = load_pipeline(getattr(diffusers, pipeline), source, accept=PIPELINES, **{_dtype_keyword(): dtype})
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

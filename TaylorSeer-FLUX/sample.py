@@ -7,12 +7,14 @@
 
 Run folder ``${out_root}/flux/<model>-<cache tag>-<steps>steps-<H>x<W>-seed<seed>``: one PNG per image,
 ``{index:05d}-{prompt slug}.png`` (image ``index`` is sampled with seed ``seed + index``), ``config.yaml``
-(the exact config) and ``metrics.json`` (latency per image, FLOPs uncached/total and compression, cache
-bytes, peak memory; with ``compare_uncached`` also the uncached latency, wall speedup and PSNR/SSIM of
-every image against its uncached twin in ``uncached/``). A rerun skips the images already there.
+(the exact config), ``run.json`` (every setting that changes an image, checked on resume) and
+``metrics.json`` (latency per image, FLOPs uncached/total and compression, cache bytes, peak memory; with
+``compare_uncached`` also the uncached latency, wall speedup and PSNR/SSIM of every image against its
+uncached twin in ``uncached/``), rebuilt from ``records/`` after every batch. A rerun makes only the
+images that are missing; other prompts, sizes, steps, weights or cache settings need another folder.
 
-Everything that can be checked without the model (cache settings, prompts, sizes, the run folder's
-earlier settings) is checked before the model loads, and nothing is written before the model loaded.
+Everything that can be checked without the model (settings, prompts, sizes, the run folder's earlier
+settings) is checked before the model loads, and nothing is written before the model loaded.
 """
 
 from __future__ import annotations
@@ -25,36 +27,56 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from taylorseer import CacheConfig, runs
-from taylorseer.diffusers_io import read_prompts
+from taylorseer import CacheConfig, runfolder, runs, settings
+from taylorseer.diffusers_io import read_prompts, weights_fingerprint
+from taylorseer.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
 from .flops import count_flux_flops
 from .pipeline import PIPELINES, FluxCache, generate, load_flux
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-# Settings that change the images: a run folder made with other values is not resumed into.
-IMAGE_KEYS = ("model.path", "model.pipeline", "dtype", "guidance_scale", "true_cfg_scale", "negative_prompt",
-              "max_sequence_length", "image", "cache")
+TAG = "sample_flux"
+SCHEMA = {
+    "model.family": Setting("str"),
+    "model.name": Setting("str"),
+    "model.short_name": Setting("str"),
+    "model.path": Setting("str"),
+    "model.pipeline": Setting("str", choices=PIPELINES),
+    "model.num_steps": Setting("int", minimum=1),
+    "model.height": Setting("int", minimum=16, multiple_of=16),
+    "model.width": Setting("int", minimum=16, multiple_of=16),
+    "model.guidance_scale": Setting("float", minimum=0.0),
+    "model.max_sequence_length": Setting("int", minimum=1),
+    "prompt": Setting("any", nullable=True),
+    "prompt_file": Setting("str", nullable=True),
+    "negative_prompt": Setting("str", nullable=True),
+    "num_steps": Setting("int", minimum=1),
+    "height": Setting("int", minimum=16, multiple_of=16, hint="FLUX: 8x VAE, 2x2 patches"),
+    "width": Setting("int", minimum=16, multiple_of=16, hint="FLUX: 8x VAE, 2x2 patches"),
+    "guidance_scale": Setting("float", minimum=0.0),
+    "true_cfg_scale": Setting("float", minimum=1.0),
+    "max_sequence_length": Setting("int", minimum=1),
+    "image": Setting("str", nullable=True),
+    "batch_size": Setting("int", minimum=1),
+    "num_images_per_prompt": Setting("int", minimum=1),
+    "forecast_text": Setting("bool"),
+    "compare_uncached": Setting("bool"),
+    "warmup": Setting("bool"),
+    "cpu_offload": Setting("bool"),
+    "vae_tiling": Setting("bool"),
+    "vae_slicing": Setting("bool"),
+}
 
 
 def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     """Everything that can be checked before a model is loaded; returns the cache config and the prompts."""
-    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
-    prompts = read_prompts(OmegaConf.to_object(cfg.prompt) if OmegaConf.is_config(cfg.prompt) else cfg.prompt,
-                           cfg.prompt_file)
-    for key in ("num_steps", "batch_size", "num_images_per_prompt", "max_sequence_length"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r} is invalid: expected an integer >= 1")
-    for key in ("height", "width"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
-            raise ValueError(f"{key}={value!r} is invalid: FLUX needs a positive multiple of 16 (8x VAE, 2x2 patches)")
-    if cfg.guidance_scale < 0:
-        raise ValueError(f"guidance_scale={cfg.guidance_scale} is invalid: expected >= 0")
-    if cfg.model.pipeline not in PIPELINES:
-        raise ValueError(f"model.pipeline={cfg.model.pipeline!r} is not supported: expected one of {list(PIPELINES)}")
+    # The model's family first: a config of another app would not even resolve (its keys are missing).
+    settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "flux", TAG, CONFIG_DIR)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    settings.check(plain, SCHEMA, TAG)
+    cache_config = CacheConfig.from_dict(plain["cache"])
+    prompts = read_prompts(plain["prompt"], cfg.prompt_file)
     if cfg.model.pipeline == "FluxKontextPipeline":
         if not cfg.image or not Path(cfg.image).expanduser().is_file():
             raise ValueError(f"image={cfg.image!r}: FLUX Kontext edits an input image; pass image=path/to/input.png")
@@ -72,6 +94,18 @@ def run_dir(cfg: DictConfig, cache_config: CacheConfig) -> Path:
     return Path(cfg.out_root) / "flux" / name
 
 
+def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: str | None) -> dict:
+    """Every setting that changes an image (the prompts' text, not the prompt file's name; the weights'
+    fingerprint, not their path; the input image's bytes, not its name)."""
+    resolved = {"resolved.prompts": runfolder.digest(prompts), "resolved.device": torch.device(device).type,
+                "resolved.dtype": str(dtype).replace("torch.", "")}
+    if cfg.image:
+        resolved["resolved.image"] = runfolder.file_fingerprint(Path(cfg.image).expanduser())
+    if weights is not None:
+        resolved["resolved.weights"] = weights
+    return runfolder.identity(OmegaConf.to_container(cfg, resolve=True), resolved, ignore=("image",))
+
+
 def to_tensor(images) -> torch.Tensor:
     """PIL images -> (N, 3, H, W) floats in [0, 1]."""
     return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
@@ -83,7 +117,8 @@ def main(cfg: DictConfig) -> dict:
     device = runs.resolve_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out_dir = run_dir(cfg, cache_config)
-    runs.check_resume(out_dir, cfg, IMAGE_KEYS)
+    # Before the (long) load: a folder of other settings is refused now, the weights are checked once loaded.
+    runfolder.check_identity(out_dir, run_identity(cfg, prompts, device, dtype, None), skip=("resolved.weights",))
     image = None
     if cfg.image:
         from diffusers.utils import load_image
@@ -92,6 +127,12 @@ def main(cfg: DictConfig) -> dict:
 
     pipe = load_flux(cfg.model.path, pipeline=cfg.model.pipeline, dtype=dtype, device=device,
                      cpu_offload=cfg.cpu_offload, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
+    ident = run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path))
+    with runfolder.RunFolder.open(out_dir, ident):
+        return _sample(cfg, cache_config, prompts, pipe, image, out_dir, device, dtype)
+
+
+def _sample(cfg, cache_config, prompts, pipe, image, out_dir: Path, device, dtype) -> dict:
     handle = FluxCache(pipe, cache_config, cfg.num_steps, forecast_text=cfg.forecast_text)
     handle.attach()
     compare = bool(cfg.compare_uncached and cache_config.enabled)
@@ -103,18 +144,12 @@ def main(cfg: DictConfig) -> dict:
     items = [(i * cfg.num_images_per_prompt + j, p) for i, p in enumerate(prompts)
              for j in range(cfg.num_images_per_prompt)]
     names = {index: f"{index:05d}-{runs.slug(prompt)}.png" for index, prompt in items}
-    previous = runs.read_json(out_dir / "metrics.json") or {}
-    records = {}
-    for record in previous.get("items", []):
-        # Done: its PNGs are there and so are its measurements (metrics.json is rewritten after every batch).
-        index = record.get("index")
-        if index not in names or record.get("file") != names[index] or (compare and "psnr" not in record):
-            continue
-        files = [out_dir / names[index]] + ([out_dir / "uncached" / names[index]] if compare else [])
-        if all(f.is_file() for f in files):
-            records[index] = record
-    todo = [item for item in items if item[0] not in records]
     runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    records = runfolder.Records(out_dir)
+    # Done: its PNGs are there and so is its record (with the comparison when this run compares).
+    done = records.done(lambda r: [r["file"]] + ([f"uncached/{r['file']}"] if "psnr" in r else []))
+    done = {i: r for i, r in done.items() if names.get(i) == r["file"] and (not compare or "psnr" in r)}
+    todo = [item for item in items if item[0] not in done]
 
     shapes = _ShapeCapture(pipe.transformer)
     if todo and cfg.warmup:
@@ -145,17 +180,18 @@ def main(cfg: DictConfig) -> dict:
                               psnr=finite_mean(psnr(x, ref)), ssim=float(ssim(x, ref).mean()))
                 runs.save_image(out_dir / "uncached" / names[index], reference.images[k])
             runs.save_image(out_dir / names[index], gen.images[k])
-            records[index] = record
+            records.append(record)
+            done[index] = record
         flops = flops or count_flops(cfg, cache_config, pipe, shapes.found)
-        runs.write_metrics(out_dir, _metrics(cfg, cache_config, flops, records, device, dtype))
+        runs.write_metrics(out_dir, _metrics(cfg, cache_config, flops, done, device, dtype))
         bar.update(len(batch))
     bar.close()
     shapes.remove()
     flops = flops or count_flops(cfg, cache_config, pipe, shapes.found)
-    metrics = _metrics(cfg, cache_config, flops, records, device, dtype)
+    metrics = _metrics(cfg, cache_config, flops, done, device, dtype)
     runs.write_metrics(out_dir, metrics)
-    print(f"[sample_flux] {len(todo)} new, {len(records)} images in {out_dir}")
-    summary = (f"[sample_flux] {cache_config.tag}: {metrics.get('full_steps', '?')}/{cfg.num_steps} full steps, FLOPs "
+    print(f"[{TAG}] {len(todo)} new, {len(done)} images in {out_dir}")
+    summary = (f"[{TAG}] {cache_config.tag}: {metrics.get('full_steps', '?')}/{cfg.num_steps} full steps, FLOPs "
                f"compression {metrics.get('compression', float('nan')):.2f}x, {metrics['latency_s']:.3f} s/image, "
                f"cache {metrics['cache_bytes'] / 2**20:.1f} MiB")
     if "wall_speedup" in metrics:
@@ -194,24 +230,14 @@ def count_flops(cfg: DictConfig, cache_config: CacheConfig, pipe, shapes: dict):
 
 
 def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, device, dtype) -> dict:
-    items = [records[i] for i in sorted(records)]
     extra = dict(model=OmegaConf.to_container(cfg.model, resolve=True), run_device=str(device),
                  dtype=str(dtype).replace("torch.", ""), seed=cfg.seed, calls_per_step=flops.calls_per_step,
-                 run_config=OmegaConf.to_container(cfg, resolve=True), items=items)
-    compared = [r for r in items if "psnr" in r]
-    if compared:
-        cached_s = sum(r["latency_s"] for r in compared)
-        uncached_s = sum(r["uncached_latency_s"] for r in compared)
-        extra.update(uncached_latency_s=uncached_s / len(compared), wall_speedup=uncached_s / cached_s,
-                     psnr_vs_uncached=float(np.mean([r["psnr"] for r in compared])),
-                     ssim_vs_uncached=float(np.mean([r["ssim"] for r in compared])), num_compared=len(compared))
-    seconds = sum(r["latency_s"] for r in items)
-    cache_bytes = max((r["cache_bytes"] for r in items), default=0)
-    return runs.sampling_metrics(cache_config, flops, len(items), seconds, cache_bytes, device, **extra)
+                 run_config=OmegaConf.to_container(cfg, resolve=True))
+    return runs.sampling_metrics(cache_config, flops, [records[i] for i in sorted(records)], device, **extra)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="sample_flux", version_base=None)
-@runs.clear_errors("sample_flux")
+@runs.clear_errors(TAG)
 def _cli(cfg: DictConfig) -> None:
     main(cfg)
 

@@ -7,6 +7,7 @@ layout; the tests load a tiny random pipeline saved the same way through the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +50,19 @@ def load_hunyuan_video(source: str = HUB_ID, *, dtype: torch.dtype = torch.bfloa
     if vae_tiling:
         pipe.vae.enable_tiling()
     return pipe
+
+
+def transformer_config(source: str = HUB_ID) -> dict:
+    """The transformer's ``config.json`` alone (no weights): enough to count FLOPs on the meta device."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    path = Path(source).expanduser()
+    try:
+        config = HunyuanVideoTransformer3DModel.load_config(str(path) if path.is_dir() else source,
+                                                            subfolder="transformer")
+    except (OSError, ValueError) as err:
+        raise WeightsNotFoundError(f"cannot read the transformer config of {source}: {err}") from err
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def place(pipe: HunyuanVideoPipeline, device: torch.device, cpu_offload: bool = False) -> None:

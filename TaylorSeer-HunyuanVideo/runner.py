@@ -1,24 +1,20 @@
-"""The model-agnostic half of a diffusers sampling run: items and seeds, resume, per-call probes, errors.
+"""The videos of a run and what one pipeline call did.
 
-Nothing here knows about HunyuanVideo; FLUX's runner has the same pieces, and both can move into the
-core (``taylorseer/runs.py``) as they are:
-
-* :func:`plan_items`      prompts x outputs-per-prompt -> items with seed ``seed + index`` and file names
-* :func:`kept_records`    the per-item records of earlier (preempted) runs whose files are still there
+* :func:`plan_items`      prompts x videos-per-prompt -> items with seed ``seed + index`` and file names
 * :class:`StepProbe`      per pipeline call: denoising time, most cache bytes, the schedule as it ran
-* :func:`summarize`       per-item records -> the totals ``taylorseer.runs.sampling_metrics`` takes
+
+Resume and metrics live in the core (``taylorseer.runfolder.Records``, ``taylorseer.runs.sampling_metrics``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from taylorseer import ForecastCache
 from taylorseer.cache import CallSummary
-from taylorseer.runs import read_json, synchronize
+from taylorseer.runs import synchronize
 
 
 @dataclass(frozen=True)
@@ -31,21 +27,14 @@ class Item:
     file: str
 
 
-def plan_items(prompts: Iterable[str], per_prompt: int, seed: int, filename: Callable[[str, int], str]) -> list[Item]:
+def plan_items(prompts: Iterable[str], per_prompt: int, seed: int, names: dict[tuple[str, int], str]) -> list[Item]:
     """Every (prompt, index) of the run; output ``index`` of every prompt uses ``seed + index``.
 
-    Repeated prompts are dropped (same prompt, same seeds: the same files), keeping the first.
+    Repeated prompts are dropped (same prompt, same seeds: the same files), keeping the first. ``names``
+    maps (prompt, index) to the output's file name (:func:`video_io.video_filenames`).
     """
     unique = list(dict.fromkeys(prompts))
-    return [Item(p, i, seed + i, filename(p, i)) for p in unique for i in range(per_prompt)]
-
-
-def kept_records(out_dir: Path, items: list[Item]) -> dict[str, dict]:
-    """Records (by file name) from an earlier ``metrics.json`` whose output files still exist."""
-    wanted = {item.file for item in items}
-    previous = read_json(Path(out_dir) / "metrics.json") or {}
-    return {r["file"]: r for r in previous.get("items", [])
-            if r.get("file") in wanted and (Path(out_dir) / r["file"]).is_file()}
+    return [Item(p, i, seed + i, names[(p, i)]) for p in unique for i in range(per_prompt)]
 
 
 @dataclass
@@ -91,14 +80,3 @@ class StepProbe:
 
     def remove(self) -> None:
         self._handle.remove()
-
-
-def summarize(records: list[dict]) -> dict:
-    """Totals over per-item records (``latency_s``, ``denoise_s``, ``cache_bytes``)."""
-    n = len(records)
-    return dict(
-        seconds=sum(r["latency_s"] for r in records),
-        denoise_seconds=sum(r.get("denoise_s", 0.0) for r in records),
-        cache_bytes=max((r.get("cache_bytes", 0) for r in records), default=0),
-        num_items=n,
-    )

@@ -8,8 +8,10 @@
 Run folder ``${out_root}/hunyuan_video/<cache tag>-<steps>steps-<H>x<W>x<F>``: ``{prompt}-{index}.mp4``
 (VBench's naming; video ``index`` of a prompt is sampled with seed ``seed + index``), ``config.yaml``
 (the exact config) and ``metrics.json`` (latency per video, denoising latency, FLOPs uncached/total and
-compression counted on the meta device, cache bytes, peak memory, one record per video). A rerun skips
-the videos already there, and refuses a folder written with other output-changing settings.
+compression counted on the meta device, cache bytes, peak memory, one record per video, rewritten after
+every video), ``run.json`` (every setting that changes a video, checked on resume) and ``prompts.json``
+(file -> exact prompt). A rerun makes only the missing videos and refuses a folder written with other
+output-changing settings.
 
 Everything that can be checked without the model (cache settings, unknown keys, prompts, sizes, the
 run folder's earlier settings) is checked before the model loads.
@@ -23,77 +25,63 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from taylorseer import CacheConfig, runs
-from taylorseer.diffusers_io import read_prompts
+from taylorseer import CacheConfig, runfolder, runs, settings
+from taylorseer.diffusers_io import read_prompts, weights_fingerprint
+from taylorseer.settings import Setting
 
 from .cache import cached_module_names
 from .estimate import VideoShape, count_run_flops
-from .pipeline import attach_cache, generate, load_hunyuan_video, place
-from .runner import StepProbe, kept_records, plan_items, summarize
-from .video_io import video_filename, write_mp4
+from .pipeline import attach_cache, generate, load_hunyuan_video, place, transformer_config
+from .runner import StepProbe, plan_items
+from .video_io import video_filenames, write_mp4
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_hunyuan_video"
-# Keys of the composed config (a `+key=value` on the command line would otherwise be ignored silently).
-KNOWN_KEYS = {"out_root", "device", "dtype", "seed", "progress", "model", "cache", "prompt", "prompt_file",
-              "videos_per_prompt", "num_steps", "height", "width", "num_frames", "guidance_scale", "true_cfg_scale",
-              "negative_prompt", "flow_shift", "max_sequence_length", "fps", "video_quality", "cpu_offload",
-              "vae_tiling", "warmup", "run_name", "record_single_attention"}
-MODEL_KEYS = {"name", "short_name", "path", "spatial_compression", "temporal_compression"}
-# Settings that change the videos: a run folder made with other values is not resumed into.
-VIDEO_KEYS = ("model.path", "dtype", "seed", "guidance_scale", "true_cfg_scale", "negative_prompt", "flow_shift",
-              "max_sequence_length", "fps", "video_quality", "vae_tiling", "cache")
-
-
-def _int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} is invalid: expected an integer >= {minimum}")
-    return value
-
-
-def _number(cfg: DictConfig, key: str, minimum: float, strict: bool = False) -> float:
-    value = cfg[key]
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if bad or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{key}={value!r} is invalid: expected a number {'>' if strict else '>='} {minimum}")
-    return float(value)
+SCHEMA = {
+    "model.family": Setting("str"),
+    "model.name": Setting("str"),
+    "model.short_name": Setting("str"),
+    "model.path": Setting("str"),
+    "model.spatial_compression": Setting("int", minimum=1),
+    "model.temporal_compression": Setting("int", minimum=1),
+    "prompt": Setting("any", nullable=True),
+    "prompt_file": Setting("str", nullable=True),
+    "videos_per_prompt": Setting("int", minimum=1),
+    "num_steps": Setting("int", minimum=1),
+    "height": Setting("int", minimum=1),
+    "width": Setting("int", minimum=1),
+    "num_frames": Setting("int", minimum=1),
+    "guidance_scale": Setting("float", minimum=0.0),
+    "true_cfg_scale": Setting("float", minimum=1.0),
+    "negative_prompt": Setting("str", nullable=True),
+    "flow_shift": Setting("float", minimum=1e-9, hint="> 0"),
+    "max_sequence_length": Setting("int", minimum=1),
+    "fps": Setting("float", minimum=1e-9, hint="> 0"),
+    "video_quality": Setting("float", minimum=0, maximum=10, nullable=True, hint="imageio's 0-10 scale"),
+    "cpu_offload": Setting("bool"),
+    "vae_tiling": Setting("bool"),
+    "record_single_attention": Setting("bool"),
+    "warmup": Setting("bool"),
+}
 
 
 def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     """Everything that can be checked before the model loads; returns the cache config and the prompts."""
-    unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; known options: {sorted(KNOWN_KEYS)} "
-                         f"(see configs/sample_hunyuan_video.yaml)")
-    unknown = sorted(set(cfg.model.keys()) - MODEL_KEYS)
-    if unknown:
-        raise ValueError(f"unknown model option(s) {unknown}; known: {sorted(MODEL_KEYS)}")
-    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
-    prompt = OmegaConf.to_object(cfg.prompt) if OmegaConf.is_config(cfg.prompt) else cfg.prompt
-    prompts = read_prompts(prompt, cfg.prompt_file)
-    for key in ("videos_per_prompt", "num_steps", "max_sequence_length"):
-        _int(cfg, key)
-    _int(cfg, "seed", minimum=0)
+    # The model's family first: a config of another app would not even resolve (its keys are missing).
+    settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "hunyuan_video", TAG, CONFIG_DIR)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    settings.check(plain, SCHEMA, TAG)
+    cache_config = CacheConfig.from_dict(plain["cache"])
+    prompts = read_prompts(plain["prompt"], cfg.prompt_file)
     spatial = 2 * cfg.model.spatial_compression  # the VAE, then the transformer's 2x2 patches
     for key in ("height", "width"):
-        value = _int(cfg, key)
-        if value % spatial:
-            raise ValueError(f"{key}={value} is invalid: HunyuanVideo needs a multiple of {spatial} "
+        if cfg[key] % spatial:
+            raise ValueError(f"{key}={cfg[key]} is invalid: HunyuanVideo needs a multiple of {spatial} "
                              f"({cfg.model.spatial_compression}x VAE, 2x2 patches), e.g. 480x640 or 720x1280")
-    frames, t = _int(cfg, "num_frames"), cfg.model.temporal_compression
+    frames, t = cfg.num_frames, cfg.model.temporal_compression
     if (frames - 1) % t:
         raise ValueError(f"num_frames={frames} is invalid: expected {t}k+1 (the VAE compresses time {t}x), "
                          f"e.g. {(frames - 1) // t * t + 1} or {((frames - 1) // t + 1) * t + 1}")
-    _number(cfg, "guidance_scale", 0.0)
-    _number(cfg, "true_cfg_scale", 1.0)
-    _number(cfg, "flow_shift", 0.0, strict=True)
-    _number(cfg, "fps", 0.0, strict=True)
-    if cfg.video_quality is not None and not 0 <= _number(cfg, "video_quality", 0.0) <= 10:
-        raise ValueError(f"video_quality={cfg.video_quality} is invalid: expected 0..10 (imageio's scale) or null")
-    for key in ("cpu_offload", "vae_tiling", "warmup", "progress", "record_single_attention"):
-        if not isinstance(cfg[key], bool):
-            raise ValueError(f"{key}={cfg[key]!r} is invalid: expected true or false")
     return cache_config, prompts
 
 
@@ -102,21 +90,35 @@ def run_dir(cfg: DictConfig, cache_config: CacheConfig) -> Path:
     return Path(cfg.out_root) / "hunyuan_video" / name
 
 
-def main(cfg: DictConfig) -> dict | None:
-    """The run; returns the metrics written (None when every video was already there)."""
+def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: str) -> dict:
+    resolved = {"resolved.prompts": runfolder.digest(prompts), "resolved.device": device.type,
+                "resolved.dtype": str(dtype).replace("torch.", ""), "resolved.weights": weights}
+    return runfolder.identity(OmegaConf.to_container(cfg, resolve=True), resolved)
+
+
+def main(cfg: DictConfig) -> dict:
+    """The run; returns the metrics written (every video of the folder, this run's and earlier ones)."""
     cache_config, prompts = validate(cfg)
     device = runs.resolve_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
     if cfg.cpu_offload and device.type != "cuda":
         raise ValueError(f"cpu_offload=true needs a CUDA device (device resolves to {device}); set cpu_offload=false")
     out_dir = run_dir(cfg, cache_config)
-    runs.check_resume(out_dir, cfg, VIDEO_KEYS)
-    items = plan_items(prompts, cfg.videos_per_prompt, cfg.seed, video_filename)
-    todo = [item for item in items if not (out_dir / item.file).is_file()]
-    records = kept_records(out_dir, items)
-    if not todo:
-        print(f"[{TAG}] all {len(items)} videos are already in {out_dir}; nothing to do")
-        return None
+    # Every file name is decided (and known to be writable and distinct) before anything is computed.
+    items = plan_items(prompts, cfg.videos_per_prompt, cfg.seed, video_filenames(prompts, cfg.videos_per_prompt))
+    weights = weights_fingerprint(cfg.model.path)
+    runfolder.check_identity(out_dir, run_identity(cfg, prompts, device, dtype, weights),
+                             skip=("resolved.weights",) if weights.startswith("hub:") else ())
+    records = runfolder.Records(out_dir, key="file")
+    planned = {item.file for item in items}
+    done = {f: r for f, r in records.done(lambda r: [r["file"]]).items() if f in planned}
+    todo = [item for item in items if item.file not in done]
+    if not todo:  # a finished folder: its metrics, without loading 13B parameters
+        with runfolder.RunFolder.open(out_dir, run_identity(cfg, prompts, device, dtype, weights)):
+            metrics = _write_metrics(cfg, cache_config, transformer_config(cfg.model.path), items, done, device,
+                                     dtype)
+        print(f"[{TAG}] all {len(items)} videos are already in {out_dir}; metrics.json rewritten")
+        return metrics
 
     pipe = load_hunyuan_video(cfg.model.path, dtype=dtype, flow_shift=cfg.flow_shift, vae_tiling=cfg.vae_tiling)
     if (pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal) != (
@@ -124,31 +126,33 @@ def main(cfg: DictConfig) -> dict | None:
         raise ValueError(f"the VAE at {cfg.model.path} compresses {pipe.vae_scale_factor_spatial}x (space) and "
                          f"{pipe.vae_scale_factor_temporal}x (time), but model.spatial_compression/"
                          f"temporal_compression say {cfg.model.spatial_compression}/{cfg.model.temporal_compression}")
-    cache = attach_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention)
-    place(pipe, device, cfg.cpu_offload)
-    pipe.set_progress_bar_config(disable=not cfg.progress, leave=False)
-    runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-    call = dict(num_steps=cfg.num_steps, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
-                guidance_scale=cfg.guidance_scale, true_cfg_scale=cfg.true_cfg_scale,
-                negative_prompt=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length, device=device)
-    probe = StepProbe(pipe.transformer, cache, cfg.num_steps, device)
-    if cfg.warmup:
-        # Untimed: the first call of a process pays for kernel selection and allocator growth.
-        generate(pipe, todo[0].prompt, todo[0].seed, **{**call, "num_steps": 1}, output_type="latent")
-    runs.reset_peak_memory(device)
-    bar = tqdm(todo, disable=not cfg.progress, desc=f"hunyuan_video {cache_config.tag}", unit="video")
-    for item in bar:
-        video = generate(pipe, item.prompt, item.seed, probe=probe, **call)
-        write_mp4(out_dir / item.file, video.frames, fps=cfg.fps, quality=cfg.video_quality)
-        records[item.file] = dict(prompt=item.prompt, index=item.index, seed=item.seed, file=item.file,
-                                  latency_s=video.seconds, denoise_s=video.denoise_seconds,
-                                  cache_bytes=video.stats.cache_bytes, full_steps=video.stats.full_steps())
-    probe.remove()
-
-    metrics = _metrics(cfg, cache_config, pipe, [records[i.file] for i in items if i.file in records], device, dtype)
-    runs.write_metrics(out_dir, metrics)
-    print(f"[{TAG}] {len(todo)} new, {len(records)} videos in {out_dir}")
+    ident = run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path))
+    with runfolder.RunFolder.open(out_dir, ident):
+        cache = attach_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention)
+        place(pipe, device, cfg.cpu_offload)
+        pipe.set_progress_bar_config(disable=not cfg.progress, leave=False)
+        runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        runs.write_json(out_dir / "prompts.json", {item.file: item.prompt for item in items})
+        call = dict(num_steps=cfg.num_steps, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
+                    guidance_scale=cfg.guidance_scale, true_cfg_scale=cfg.true_cfg_scale,
+                    negative_prompt=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length, device=device)
+        probe = StepProbe(pipe.transformer, cache, cfg.num_steps, device)
+        if cfg.warmup:
+            # Untimed: the first call of a process pays for kernel selection and allocator growth.
+            generate(pipe, todo[0].prompt, todo[0].seed, **{**call, "num_steps": 1}, output_type="latent")
+        runs.reset_peak_memory(device)
+        config = dict(pipe.transformer.config)
+        for item in tqdm(todo, disable=not cfg.progress, desc=f"hunyuan_video {cache_config.tag}", unit="video"):
+            video = generate(pipe, item.prompt, item.seed, probe=probe, **call)
+            write_mp4(out_dir / item.file, video.frames, fps=cfg.fps, quality=cfg.video_quality)
+            record = dict(prompt=item.prompt, index=item.index, seed=item.seed, file=item.file,
+                          latency_s=video.seconds, denoise_s=video.denoise_seconds,
+                          cache_bytes=video.stats.cache_bytes, full_steps=video.stats.full_steps())
+            records.append(record)
+            done[item.file] = record
+            metrics = _write_metrics(cfg, cache_config, config, items, done, device, dtype)
+        probe.remove()
+    print(f"[{TAG}] {len(todo)} new, {len(done)} videos in {out_dir}")
     print(f"[{TAG}] {cache_config.tag}: {metrics['full_steps']}/{cfg.num_steps} full steps, FLOPs compression "
           f"{metrics['compression']:.2f}x, {metrics['latency_s']:.2f} s/video ({metrics['latency_denoise_s']:.2f} s "
           f"denoising), cache {_size(metrics['cache_bytes'])}")
@@ -162,34 +166,48 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def _metrics(cfg: DictConfig, cache_config: CacheConfig, pipe, items: list[dict], device, dtype) -> dict:
+_FLOPS: dict = {}  # (settings, transformer config) -> FlopsReport: counted once per process
+
+
+def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, items, done: dict, device,
+                   dtype) -> dict:
+    """metrics.json over every video of the folder, rewritten after each one (true after a kill)."""
     calls_per_step = 2 if cfg.true_cfg_scale > 1 else 1
     shape = VideoShape(cfg.height, cfg.width, cfg.num_frames, cfg.max_sequence_length,
                        spatial_compression=cfg.model.spatial_compression,
                        temporal_compression=cfg.model.temporal_compression)
-    # Counted on a meta-device copy of this transformer's architecture: exact FLOPs, no memory, ~seconds.
-    flops = count_run_flops(cache_config, shape, cfg.num_steps, dict(pipe.transformer.config), calls_per_step,
-                            cfg.record_single_attention)
-    config = pipe.transformer.config
-    totals = summarize(items)
+    key = (repr(shape), cfg.num_steps, cache_config, calls_per_step, cfg.record_single_attention, repr(config))
+    if key not in _FLOPS:
+        # Counted on a meta-device copy of this transformer's architecture: exact FLOPs, no memory, ~seconds.
+        _FLOPS[key] = count_run_flops(cache_config, shape, cfg.num_steps, config, calls_per_step,
+                                      cfg.record_single_attention)
+    records = [done[i.file] for i in items if i.file in done]
     extra = dict(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         run_device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, fps=cfg.fps,
-        video_tokens=shape.video_tokens(config.patch_size, config.patch_size_t),
+        video_tokens=shape.video_tokens(config["patch_size"], config["patch_size_t"]),
         text_tokens=cfg.max_sequence_length,
         calls_per_step=calls_per_step,
-        latency_denoise_s=totals["denoise_seconds"] / max(totals["num_items"], 1),
-        cached_modules=(len(cached_module_names(pipe.transformer, cfg.record_single_attention))
+        latency_denoise_s=sum(r.get("denoise_s", 0.0) for r in records) / max(len(records), 1),
+        cached_modules=(len(cached_module_names_of(config, cfg.record_single_attention))
                         if cache_config.enabled else 0),
         record_single_attention=cfg.record_single_attention,
         cache_location="pinned CPU memory" if cache_config.offload else f"{device.type} memory (with the model)",
+        complete=len(records) == len(items),
         run_config=OmegaConf.to_container(cfg, resolve=True),
-        items=items,
     )
-    return runs.sampling_metrics(cache_config, flops, totals["num_items"], totals["seconds"], totals["cache_bytes"],
-                                 device, **extra)
+    metrics = runs.sampling_metrics(cache_config, _FLOPS[key], records, device, **extra)
+    runs.write_metrics(run_dir(cfg, cache_config), metrics)
+    return metrics
+
+
+def cached_module_names_of(config: dict, single_attention: bool) -> list[str]:
+    """The cached modules of a transformer of this config, named on a meta-device copy."""
+    from .estimate import meta_transformer
+
+    return cached_module_names(meta_transformer(config), single_attention)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="sample_hunyuan_video", version_base=None)

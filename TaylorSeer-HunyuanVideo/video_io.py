@@ -1,8 +1,16 @@
 """Writing and reading the mp4 files, named the way VBench expects.
 
-VBench looks videos up by prompt: ``{prompt}-{index}.mp4`` with the prompt text itself as the file
-name and index 0..4 for the five seeds. The prompt is therefore kept verbatim, changed only where a
-file system forces it (path separators, NUL, the 255-byte name limit).
+VBench finds a video by its prompt: ``{prompt}-{index}.mp4``, the prompt text itself as the file name and
+index 0..4 for the five seeds. Prompts are therefore written verbatim whenever the file system allows it;
+all 946 prompts of VBench's own list are (tested against the list's shape of text). A prompt that cannot be
+a file name as it is (a path separator, a control character such as a newline, leading or trailing
+spaces, a leading dot, or a name over the 255-byte limit) is cleaned and gets ``~`` and 8 hex digits of
+its text's SHA-256 before ``-{index}``: two different prompts never share a file, and a prompt that
+differs only in what was cleaned (``a/b cat`` vs ``a_b cat``, ``cat `` vs ``cat``) keeps its own video.
+Two prompts that differ only in letter case also get the suffix, so the folder survives a copy to a
+case-insensitive file system. Every name is decided before the first video is sampled; ``prompts.json``
+in the run folder maps each file back to its exact prompt (VBench's ``custom_input`` mode, which reads
+prompts from file names, should be given that map's prompts).
 
 Encoding goes through imageio's FFMPEG plugin with the ffmpeg binary that ``imageio-ffmpeg`` ships
 (H.264, yuv420p), so no system ffmpeg is needed.
@@ -10,6 +18,9 @@ Encoding goes through imageio's FFMPEG plugin with the ffmpeg binary that ``imag
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +28,51 @@ import numpy as np
 from taylorseer.runs import atomic_write
 
 MAX_NAME_BYTES = 255  # ext4/xfs/NTFS limit for one file name
+_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def _verbatim_ok(prompt: str, tail: str) -> bool:
+    return (bool(prompt) and not _UNSAFE.search(prompt) and prompt == prompt.strip() and not prompt.startswith(".")
+            and len((prompt + tail).encode("utf-8")) <= MAX_NAME_BYTES)
+
+
+def _hashed(prompt: str, tail: str) -> str:
+    """The cleaned prompt, cut to fit, then ``~<sha256[:8]>`` (of the exact prompt) and ``tail``."""
+    tag = "~" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
+    name = re.sub(r"\s+", " ", _UNSAFE.sub("_", prompt)).strip().lstrip(".")
+    budget = MAX_NAME_BYTES - len((tag + tail).encode("utf-8"))
+    name = name.encode("utf-8")[:budget].decode("utf-8", errors="ignore").rstrip()  # cut on a character boundary
+    return f"{name}{tag}{tail}"
 
 
 def video_filename(prompt: str, index: int, suffix: str = ".mp4") -> str:
-    """``{prompt}-{index}.mp4`` (VBench), with ``/`` and NUL replaced and the name cut to 255 bytes."""
-    name = prompt.replace("/", "_").replace("\\", "_").replace("\0", "_").strip()
+    """``{prompt}-{index}.mp4`` when the prompt is a valid file name as it is, else the hashed form."""
     tail = f"-{index}{suffix}"
-    budget = MAX_NAME_BYTES - len(tail.encode())
-    encoded = name.encode("utf-8")
-    if len(encoded) > budget:
-        # Cut at a character boundary so the name stays valid UTF-8.
-        name = encoded[:budget].decode("utf-8", errors="ignore").rstrip()
-    return f"{name or 'empty'}{tail}"
+    return prompt + tail if _verbatim_ok(prompt, tail) else _hashed(prompt, tail)
+
+
+def video_filenames(prompts: Iterable[str], per_prompt: int, suffix: str = ".mp4") -> dict[tuple[str, int], str]:
+    """File names of every (prompt, index) of a run, all distinct (also ignoring letter case).
+
+    Raises ValueError, before anything is sampled, in the (astronomically unlikely) case that two prompts
+    still share a name.
+    """
+    prompts = list(dict.fromkeys(prompts))
+    first = {}
+    for prompt in prompts:
+        first.setdefault(video_filename(prompt, 0, suffix).casefold(), []).append(prompt)
+    names, seen = {}, {}
+    for prompt in prompts:
+        clash = len(first[video_filename(prompt, 0, suffix).casefold()]) > 1
+        for i in range(per_prompt):
+            tail = f"-{i}{suffix}"
+            name = _hashed(prompt, tail) if clash else video_filename(prompt, i, suffix)
+            if name.casefold() in seen:
+                raise ValueError(f"prompts {seen[name.casefold()]!r} and {prompt!r} would share the file {name!r}; "
+                                 f"make them differ in more than letter case or white space")
+            seen[name.casefold()] = prompt
+            names[(prompt, i)] = name
+    return names
 
 
 def to_uint8(frames) -> np.ndarray:

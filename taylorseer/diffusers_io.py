@@ -6,6 +6,7 @@ Shared by TaylorSeer-FLUX and TaylorSeer-HunyuanVideo: the real weights come thr
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,10 +15,12 @@ class WeightsNotFoundError(RuntimeError):
     """The model weights could not be loaded; the message says where we looked and what to do."""
 
 
-def load_pipeline(pipeline_cls, source: str, **kwargs):
+def load_pipeline(pipeline_cls, source: str, accept: tuple[str, ...] = (), **kwargs):
     """``pipeline_cls.from_pretrained(source, **kwargs)`` with one clear error when it cannot load.
 
-    ``source`` is a hub id (``black-forest-labs/FLUX.1-dev``) or a local folder in the same layout.
+    ``source`` is a hub id (``black-forest-labs/FLUX.1-dev``) or a local folder in the same layout. A local
+    folder of another pipeline (its ``model_index.json`` names the class) is refused before anything loads;
+    ``accept`` lists further class names that load as ``pipeline_cls`` (e.g. schnell's FluxPipeline folders).
     """
     looks_local = source.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(source))
     if looks_local:
@@ -27,6 +30,13 @@ def load_pipeline(pipeline_cls, source: str, **kwargs):
                 f"no diffusers pipeline at {path} (expected {path / 'model_index.json'}). Download one with "
                 f"`huggingface-cli download <repo> --local-dir {path}` or pass the hub id instead."
             )
+        try:
+            found = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise WeightsNotFoundError(f"{path / 'model_index.json'} is not a diffusers model index: {err}") from err
+        if found not in (pipeline_cls.__name__, *accept):
+            raise WeightsNotFoundError(f"{path} holds a {found} but this app loads a {pipeline_cls.__name__}: point "
+                                       f"model.path at a {pipeline_cls.__name__} folder (or use the app for {found})")
         source = str(path)
     try:
         return pipeline_cls.from_pretrained(source, **kwargs)
@@ -42,6 +52,22 @@ def load_pipeline(pipeline_cls, source: str, **kwargs):
             f"machine, run `huggingface-cli download {source} --local-dir DIR` where there is network and "
             f"pass model.path=DIR."
         ) from err
+
+
+def weights_fingerprint(source: str) -> str:
+    """What identifies the weights behind ``source`` in a run folder's identity: a fingerprint of the local
+    folder, or of the hub snapshot it was loaded from (cached locally after loading), else the hub id."""
+    from .runfolder import folder_fingerprint
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return folder_fingerprint(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return folder_fingerprint(snapshot_download(source, local_files_only=True))
+    except Exception:  # noqa: BLE001 - no snapshot on disk (e.g. loaded some other way): the id is what we know
+        return f"hub:{source}"
 
 
 def read_prompts(prompt: str | list[str] | None = None, prompt_file: str | None = None) -> list[str]:

@@ -117,8 +117,12 @@ def _describe(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_identity(out_dir: str | Path, ident: dict) -> None:
-    """Refuse a folder whose outputs were made with other settings (one line naming them and the fix)."""
+def check_identity(out_dir: str | Path, ident: dict, skip: Iterable[str] = ()) -> None:
+    """Refuse a folder whose outputs were made with other settings (one line naming them and the fix).
+
+    ``skip`` leaves keys out of the comparison (an early check before the weights are loaded and
+    fingerprinted; :meth:`RunFolder.open` checks everything).
+    """
     out_dir = Path(out_dir)
     if not has_outputs(out_dir):
         return  # nothing there yet (or only bookkeeping of a run that failed before its first output)
@@ -132,7 +136,7 @@ def check_identity(out_dir: str | Path, ident: dict) -> None:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise RunFolderError(f"{path} is unreadable, so the outputs in {out_dir} cannot be matched to these "
                              f"settings: {fix}") from None
-    keys = sorted(set(old) | set(ident))
+    keys = sorted((set(old) | set(ident)) - set(skip))
     changed = [k for k in keys if old.get(k, "<unset>") != ident.get(k, "<unset>")]
     if changed:
         details = "; ".join(f"{k}: {_describe(old.get(k, '<unset>'))} -> {_describe(ident.get(k, '<unset>'))}"

@@ -15,12 +15,11 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 
 def slug(text: str, max_len: int = 60) -> str:
@@ -33,7 +32,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    # A short temporary name: one derived from ``path`` would pass the 255-byte limit before ``path`` does.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -157,22 +157,32 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return choices[name]
 
 
-def sampling_metrics(config, flops, num_items: int, seconds: float, cache_bytes: int, device=None,
-                     **extra) -> dict:
-    """The ``metrics.json`` every sampling run writes (same keys for every model).
+def sampling_metrics(config, flops, items: list[dict], device=None, keep_items: bool = True, **extra) -> dict:
+    """The ``metrics.json`` every sampling run writes (same keys for every model), from its per-output records.
 
-    ``flops`` is a :class:`taylorseer.FlopsReport` for one item's sampling run (or None when not
-    counted); ``seconds`` is the wall time of sampling all ``num_items`` items.
+    ``flops`` is a :class:`taylorseer.FlopsReport` for one item's sampling run (or None when not counted);
+    each record in ``items`` has the item's share of the wall time (``latency_s``) and the bytes the cache
+    held (``cache_bytes``); records compared with the uncached run of the same seed also carry
+    ``uncached_latency_s``, ``psnr`` and ``ssim``. ``keep_items=False`` leaves the records out of the
+    file (50,000 DiT samples), which keeps only the totals.
     """
+    seconds = sum(r.get("latency_s", 0.0) for r in items)
     out = {
         "cache": config.to_dict(),
         "cache_tag": config.tag,
-        "num_items": num_items,
-        "latency_s": seconds / max(num_items, 1),
+        "num_items": len(items),
+        "latency_s": seconds / max(len(items), 1),
         "latency_total_s": seconds,
-        "cache_bytes": int(cache_bytes),
+        "cache_bytes": int(max((r.get("cache_bytes", 0) for r in items), default=0)),
         **peak_memory(device),
     }
+    compared = [r for r in items if "psnr" in r]
+    if compared:
+        cached_s = sum(r["latency_s"] for r in compared)
+        uncached_s = sum(r["uncached_latency_s"] for r in compared)
+        out.update(uncached_latency_s=uncached_s / len(compared), wall_speedup=uncached_s / cached_s,
+                   psnr_vs_uncached=sum(r["psnr"] for r in compared) / len(compared),
+                   ssim_vs_uncached=sum(r["ssim"] for r in compared) / len(compared), num_compared=len(compared))
     if flops is not None:
         out.update(
             num_steps=flops.num_steps,
@@ -185,33 +195,10 @@ def sampling_metrics(config, flops, num_items: int, seconds: float, cache_bytes:
             flops_forecast_step=flops.forecast_step_flops,
             flops_convention="torch FlopCounterMode: 2 FLOPs per multiply-add, per item",
         )
+    if keep_items:
+        out["items"] = items
     out.update(extra)
     return out
-
-
-def _settings(container: dict, keys: Iterable[str]) -> dict:
-    out = {}
-    for key in keys:
-        node = container
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        out[key] = node
-    return out
-
-
-def check_resume(out_dir: Path, cfg: DictConfig, keys: Iterable[str]) -> None:
-    """Raise when ``out_dir/config.yaml`` differs from ``cfg`` in a setting that changes the outputs."""
-    path = Path(out_dir) / "config.yaml"
-    if not path.is_file():
-        return
-    keys = tuple(keys)
-    old = _settings(OmegaConf.to_container(OmegaConf.load(path), resolve=True), keys)
-    new = _settings(OmegaConf.to_container(cfg, resolve=True), keys)
-    changed = {k: (old[k], new[k]) for k in keys if old[k] != new[k]}
-    if changed:
-        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"{out_dir} holds outputs made with other settings ({details}); "
-                         f"pass run_name=<new name> or out_root=<other folder>")
 
 
 def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callable:
@@ -221,9 +208,12 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
     Their messages already say the fix; anything else is a bug and keeps its traceback. Under torchrun
     or Slurm every rank meets the same settings error: only rank 0 prints it.
     """
+    from omegaconf.errors import OmegaConfBaseException
+
     from .diffusers_io import WeightsNotFoundError
 
-    caught = (WeightsNotFoundError, ValueError, FileNotFoundError, *also)
+    # OmegaConf's errors here are settings errors too (an interpolation to a key that is not there).
+    caught = (WeightsNotFoundError, ValueError, FileNotFoundError, OmegaConfBaseException, *also)
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -232,7 +222,7 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
                 return fn(*args, **kwargs)
             except caught as err:
                 if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-                    print(f"[{tag}] error: {err}", file=sys.stderr)
+                    print(f"[{tag}] error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
                 sys.exit(2)
 
         return wrapper

@@ -355,3 +355,64 @@ def test_sample_script_reports_one_line_error(tmp_path):
     assert result.returncode == 2
     assert "[sample_flux] error: cache.interval=0 is invalid" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_run_folder_never_reports_other_settings(tiny_dir, tmp_path):
+    from taylorseer_flux.sample import main
+
+    out_root = tmp_path / "runs"
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("a photo of the cat\n")
+    second.write_text("a dog on a skateboard\n")
+    base = ["warmup=false", "num_steps=8"]
+    main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={first}", *base)))
+    # Another prompt file into the same (default-named) folder: refused, the old image is not kept as the new one.
+    with pytest.raises(ValueError, match=r"other settings \(resolved.prompts: .*run_name=<new name>"):
+        main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={second}", *base)))
+    # The same prompts under another file name are the same run: nothing to redo.
+    copy = tmp_path / "copy.txt"
+    copy.write_text(first.read_text())
+    assert main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={copy}", *base)))["num_items"] == 1
+    # With run_name, a new size or step count is refused too.
+    named = [f"prompt_file={first}", "run_name=mine", "warmup=false"]
+    main(_compose(_app_overrides(tiny_dir, out_root, *named, "num_steps=8")))
+    for changed, key in (("num_steps=9", "num_steps"), ("height=48", "height"), ("dtype=bfloat16", "resolved.dtype"),
+                         ("cache.max_order=2", "cache.max_order"), ("seed=3", "seed")):
+        with pytest.raises(ValueError, match=rf"other settings \({key}:"):
+            main(_compose(_app_overrides(tiny_dir, out_root, *named, "num_steps=8", changed)))
+    # Settings that cannot change an image are free: batch size, progress, warm-up.
+    main(_compose(_app_overrides(tiny_dir, out_root, *named, "num_steps=8", "batch_size=4", "progress=true")))
+
+
+def test_a_folder_of_another_pipeline_fails_in_one_line_and_blocks_nothing(tiny_dir, tmp_path):
+    from tiny_hunyuan import save_tiny_pipeline
+
+    from taylorseer_flux.sample import main
+
+    video_dir = save_tiny_pipeline(tmp_path / "hv")
+    out_root = tmp_path / "runs"
+    with pytest.raises(WeightsNotFoundError, match="holds a HunyuanVideoPipeline but this app loads a FluxPipeline"):
+        main(_compose(_app_overrides(video_dir, out_root, "warmup=false", "num_steps=4")))
+    # The corrected rerun into the same folder is not blocked by anything the failed one left.
+    assert main(_compose(_app_overrides(tiny_dir, out_root, "warmup=false", "num_steps=4")))["num_items"] == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("num_steps=abc", "num_steps='abc' is invalid: expected an integer >= 1"),
+    ("compare_uncached=no", "compare_uncached='no' is invalid: expected true or false"),
+    ("+num_stpes=10", "unknown setting(s) ['num_stpes']"),
+    ("batch_size=1.5", "batch_size=1.5 is invalid: expected an integer >= 1"),
+])
+def test_settings_of_the_wrong_type_fail_in_one_line(tmp_path, override, message):
+    from taylorseer_flux.sample import main
+
+    with pytest.raises(ValueError) as info:
+        main(_compose(_app_overrides(tmp_path / "missing", tmp_path, override)))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_dit_model_config_in_the_flux_app_names_the_flux_ones(tmp_path):
+    from taylorseer_flux.sample import main
+
+    with pytest.raises(ValueError, match="is a dit model config.*model=flux_dev|flux_kontext|flux_schnell"):
+        main(_compose(["model=digits", f"out_root={tmp_path}"]))

@@ -20,7 +20,7 @@ from taylorseer_hunyuan_video import sample
 from taylorseer_hunyuan_video.cache import attach, cached_module_names
 from taylorseer_hunyuan_video.estimate import VideoShape, dummy_inputs, estimate_cache, meta_transformer
 from taylorseer_hunyuan_video.pipeline import generate, load_hunyuan_video
-from taylorseer_hunyuan_video.video_io import read_video, video_filename, write_mp4
+from taylorseer_hunyuan_video.video_io import read_video, video_filename, video_filenames, write_mp4
 
 H, W, F, TEXT = 32, 32, 5, 16
 VIDEO_TOKENS = ((F - 1) // 4 + 1) * (H // 8 // 2) * (W // 8 // 2)  # 2 * 2 * 2 = 8
@@ -259,11 +259,21 @@ def test_mp4_has_the_requested_frames_and_size(pipe, tmp_path):
 
 
 def test_vbench_file_names():
+    # VBench looks videos up as "{prompt}-{index}.mp4": prompts that are valid file names stay verbatim.
     assert video_filename("A cat walks on the grass, realistic style.", 4) == (
         "A cat walks on the grass, realistic style.-4.mp4")
-    assert video_filename("left/right", 0) == "left_right-0.mp4"
-    long = video_filename("é" * 300, 12)
-    assert len(long.encode()) <= 255 and long.endswith("-12.mp4")
+    assert video_filename("ok.", 0) == "ok.-0.mp4" and video_filename("ümlaut, 3 cats", 1) == "ümlaut, 3 cats-1.mp4"
+    # Others are cleaned and tagged with their text's hash: never two prompts in one file.
+    assert video_filename("left/right", 0) == "left_right~9fe534ec-0.mp4"
+    for odd in ("a\nb", "cat ", " cat", ".hidden", "tab\there", "a\\b", "é" * 300):
+        name = video_filename(odd, 12)
+        assert "/" not in name and "\n" not in name and "\t" not in name and not name.startswith(".")
+        assert len(name.encode()) <= 255 and name.endswith("-12.mp4") and "~" in name
+    names = video_filenames(["a/b cat", "a_b cat", "cat", "cat ", "A dog", "a dog", "x" * 300, "x" * 301], 5)
+    assert len(set(names.values())) == 8 * 5  # every (prompt, index) has its own file
+    assert len({n.casefold() for n in names.values()}) == 8 * 5  # also on a case-insensitive file system
+    assert names[("a_b cat", 0)] == "a_b cat-0.mp4" and names[("cat", 2)] == "cat-2.mp4"
+    assert all(len(n.encode()) <= 255 for n in names.values())
 
 
 # ------------------------------------------------------------------------------------------- the app
@@ -292,17 +302,70 @@ def test_hydra_app_writes_videos_and_metrics_and_resumes(monkeypatch, tiny_dir, 
     assert (run / "config.yaml").is_file()
     capsys.readouterr()
     _cli(monkeypatch, *args)  # everything is there: nothing is sampled again
-    assert "nothing to do" in capsys.readouterr().out
+    assert "all 4 videos are already in" in capsys.readouterr().out
     (run / "a cat walks-1.mp4").unlink()  # a preempted run: only the missing video is made again
     _cli(monkeypatch, *args)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_items"] == 4 and (run / "a cat walks-1.mp4").is_file()
 
 
+def test_metrics_stay_true_after_a_kill_and_cover_every_video(monkeypatch, tiny_dir, tmp_path, capsys):
+    args = [f"model.path={tiny_dir}", f"out_root={tmp_path}", f"height={H}", f"width={W}", f"num_frames={F}",
+            f"max_sequence_length={TEXT}", "num_steps=4", "videos_per_prompt=2", "progress=false", "warmup=false",
+            "prompt=[a cat walks,a dog runs]", "run_name=killed"]
+    run = tmp_path / "hunyuan_video" / "killed"
+    written = []
+
+    def dies_on_the_third(path, *a, **k):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # the job is killed while the third video is being written
+        written.append(path)
+        return write_mp4(path, *a, **k)
+
+    monkeypatch.setattr(sample, "write_mp4", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        _cli(monkeypatch, *args)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_items"] == 2 and not metrics["complete"]  # what is in the folder, no more, no less
+    assert sorted(r["file"] for r in metrics["items"]) == ["a cat walks-0.mp4", "a cat walks-1.mp4"]
+    monkeypatch.setattr(sample, "write_mp4", write_mp4)
+    _cli(monkeypatch, *args)  # the resumed run reports every video of the folder, not only its own two
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_items"] == 4 and metrics["complete"]
+    (run / "metrics.json").unlink()
+    _cli(monkeypatch, *args)  # every video there: the metrics are still written
+    assert json.loads((run / "metrics.json").read_text())["num_items"] == 4
+    # The same run_name with another size or step count is refused, not answered with the old videos.
+    capsys.readouterr()
+    for changed, key in (("num_steps=5", "num_steps"), (f"height={2 * H}", "height")):
+        with pytest.raises(SystemExit):
+            _cli(monkeypatch, *args, changed)
+        err = capsys.readouterr().err.strip()
+        assert f"holds outputs made with other settings ({key}:" in err and len(err.splitlines()) == 1
+
+
+def test_odd_prompts_get_their_own_writable_files(monkeypatch, tiny_dir, tmp_path):
+    prompts = ["a/b cat", "a_b cat", "cat ", "cat", "long " + "é" * 200, "two\nlines"]
+    (tmp_path / "p.txt").write_text("\n".join(p.replace("\n", " ") for p in prompts) + "\n")  # file: one per line
+    args = [f"model.path={tiny_dir}", f"out_root={tmp_path}", f"height={H}", f"width={W}", f"num_frames={F}",
+            f"max_sequence_length={TEXT}", "num_steps=2", "videos_per_prompt=1", "progress=false", "warmup=false",
+            "run_name=odd"]
+    monkeypatch.setattr(sample, "read_prompts", lambda *a: prompts)  # as a list from Python: newline kept
+    _cli(monkeypatch, *args)
+    run = tmp_path / "hunyuan_video" / "odd"
+    files = sorted(p.name for p in run.glob("*.mp4"))
+    assert len(files) == 6 and "a_b cat-0.mp4" in files and "cat-0.mp4" in files
+    mapping = json.loads((run / "prompts.json").read_text())
+    assert sorted(mapping.values()) == sorted(prompts) and sorted(mapping) == files
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["cache.interval=0"], "cache.interval=0 is invalid"),
     (["+cache.nope=1"], "unknown cache option(s) ['nope']"),
-    (["+nope=1"], "unknown option(s) ['nope']"),
+    (["+nope=1"], "unknown setting(s) ['nope']"),
+    (["num_steps=abc"], "num_steps='abc' is invalid: expected an integer >= 1"),
+    (["vae_tiling=no"], "vae_tiling='no' is invalid: expected true or false"),
     (["num_frames=64"], "num_frames=64 is invalid: expected 4k+1"),
     (["height=100"], "height=100 is invalid"),
     (["prompt=null"], "no prompt given"),
@@ -315,6 +378,15 @@ def test_bad_settings_fail_before_loading_with_one_clear_line(monkeypatch, tmp_p
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_model_config_of_another_app_names_the_ones_that_fit(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(monkeypatch, "model=digits", f"out_root={tmp_path}")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "is a dit model config (model.family='dit'); sample_hunyuan_video takes family 'hunyuan_video': " \
+           "model=hunyuan_video" in err
 
 
 def test_missing_weights_say_where_and_how(monkeypatch, tmp_path, capsys):
