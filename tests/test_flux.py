@@ -416,3 +416,15 @@ def test_a_dit_model_config_in_the_flux_app_names_the_flux_ones(tmp_path):
 
     with pytest.raises(ValueError, match="is a dit model config.*model=flux_dev|flux_kontext|flux_schnell"):
         main(_compose(["model=digits", f"out_root={tmp_path}"]))
+
+
+def test_cache_offload_runs_through_the_app(tiny_dir, tmp_path):
+    # It used to crash after sampling: the FLOPs count on the meta device reached the offload copy.
+    from taylorseer_flux.sample import main
+
+    base = _app_overrides(tiny_dir, tmp_path, "warmup=false", "num_steps=12")
+    kept = main(_compose(base + ["run_name=kept"]))
+    offloaded = main(_compose(base + ["run_name=offloaded", "cache.offload=true"]))
+    assert offloaded["compression"] == kept["compression"] > 1 and offloaded["cache_bytes"] == kept["cache_bytes"]
+    image = "00000-A_cat_holding_a_sign_that_says_hello_world.png"
+    assert (tmp_path / "flux" / "offloaded" / image).read_bytes() == (tmp_path / "flux" / "kept" / image).read_bytes()

@@ -344,6 +344,17 @@ def test_metrics_stay_true_after_a_kill_and_cover_every_video(monkeypatch, tiny_
         assert f"holds outputs made with other settings ({key}:" in err and len(err.splitlines()) == 1
 
 
+def test_cache_offload_runs_through_the_app(monkeypatch, tiny_dir, tmp_path):
+    # It used to crash after sampling (the meta-device FLOPs count reached the offload copy), before metrics.
+    args = [f"model.path={tiny_dir}", f"out_root={tmp_path}", f"height={H}", f"width={W}", f"num_frames={F}",
+            f"max_sequence_length={TEXT}", "num_steps=6", "videos_per_prompt=1", "progress=false", "warmup=false",
+            "cache.offload=true", "run_name=offload"]
+    _cli(monkeypatch, *args)
+    metrics = json.loads((tmp_path / "hunyuan_video" / "offload" / "metrics.json").read_text())
+    assert metrics["num_items"] == 1 and metrics["compression"] > 1 and metrics["cache_bytes"] > 0
+    assert metrics["cache_location"] == "pinned CPU memory"
+
+
 def test_odd_prompts_get_their_own_writable_files(monkeypatch, tiny_dir, tmp_path):
     prompts = ["a/b cat", "a_b cat", "cat ", "cat", "long " + "é" * 200, "two\nlines"]
     (tmp_path / "p.txt").write_text("\n".join(p.replace("\n", " ") for p in prompts) + "\n")  # file: one per line
