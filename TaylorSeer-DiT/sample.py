@@ -45,6 +45,7 @@ MODEL_SCHEMA = {
     "model.ckpt_dir": Setting("str", nullable=True),
     "model.vae": Setting("str", nullable=True),
     "model.latent": Setting("bool"),
+    "model.class_labels": Setting("list"),
 }
 SAMPLING_SCHEMA = {
     **MODEL_SCHEMA,

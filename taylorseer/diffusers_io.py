@@ -90,6 +90,8 @@ def read_prompts(prompt: str | list[str] | None = None, prompt_file: str | None 
     if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
         raise ValueError("no prompt given: pass prompt='a photo of a cat' or prompt_file=prompts.txt")
     prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+    if not prompts:
+        raise ValueError("prompt=[] holds no prompt: pass prompt='a photo of a cat' or prompt_file=prompts.txt")
     if not all(p.strip() for p in prompts):
         raise ValueError(f"empty prompt in {prompts!r}")
     return prompts

@@ -161,7 +161,11 @@ class RunFolder:
         output: a run that failed earlier leaves nothing that would block its corrected rerun.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunFolderError(f"cannot create the run folder {path}: {err.strerror} (set out_root=<a folder you "
+                                 f"can write>)") from err
         handle = _take_lock(path) if lock else None
         try:
             check_identity(path, ident)

@@ -213,7 +213,8 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
     from .diffusers_io import WeightsNotFoundError
 
     # OmegaConf's errors here are settings errors too (an interpolation to a key that is not there).
-    caught = (WeightsNotFoundError, ValueError, FileNotFoundError, OmegaConfBaseException, *also)
+    # PermissionError: an out_root or a model folder this user cannot write or read.
+    caught = (WeightsNotFoundError, ValueError, FileNotFoundError, PermissionError, OmegaConfBaseException, *also)
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
