@@ -89,16 +89,23 @@ def validate(cfg: DictConfig, schema: dict = SCHEMA, app: str = TAG, check_label
     return cache_config
 
 
+def weights_identity(cfg: DictConfig) -> dict:
+    """Fingerprints of the checkpoint (and of a local VAE folder), without loading them; a missing
+    checkpoint fails here with where it was looked for."""
+    path = find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
+    weights = {"resolved.checkpoint": runfolder.file_fingerprint(path)}
+    if cfg.model.latent and Path(str(cfg.model.vae)).expanduser().is_dir():
+        weights["resolved.vae"] = runfolder.folder_fingerprint(Path(str(cfg.model.vae)).expanduser())
+    return weights
+
+
 def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
-    """(model, vae, identity of the weights): everything that can fail on missing weights fails here."""
+    """(model, vae): everything that can fail on missing or broken weights fails here."""
     path = find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
     model = load_dit(path, cfg.model.name, cfg.model.image_size, cfg.model.num_classes, cfg.model.in_channels,
                      cfg.model.latent).to(device=device, dtype=dtype)
     vae = load_vae(cfg.model.vae, dtype).to(device) if cfg.model.latent else None
-    weights = {"resolved.checkpoint": runfolder.file_fingerprint(path)}
-    if vae is not None and Path(str(cfg.model.vae)).expanduser().is_dir():
-        weights["resolved.vae"] = runfolder.folder_fingerprint(Path(str(cfg.model.vae)).expanduser())
-    return model, vae, weights
+    return model, vae
 
 
 def run_identity(cfg: DictConfig, device: torch.device, dtype: torch.dtype, weights: dict,
@@ -107,12 +114,20 @@ def run_identity(cfg: DictConfig, device: torch.device, dtype: torch.dtype, weig
     return runfolder.identity(OmegaConf.to_container(cfg, resolve=True), resolved, ignore)
 
 
+def run_dir(cfg: DictConfig) -> Path:
+    """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
+    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
+    return Path(cfg.out_root) / "dit" / (cfg.run_name or run_name(cfg, cache_config))
+
+
 def main(cfg: DictConfig) -> dict:
     cache_config = validate(cfg)
     device = runs.resolve_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
-    out_dir = Path(cfg.out_root) / "dit" / (cfg.run_name or run_name(cfg, cache_config))
-    model, vae, weights = load_model(cfg, device, dtype)
+    out_dir = run_dir(cfg)
+    weights = weights_identity(cfg)
+    runfolder.check_identity(out_dir, run_identity(cfg, device, dtype, weights))  # before the (long) load
+    model, vae = load_model(cfg, device, dtype)
     diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler, spacing=cfg.spacing)
     labels = [int(y) for y in cfg.class_labels]
     compare = bool(cfg.compare_uncached and cache_config.enabled)

@@ -31,7 +31,7 @@ from taylorseer import CacheConfig, runfolder, runs
 from taylorseer.settings import Setting
 
 from .diffusion import GaussianDiffusion
-from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, run_identity, run_name, validate
+from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, run_identity, run_name, validate, weights_identity
 from .sampling import attach_cache, count_flops, sample, sample_seed, to_images
 
 TAG = "sample_dit_ddp"
@@ -91,11 +91,18 @@ def main(cfg: DictConfig) -> Path:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = runs.resolve_dtype(cfg.dtype, device)
-    out_dir = Path(cfg.out_root) / "dit_fid" / (cfg.run_name or run_name(cfg, cache_config))
+    out_dir = run_dir(cfg)
     sample_dir = out_dir / "samples"
-    model, vae, weights = load_model(cfg, device, dtype)
+    npz = out_dir / f"samples_{cfg.num_samples}.npz"
+    ident = run_identity(cfg, device, dtype, weights_identity(cfg), NOT_USED_HERE)
+    if _finished(out_dir, ident, cfg.num_samples, npz):  # a rerun of a finished sweep point: no model loaded
+        if rank == 0:
+            print(f"[{TAG}] {out_dir} is complete ({cfg.num_samples} samples, {npz.name}); nothing to do")
+        _teardown(world)
+        return npz
+    model, vae = load_model(cfg, device, dtype)
     diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler, spacing=cfg.spacing)
-    folder = _claim(out_dir, run_identity(cfg, device, dtype, weights, NOT_USED_HERE), rank, world)
+    folder = _claim(out_dir, ident, rank, world)
     try:
         if rank == 0:
             runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -127,20 +134,42 @@ def main(cfg: DictConfig) -> Path:
                 _write_metrics(out_dir, cfg, cache_config, flops, device, world)
         if world > 1:
             dist.barrier()
-        npz = out_dir / f"samples_{cfg.num_samples}.npz"
         if rank == 0:
             metrics = _write_metrics(out_dir, cfg, cache_config, flops, device, world, npz)
             if metrics["num_items"] < cfg.num_samples:
                 raise RuntimeError(f"only {metrics['num_items']} of {cfg.num_samples} samples are in {sample_dir}")
             pack_npz(sample_dir, cfg.num_samples, npz)
             print(f"[{TAG}] wrote {npz} ({len(todo)} new samples this run)")
-        if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
+        _teardown(world)
     finally:
         if folder is not None:
             folder.close()
     return npz
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
+    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
+    return Path(cfg.out_root) / "dit_fid" / (cfg.run_name or run_name(cfg, cache_config))
+
+
+def _finished(out_dir: Path, ident: dict, num_samples: int, npz: Path) -> bool:
+    """The folder holds this run, complete: same identity, every sample's PNG and record, the npz, metrics."""
+    try:
+        runfolder.check_identity(out_dir, ident)
+    except runfolder.RunFolderError:
+        return False  # not ours: the claim below says why, in one line
+    metrics = runs.read_json(out_dir / "metrics.json") or {}
+    if not (npz.is_file() and metrics.get("complete") and metrics.get("num_items") == num_samples):
+        return False
+    done = runfolder.Records(out_dir).done(lambda r: [r["file"]])
+    return all(i in done for i in range(num_samples))
+
+
+def _teardown(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _write_metrics(out_dir: Path, cfg: DictConfig, cache_config: CacheConfig, flops, device, world: int,

@@ -60,6 +60,24 @@ def load_flux(source: str, *, pipeline: str = "FluxPipeline", dtype: torch.dtype
     return pipe
 
 
+def flux_configs(source: str) -> tuple[dict, int]:
+    """(the transformer's config, the VAE's downscaling factor) without loading any weights."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from taylorseer.diffusers_io import WeightsNotFoundError
+
+    where = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else source
+    try:
+        transformer = FluxTransformer2DModel.load_config(where, subfolder="transformer")
+        vae = AutoencoderKL.load_config(where, subfolder="vae")
+    except (OSError, ValueError) as err:
+        raise WeightsNotFoundError(f"cannot read the configs of {source}: {err}") from err
+    config = {k: v for k, v in transformer.items() if not k.startswith("_")}
+    return config, 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 @dataclass
 class FluxCache:
     """The settings of the cache on one pipeline, so it can be detached (uncached baseline) and put back."""

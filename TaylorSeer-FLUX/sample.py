@@ -33,7 +33,7 @@ from taylorseer.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
 from .flops import count_flux_flops
-from .pipeline import PIPELINES, FluxCache, generate, load_flux
+from .pipeline import PIPELINES, FluxCache, flux_configs, generate, load_flux
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_flux"
@@ -88,7 +88,9 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     return cache_config, prompts
 
 
-def run_dir(cfg: DictConfig, cache_config: CacheConfig) -> Path:
+def run_dir(cfg: DictConfig) -> Path:
+    """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
+    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
     name = cfg.run_name or (f"{cfg.model.short_name}-{cache_config.tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}"
                             f"-seed{cfg.seed}")
     return Path(cfg.out_root) / "flux" / name
@@ -112,13 +114,39 @@ def to_tensor(images) -> torch.Tensor:
                         for im in images])
 
 
+def plan(cfg: DictConfig, prompts: list[str]) -> tuple[list[tuple[int, str]], dict[int, str]]:
+    """The images of the run: (index, prompt) with image i of prompt i // num_images_per_prompt, and file names."""
+    items = [(i * cfg.num_images_per_prompt + j, p) for i, p in enumerate(prompts)
+             for j in range(cfg.num_images_per_prompt)]
+    return items, {index: f"{index:05d}-{runs.slug(prompt)}.png" for index, prompt in items}
+
+
+def finished_records(out_dir: Path, names: dict[int, str], compare: bool) -> dict:
+    """Records of the images that are done: record and PNG there (and the comparison when this run compares)."""
+    done = runfolder.Records(out_dir).done(lambda r: [r["file"]] + ([f"uncached/{r['file']}"] if "psnr" in r else []))
+    return {i: r for i, r in done.items() if names.get(i) == r["file"] and (not compare or "psnr" in r)}
+
+
 def main(cfg: DictConfig) -> dict:
     cache_config, prompts = validate(cfg)
     device = runs.resolve_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
-    out_dir = run_dir(cfg, cache_config)
-    # Before the (long) load: a folder of other settings is refused now, the weights are checked once loaded.
-    runfolder.check_identity(out_dir, run_identity(cfg, prompts, device, dtype, None), skip=("resolved.weights",))
+    out_dir = run_dir(cfg)
+    items, names = plan(cfg, prompts)
+    weights = weights_fingerprint(cfg.model.path)
+    # Before the (long) load: a folder of other settings is refused now (hub weights are known once loaded).
+    runfolder.check_identity(out_dir, run_identity(cfg, prompts, device, dtype, weights),
+                             skip=("resolved.weights",) if weights.startswith("hub:") else ())
+    compare = bool(cfg.compare_uncached and cache_config.enabled)
+    done = finished_records(out_dir, names, compare)
+    if all(index in done for index, _ in items):  # a rerun of a finished run (a sweep point): nothing to load
+        with runfolder.RunFolder.open(out_dir, run_identity(cfg, prompts, device, dtype, weights)):
+            config, vae_scale = flux_configs(cfg.model.path)
+            flops = count_flops(cfg, cache_config, config, vae_scale, {})
+            metrics = _metrics(cfg, cache_config, flops, done, device, dtype)
+            runs.write_metrics(out_dir, metrics)
+        print(f"[{TAG}] all {len(items)} images are already in {out_dir}; metrics.json rewritten")
+        return metrics
     image = None
     if cfg.image:
         from diffusers.utils import load_image
@@ -129,26 +157,19 @@ def main(cfg: DictConfig) -> dict:
                      cpu_offload=cfg.cpu_offload, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
     ident = run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path))
     with runfolder.RunFolder.open(out_dir, ident):
-        return _sample(cfg, cache_config, prompts, pipe, image, out_dir, device, dtype)
+        return _sample(cfg, cache_config, items, names, pipe, image, out_dir, device, dtype)
 
 
-def _sample(cfg, cache_config, prompts, pipe, image, out_dir: Path, device, dtype) -> dict:
+def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, device, dtype) -> dict:
     handle = FluxCache(pipe, cache_config, cfg.num_steps, forecast_text=cfg.forecast_text)
     handle.attach()
     compare = bool(cfg.compare_uncached and cache_config.enabled)
     call = dict(num_steps=cfg.num_steps, height=cfg.height, width=cfg.width, guidance_scale=cfg.guidance_scale,
                 true_cfg_scale=cfg.true_cfg_scale, negative_prompt=cfg.negative_prompt,
                 max_sequence_length=cfg.max_sequence_length, image=image, device=device)
-
-    # Image i of the run: prompt i // num_images_per_prompt, seed + i.
-    items = [(i * cfg.num_images_per_prompt + j, p) for i, p in enumerate(prompts)
-             for j in range(cfg.num_images_per_prompt)]
-    names = {index: f"{index:05d}-{runs.slug(prompt)}.png" for index, prompt in items}
     runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     records = runfolder.Records(out_dir)
-    # Done: its PNGs are there and so is its record (with the comparison when this run compares).
-    done = records.done(lambda r: [r["file"]] + ([f"uncached/{r['file']}"] if "psnr" in r else []))
-    done = {i: r for i, r in done.items() if names.get(i) == r["file"] and (not compare or "psnr" in r)}
+    done = finished_records(out_dir, names, compare)
     todo = [item for item in items if item[0] not in done]
 
     shapes = _ShapeCapture(pipe.transformer)
@@ -182,12 +203,13 @@ def _sample(cfg, cache_config, prompts, pipe, image, out_dir: Path, device, dtyp
             runs.save_image(out_dir / names[index], gen.images[k])
             records.append(record)
             done[index] = record
-        flops = flops or count_flops(cfg, cache_config, pipe, shapes.found)
+        flops = flops or count_flops(cfg, cache_config, dict(pipe.transformer.config), pipe.vae_scale_factor,
+                                     shapes.found)
         runs.write_metrics(out_dir, _metrics(cfg, cache_config, flops, done, device, dtype))
         bar.update(len(batch))
     bar.close()
     shapes.remove()
-    flops = flops or count_flops(cfg, cache_config, pipe, shapes.found)
+    flops = flops or count_flops(cfg, cache_config, dict(pipe.transformer.config), pipe.vae_scale_factor, shapes.found)
     metrics = _metrics(cfg, cache_config, flops, done, device, dtype)
     runs.write_metrics(out_dir, metrics)
     print(f"[{TAG}] {len(todo)} new, {len(done)} images in {out_dir}")
@@ -218,13 +240,13 @@ class _ShapeCapture:
         self._handle.remove()
 
 
-def count_flops(cfg: DictConfig, cache_config: CacheConfig, pipe, shapes: dict):
+def count_flops(cfg: DictConfig, cache_config: CacheConfig, transformer_config: dict, vae_scale: int, shapes: dict):
     """FLOPs of one image's sampling run, on a meta copy of the pipeline's transformer."""
     if not shapes:
         # No call in this run (all images there already): FluxPipeline's token counts.
-        patch = 2 * getattr(pipe, "vae_scale_factor", 8)
+        patch = 2 * vae_scale
         shapes = dict(image_tokens=(cfg.height // patch) * (cfg.width // patch), text_tokens=cfg.max_sequence_length)
-    return count_flux_flops(dict(pipe.transformer.config), cache_config, cfg.num_steps,
+    return count_flux_flops(transformer_config, cache_config, cfg.num_steps,
                             num_image_tokens=shapes["image_tokens"], text_tokens=shapes["text_tokens"],
                             calls_per_step=2 if cfg.true_cfg_scale > 1 else 1, forecast_text=cfg.forecast_text)
 

@@ -85,7 +85,9 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     return cache_config, prompts
 
 
-def run_dir(cfg: DictConfig, cache_config: CacheConfig) -> Path:
+def run_dir(cfg: DictConfig) -> Path:
+    """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
+    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
     name = cfg.run_name or (f"{cache_config.tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}x{cfg.num_frames}")
     return Path(cfg.out_root) / "hunyuan_video" / name
 
@@ -103,7 +105,7 @@ def main(cfg: DictConfig) -> dict:
     dtype = runs.resolve_dtype(cfg.dtype, device)
     if cfg.cpu_offload and device.type != "cuda":
         raise ValueError(f"cpu_offload=true needs a CUDA device (device resolves to {device}); set cpu_offload=false")
-    out_dir = run_dir(cfg, cache_config)
+    out_dir = run_dir(cfg)
     # Every file name is decided (and known to be writable and distinct) before anything is computed.
     items = plan_items(prompts, cfg.videos_per_prompt, cfg.seed, video_filenames(prompts, cfg.videos_per_prompt))
     weights = weights_fingerprint(cfg.model.path)
@@ -199,7 +201,7 @@ def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, ite
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
     metrics = runs.sampling_metrics(cache_config, _FLOPS[key], records, device, **extra)
-    runs.write_metrics(run_dir(cfg, cache_config), metrics)
+    runs.write_metrics(run_dir(cfg), metrics)
     return metrics
 
 
