@@ -23,7 +23,7 @@ def load_image(path: str | Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def load_video(path: str | Path) -> np.ndarray:

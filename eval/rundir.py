@@ -8,7 +8,7 @@ metrics match a run with its reference by item index and check that the seeds (a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from taylorseer.runs import read_json
@@ -25,17 +25,23 @@ class NotARunFolderError(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    """One output of a run: its file (absolute), and the index/seed/prompt the sampling app recorded."""
+    """One output of a run: its file (absolute), and the index/seed/prompt the sampling app recorded.
+
+    ``key`` names the item in results: its index where indices are unique in the run (FLUX, DiT), else
+    its file name (HunyuanVideo numbers the videos of each prompt 0..4).
+    """
 
     path: Path
     index: int | None = None
     seed: int | None = None
     prompt: str | None = None
+    key: str = ""
 
-    @property
-    def key(self) -> str:
-        """How results name the item: its index when recorded, else its file name."""
-        return str(self.index) if self.index is not None else self.path.name
+
+def _keyed(items: list[Item], root: Path) -> list[Item]:
+    indices = [i.index for i in items]
+    unique = None not in indices and len(set(indices)) == len(indices)
+    return [replace(i, key=str(i.index) if unique else str(i.path.relative_to(root))) for i in items]
 
 
 @dataclass
@@ -71,12 +77,12 @@ def open_run(path: str | Path, media: str = "image") -> RunFolder:
             raise NotARunFolderError(f"{path}: {len(missing)} of the {len(items)} outputs listed in metrics.json are "
                                      f"missing (e.g. {missing[0].path.name}); finish the run (rerun its sampling "
                                      f"command, it resumes) or remove the folder")
-        return RunFolder(path, sorted(items, key=_order), metrics, "metrics.json")
+        return RunFolder(path, _keyed(sorted(items, key=_order), path), metrics, "metrics.json")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes and p.name not in SKIP)
     if not files:
         raise NotARunFolderError(f"{path} is not a run folder: no metrics.json with items and no {media} files "
                                  f"({', '.join(suffixes)}) in it; pass a folder written by scripts/sample_*.sh")
-    return RunFolder(path, [Item(p) for p in files], metrics, "glob")
+    return RunFolder(path, _keyed([Item(p) for p in files], path), metrics, "glob")
 
 
 def _order(item: Item):
@@ -93,7 +99,7 @@ def reference_items(run: RunFolder, reference: str | Path | None) -> tuple[Path,
         reference = run.path / "uncached"
     reference = Path(reference).expanduser()
     if reference.resolve() == (run.path / "uncached").resolve() and not (reference / "metrics.json").is_file():
-        items = [Item(reference / i.path.relative_to(run.path), i.index, i.seed, i.prompt) for i in run.items]
+        items = [Item(reference / i.path.relative_to(run.path), i.index, i.seed, i.prompt, i.key) for i in run.items]
         missing = [i for i in items if not i.path.is_file()]
         if missing:
             raise NotARunFolderError(f"{reference}: {len(missing)} uncached twins are missing "
@@ -102,24 +108,38 @@ def reference_items(run: RunFolder, reference: str | Path | None) -> tuple[Path,
     return reference, open_run(reference, "any").items
 
 
+def _match_key(items: list[Item]):
+    """How to match items across runs: by index where unique, by (prompt, index), else by file name."""
+    indices = [i.index for i in items]
+    if None not in indices and len(set(indices)) == len(indices):
+        return lambda i: i.index, "index"
+    if None not in indices and all(i.prompt is not None for i in items):
+        return lambda i: (i.prompt, i.index), "prompt and index"
+    return lambda i: i.path.name, "file name"
+
+
 def pair_items(items: list[Item], reference: list[Item]) -> tuple[list[tuple[Item, Item]], list[Item]]:
-    """Pairs (output, reference output) matched by index (by file name when indices are absent), and the
-    outputs that have no reference. Seeds and prompts must agree: a pair that differs is not a twin."""
-    by_index = all(i.index is not None for i in items) and all(r.index is not None for r in reference)
-    lookup = {(r.index if by_index else r.path.name): r for r in reference}
+    """Pairs (output, reference output) matched by index (by prompt and index, or by file name, where the
+    indices do not name the items), and the outputs that have no reference. Seeds and prompts must agree:
+    a pair that differs is not a twin."""
+    mine, how = _match_key(items)
+    theirs, how_ref = _match_key(reference)
+    if how != how_ref:
+        raise ValueError(f"the run names its outputs by {how} but the reference by {how_ref}: not comparable runs")
+    lookup = {theirs(r): r for r in reference}
     pairs, unmatched = [], []
     for item in items:
-        twin = lookup.get(item.index if by_index else item.path.name)
+        twin = lookup.get(mine(item))
         if twin is None:
             unmatched.append(item)
             continue
         for what in ("seed", "prompt"):
-            mine, theirs = getattr(item, what), getattr(twin, what)
-            if mine is not None and theirs is not None and mine != theirs:
-                raise ValueError(f"item {item.key}: {what} {mine!r} here but {theirs!r} in the reference "
-                                 f"({twin.path}); the reference must be the same items sampled without the cache")
+            a, b = getattr(item, what), getattr(twin, what)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"item {item.key}: {what} {a!r} here but {b!r} in the reference ({twin.path}); "
+                                 f"the reference must be the same items sampled without the cache")
         pairs.append((item, twin))
     if not pairs:
-        raise ValueError(f"no output matches the reference by {'index' if by_index else 'file name'}: is it the "
-                         f"uncached run of the same prompts and seeds?")
+        raise ValueError(f"no output matches the reference by {how}: is it the uncached run of the same prompts "
+                         f"and seeds?")
     return pairs, unmatched

@@ -94,7 +94,7 @@ def feature_pass(source: ImageSource, extract: Callable[[torch.Tensor], dict[str
     parts: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode(), tqdm(total=len(source), desc=desc, unit="img", leave=False) as bar:
         for batch in source.batches(batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
+            x = torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).to(device)  # a writable copy
             for name, value in extract(x).items():
                 parts.setdefault(name, []).append(value.detach().double().cpu().numpy())
             bar.update(len(batch))
