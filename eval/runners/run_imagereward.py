@@ -13,6 +13,7 @@ cache (``HF_HOME``). When any of them cannot be had, the result is one error nam
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,9 @@ def load_model(reward, request: dict, device: str):
                                 med_config=os.path.join(folder, FILES[1]))
         else:
             model = reward.load(name, device=device, download_root=folder)
-    except Exception as err:  # hub errors, OSError, requests errors: all mean "the weights are not here"
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        # hub and requests errors (OSError/ValueError subclasses), a truncated or foreign checkpoint
+        # (RuntimeError, EOFError, UnpicklingError): the weights are not there. Anything else is a bug.
         raise RunnerError(weights_help(folder, err), "weights_missing") from err
     return model, folder
 
