@@ -108,6 +108,9 @@ def compute_fid(run: str | Path, reference: str | Path, batch_size: int = 50, de
 
     dev = resolve_device(device)
     source: ImageSource = image_source(run)
+    if not Path(reference).expanduser().exists():
+        raise FileNotFoundError(f"--ref {reference} does not exist: pass an .npz (arr_0 images or mu/sigma) or a "
+                                f"folder of reference images")
     if model is None:
         model, feature_id = load_inception(dims, dev), f"pytorch-fid-{pytorch_fid.__version__}-pool{dims}"
         network = (f"pytorch-fid {pytorch_fid.__version__} InceptionV3 ({FID_WEIGHTS}), {dims}-d block, inputs "

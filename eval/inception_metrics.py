@@ -95,6 +95,7 @@ def compute_inception_metrics(run: str | Path, reference: str | Path | None, met
         raise ValueError(f"{'/'.join(paired)} compare with real images: pass --ref <.npz of images or a folder>")
     dev = resolve_device(device)
     source = image_source(run)
+    ref_source = image_source(reference) if paired else None  # checked before the network loads
     if model is None:
         model = load_extractor(dev)
         feature_id = f"torch-fidelity-{torch_fidelity.__version__}-inception-v3-compat"
@@ -113,8 +114,6 @@ def compute_inception_metrics(run: str | Path, reference: str | Path | None, met
                          "definition": "IS = exp(E_x KL(p(y|x) || p(y))), softmax of unbiased logits, splits in "
                                        "sample order (torch-fidelity isc_features_to_metric, shuffle=False)"}
     if paired:
-        ref_source = image_source(reference)
-
         def compute():
             return {"pool": feature_pass(ref_source, extract, batch_size, dev, f"reference {ref_source.path.name}")[
                 "pool"].astype(np.float32)}
