@@ -35,6 +35,8 @@ from .digits import load_classifier, load_split
 from .sample import CONFIG_DIR, MODEL_SCHEMA
 from .sampling import attach_cache, count_flops, sample, to_images
 
+CONFIG_NAME = "demo"  # configs/demo.yaml
+
 COLUMNS = ["method", "N", "O", "full_steps", "flops_compression", "wall_speedup", "psnr_vs_uncached",
            "fid_vs_uncached", "accuracy", "fid_vs_real"]
 HEADERS = ["method", "N", "O", "full steps", "FLOPs compr.", "wall speedup", "PSNR vs uncached (dB)",
@@ -187,7 +189,7 @@ def main(cfg: DictConfig) -> list[dict]:
     return rows
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="demo", version_base=None)
+@hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors("demo", also=(AssertionError,))  # the scripts assert their arguments with messages
 def _cli(cfg: DictConfig) -> None:
     main(cfg)

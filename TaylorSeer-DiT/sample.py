@@ -33,6 +33,7 @@ from .sampling import attach_cache, count_flops, sample, sample_seed, to_images
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_dit"
+CONFIG_NAME = "sample_dit"  # configs/sample_dit.yaml
 
 # The model group (configs/model/*.yaml with family: dit) and the keys both DiT apps share.
 MODEL_SCHEMA = {
@@ -217,7 +218,7 @@ def _save_grid(folder: Path, names: list[str], nrow: int) -> None:
                                                            pad_value=1.0)))
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="sample_dit", version_base=None)
+@hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG, also=(AssertionError,))  # the scripts assert their arguments with messages
 def _cli(cfg: DictConfig) -> None:
     main(cfg)

@@ -35,6 +35,7 @@ from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, run_identity, run_n
 from .sampling import attach_cache, count_flops, sample, sample_seed, to_images
 
 TAG = "sample_dit_ddp"
+CONFIG_NAME = "sample_dit_ddp"  # configs/sample_dit_ddp.yaml
 SCHEMA = {**SAMPLING_SCHEMA, "num_samples": Setting("int", minimum=1), "class_labels": Setting("list"),
           "compare_uncached": Setting("bool"), "grid_nrow": Setting("int", minimum=1)}
 NOT_USED_HERE = ("grid_nrow", "class_labels", "compare_uncached")  # inherited from sample_dit.yaml
@@ -187,7 +188,7 @@ def _write_metrics(out_dir: Path, cfg: DictConfig, cache_config: CacheConfig, fl
     return metrics
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="sample_dit_ddp", version_base=None)
+@hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG, also=(AssertionError,))  # the scripts assert their arguments with messages
 def _cli(cfg: DictConfig) -> None:
     main(cfg)

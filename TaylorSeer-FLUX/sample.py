@@ -37,6 +37,7 @@ from .pipeline import PIPELINES, FluxCache, flux_configs, generate, load_flux
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_flux"
+CONFIG_NAME = "sample_flux"  # configs/sample_flux.yaml
 SCHEMA = {
     "model.family": Setting("str"),
     "model.name": Setting("str"),
@@ -258,7 +259,7 @@ def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, d
     return runs.sampling_metrics(cache_config, flops, [records[i] for i in sorted(records)], device, **extra)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="sample_flux", version_base=None)
+@hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG)
 def _cli(cfg: DictConfig) -> None:
     main(cfg)

@@ -37,6 +37,7 @@ from .video_io import video_filenames, write_mp4
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_hunyuan_video"
+CONFIG_NAME = "sample_hunyuan_video"  # configs/sample_hunyuan_video.yaml
 SCHEMA = {
     "model.family": Setting("str"),
     "model.name": Setting("str"),
@@ -212,7 +213,7 @@ def cached_module_names_of(config: dict, single_attention: bool) -> list[str]:
     return cached_module_names(meta_transformer(config), single_attention)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="sample_hunyuan_video", version_base=None)
+@hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG)
 def cli(cfg: DictConfig) -> None:
     main(cfg)

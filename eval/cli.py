@@ -6,6 +6,7 @@
     bash scripts/eval.sh imagereward runs/flux/<run> [--model-dir DIR]           # in .venv-imagereward
     bash scripts/eval.sh fidelity runs/flux/<cached> --reference runs/flux/<uncached>   # PSNR, SSIM, LPIPS
     bash scripts/eval.sh vbench runs/hunyuan_video/<run> [--dimensions ...]      # in .venv-vbench
+    bash scripts/eval.sh digits runs/dit_fid/<digits run> --reference runs/dit_fid/<uncached digits run>
     bash scripts/eval.sh prompts drawbench --source drawbench.parquet -o drawbench.txt
     bash scripts/eval.sh prompts vbench -o vbench_prompts.txt
 
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="run folder of the uncached outputs (default: <run>/uncached)")
     p.add_argument("--lpips", default="alex", choices=("alex", "vgg", "none"), help="LPIPS backbone, or none")
 
+    p = sub.add_parser("digits", help="the bundled digits model: accuracy, digits FID, fidelity to the uncached run")
+    _common(p)
+    p.add_argument("--reference", help="run folder of the uncached samples of the same seeds (adds PSNR and FID "
+                                       "against them)")
+
     p = sub.add_parser("vbench", help="VBench's 16 dimensions and total score (runs in .venv-vbench)")
     _common(p)
     p.add_argument("--dimensions", nargs="+", help="a subset of the 16 dimensions (default: all)")
@@ -103,7 +109,7 @@ def _validate(args: argparse.Namespace) -> None:
     for key in ("batch_size",):
         if getattr(args, key, 1) < 1:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid: expected >= 1")
-    if args.metric in ("clip", "imagereward", "fidelity"):
+    if args.metric in ("clip", "imagereward", "fidelity", "digits"):
         for run in args.runs:
             open_run(run, "any" if args.metric == "fidelity" else "image")
     elif args.metric == "vbench":
@@ -160,6 +166,10 @@ def run_metric(args: argparse.Namespace) -> list[dict]:
                                                  args.device)
         elif args.metric == "vbench":
             entries["vbench"] = _vbench(path, args)
+        elif args.metric == "digits":
+            from .digits_metrics import compute_digits
+
+            entries["digits"] = compute_digits(open_run(path, "image"), args.reference)
         for name, result in entries.items():
             key = _record(path, name, result, args.tag)
             rows.append({"run": str(path), "entry": key, **{k: v for k, v in result.items()

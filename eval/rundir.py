@@ -65,6 +65,11 @@ def open_run(path: str | Path, media: str = "image") -> RunFolder:
                                  f"scripts/sample_*.sh, e.g. runs/flux/<run name>")
     metrics = read_json(path / "metrics.json") or {}
     records = metrics.get("items")
+    if not records and (path / "records").is_dir():
+        # Runs too large to list their items in metrics.json (DiT FID: 50,000 samples) keep them in records/.
+        from taylorseer.runfolder import Records
+
+        records = [r for _, r in sorted(Records(path).done(lambda r: [r["file"]]).items(), key=lambda kv: str(kv[0]))]
     if records:
         items = [Item(path / r["file"], r.get("index"), r.get("seed"), r.get("prompt")) for r in records
                  if isinstance(r, dict) and r.get("file")]

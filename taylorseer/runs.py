@@ -201,6 +201,15 @@ def sampling_metrics(config, flops, items: list[dict], device=None, keep_items: 
     return out
 
 
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover
+        return False
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callable:
     """Decorator for a command's main: settings and setup errors (ValueError, a missing file or
     weights, and ``also``) print one line ``[tag] error: ...`` on stderr and exit with status 2.
@@ -224,6 +233,8 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
             except caught as err:
                 if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
                     print(f"[{tag}] error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
+                if _in_multirun():
+                    raise  # Hydra records the failed job, goes on with the others and reports it at the end
                 sys.exit(2)
 
         return wrapper

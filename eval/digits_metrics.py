@@ -1,0 +1,59 @@
+"""Metrics of the bundled digits model's runs: the same two questions as the demo, over run folders.
+
+Fidelity to the uncached samples of the same seeds (PSNR per sample, FID between the two sets in the
+bundled classifier's 128-d feature space) and absolute quality (the classifier's accuracy on each
+sample's intended class, digits FID against the 1797 real digits). Read from the saved 8-bit PNGs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from taylorseer.runfolder import Records
+
+from .fid import frechet_distance
+from .fidelity import finite_mean, psnr
+from .rundir import RunFolder, pair_items, reference_items
+
+
+def _load(items) -> torch.Tensor:
+    """(N, 1, 8, 8) floats in [0, 1]."""
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(i.path).convert("L"), dtype=np.float32) / 255)
+                        for i in items]).unsqueeze(1)
+
+
+def compute_digits(run: RunFolder, reference=None) -> dict:
+    from taylorseer_dit.digits import load_classifier, load_split
+
+    classifier = load_classifier()
+    labels = {r["index"]: r["label"] for r in Records(run.path).load().values() if "label" in r}
+    missing = [i.key for i in run.items if i.index not in labels]
+    if missing:
+        raise ValueError(f"{run.path}: no class label recorded for item(s) {missing[:5]}: the digits metric reads "
+                         f"runs of taylorseer_dit.sample_ddp model=digits")
+    images = _load(run.items)
+    data = load_split()
+    with torch.no_grad():
+        features = classifier.features(images * 2 - 1)
+        predicted = classifier(images * 2 - 1).argmax(1)
+        real = classifier.features(torch.cat([data["train_x"], data["test_x"]]))
+    target = torch.tensor([labels[i.index] for i in run.items])
+    out = {
+        "num_items": len(run.items),
+        "accuracy": float((predicted == target).float().mean()),
+        "fid_vs_real": frechet_distance(features, real),
+        "definition": "bundled digits classifier (assets/digits_classifier.pt): accuracy on the recorded class; "
+                      "FID in its 128-d feature space; PSNR on [0, 1] pixels (identical = 100 dB)",
+    }
+    if reference is not None:
+        ref_path, ref_items = reference_items(run, reference)
+        pairs, unmatched = pair_items(run.items, ref_items)
+        mine, theirs = _load([a for a, _ in pairs]), _load([b for _, b in pairs])
+        with torch.no_grad():
+            mine_features, ref_features = classifier.features(mine * 2 - 1), classifier.features(theirs * 2 - 1)
+        out.update(reference=str(ref_path), num_unmatched=len(unmatched),
+                   psnr_vs_uncached=finite_mean(psnr(mine, theirs)),
+                   fid_vs_uncached=frechet_distance(mine_features, ref_features))
+    return out
