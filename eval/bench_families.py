@@ -77,7 +77,7 @@ def _gates_random(model: torch.nn.Module) -> None:
     """Random adaLN weights (diffusers and DiT zero some of them at init): every block really works."""
     g = torch.Generator(device="cpu").manual_seed(1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 1 and torch.count_nonzero(p) == 0:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
 

@@ -86,7 +86,8 @@ def main(argv=None) -> list[Row]:
                  models={m: FAMILIES[m].describe.get(size, "") for m in args.models})
 
     def save():
-        title = (f"{name}, {steps} steps, {str(dtype).replace('torch.', '')} random weights, one timed run per variant: "
+        kind = str(dtype).replace('torch.', '')
+        title = (f"{name}, {steps} steps, {kind} random weights, one timed run per variant: "
                  + "; ".join(f"{k}: {v}" for k, v in setup["models"].items()))
         table = format_table(rows, title)
         write_json_atomic(f"{args.out}/bench_gpu.json", dict(setup=setup, elapsed_s=time.time() - start,
