@@ -19,9 +19,9 @@ def gated_add(residual: torch.Tensor, gate: torch.Tensor, terms: list[tuple[floa
     """``residual + gate * sum_i c_i F_i`` (into ``out`` when given, which then holds the residual).
 
     What a block does with a forecast branch (gate, then residual add), without materialising the
-    forecast. One pass over the tokens where a fused kernel is available (:mod:`taylorseer.fused`:
-    Triton on CUDA, inductor's C++ loop on a CPU; order 1 reads the residual and each factor once,
-    4 tensor passes instead of the addcmul chain's 6), the chain of one ``addcmul`` per factor
+    forecast. One pass over the tokens with a fused kernel (:mod:`taylorseer.fused`: inductor's C++
+    loop on a CPU by default, Triton on CUDA on request; order 1 reads the residual and each factor
+    once, 4 tensor passes instead of the addcmul chain's 6), the chain of one ``addcmul`` per factor
     otherwise. Same values up to float rounding.
     """
     return fused_gated_add(residual, gate, terms, out)

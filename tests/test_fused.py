@@ -95,7 +95,8 @@ def test_kernel_choice_per_device_and_size():
     assert fused.resolve_kernel(cpu, "auto", numel=small) == "addcmul"  # the compiled call's fixed cost wins
     assert fused.resolve_kernel(cpu, "triton") == "addcmul"  # Triton is CUDA-only
     cuda = torch.device("cuda")
-    assert fused.resolve_kernel(cuda, "auto") == ("triton" if fused._has_triton() else "addcmul")
+    assert fused.resolve_kernel(cuda, "auto") == "addcmul"  # launch-bound on a GPU: measured on an H100
+    assert fused.resolve_kernel(cuda, "triton") == "triton"
     assert fused.resolve_kernel(torch.device("meta"), "auto") == "addcmul"
     with pytest.raises(ValueError, match=r"forecast kernel 'cuda' is unknown: expected one of \['auto', "):
         fused.set_forecast_kernel("cuda")
