@@ -78,11 +78,12 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        self.attention = F.scaled_dot_product_attention  # or flash-attn/xformers: DiT.set_attention_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, D/H)
+        out = self.attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, D/H)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -186,6 +187,17 @@ class DiT(nn.Module):
             nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
             nn.init.zeros_(self.final_layer.linear.weight)
             nn.init.zeros_(self.final_layer.linear.bias)
+
+    def set_attention_backend(self, name: str) -> None:
+        """Attention kernel of every block: "sdpa" (PyTorch, default), "flash" (flash-attn) or "xformers".
+
+        Use :func:`taylorseer.attention.set_attention_backend` to have it probed on the device first.
+        """
+        from taylorseer.attention import attention_fn
+
+        fn = attention_fn(name)
+        for block in self.blocks:
+            block.attn.attention = fn
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         # (N, T, p*p*C) -> (N, C, H, W)

@@ -6,9 +6,11 @@ Public API:
     get_cache              the ForecastCache attached to a model (reset, contexts, bytes, history)
     full_steps, compression, is_full_step      the schedule
     count_flops, count_schedule                FLOPs with torch's FlopCounterMode
+    compile / uncompile    regional torch.compile that keeps the cache out of the graphs
 """
 
 from .cache import ForecastCache
+from .compile import compile, uncompile  # noqa: A004 - taylorseer.compile(model), as documented
 from .config import CacheConfig
 from .flops import FlopsReport, count_flops, count_schedule
 from .hooks import apply, get_cache, remove
@@ -26,4 +28,6 @@ __all__ = [
     "is_full_step",
     "count_flops",
     "count_schedule",
+    "compile",
+    "uncompile",
 ]
