@@ -69,12 +69,13 @@ def count_flux_flops(
     num_image_tokens: int | None = None,
     calls_per_step: int = 1,
     forecast_text: bool = False,
+    impl: str = "taylorseer",
 ) -> FlopsReport:
     """FLOPs of one image's sampling run for a FLUX transformer config (a dict of its ``config.json`` keys).
 
     ``num_image_tokens`` overrides the count from ``height``/``width`` (FLUX Kontext appends the input
     image's tokens); ``calls_per_step`` is 2 with true CFG. ``cache_config=None`` or a disabled cache
-    counts the uncached run.
+    counts the uncached run. ``impl="diffusers"`` counts diffusers' own TaylorSeer hook instead of ours.
     """
     from diffusers import FluxTransformer2DModel
 
@@ -88,12 +89,15 @@ def count_flux_flops(
     tokens = num_image_tokens if num_image_tokens is not None else image_tokens(height, width)
     merged = {**FLUX_DEV_TRANSFORMER, **config}
     kwargs = transformer_inputs(merged, tokens, text_tokens)
-    cache = None
-    if cache_config is not None and cache_config.enabled:
-        cache = apply_flux_cache(model, cache_config, forecast_text=forecast_text)
-
     def call():
         with torch.no_grad():
             model(**kwargs)
 
+    cache = None
+    if cache_config is not None and cache_config.enabled:
+        if impl == "diffusers":
+            from taylorseer.peers import count_diffusers_schedule
+
+            return count_diffusers_schedule(model, call, cache_config, num_steps, calls_per_step)
+        cache = apply_flux_cache(model, cache_config, forecast_text=forecast_text)
     return count_schedule(call, cache, num_steps, calls_per_step=calls_per_step)

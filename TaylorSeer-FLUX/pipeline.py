@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 import taylorseer
-from taylorseer import CacheConfig, ForecastCache
+from taylorseer import CacheConfig, ForecastCache, peers
 from taylorseer.diffusers_io import load_pipeline
 from taylorseer.runs import timed
 
@@ -86,13 +86,25 @@ class FluxCache:
     config: CacheConfig
     num_steps: int
     forecast_text: bool = False
+    impl: str = "taylorseer"  # or "diffusers": diffusers' own TaylorSeer hook, the peer baseline
+    _diffusers_on: bool = False
 
     def attach(self) -> ForecastCache | None:
-        if not self.config.enabled or taylorseer.get_cache(self.pipe.transformer) is not None:
+        if not self.config.enabled:
+            return None
+        if self.impl == "diffusers":
+            if not self._diffusers_on:
+                peers.enable(self.pipe.transformer, self.config)
+                self._diffusers_on = True
+            return None
+        if taylorseer.get_cache(self.pipe.transformer) is not None:
             return taylorseer.get_cache(self.pipe.transformer)
         return apply_flux_cache(self.pipe.transformer, self.config, self.num_steps, forecast_text=self.forecast_text)
 
     def detach(self) -> None:
+        if self._diffusers_on:
+            peers.disable(self.pipe.transformer)
+            self._diffusers_on = False
         taylorseer.remove(self.pipe.transformer)
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig, runfolder, runs, settings
 from taylorseer.diffusers_io import read_prompts, weights_fingerprint
+from taylorseer.peers import IMPLS
 from taylorseer.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
@@ -62,6 +63,7 @@ SCHEMA = {
     "batch_size": Setting("int", minimum=1),
     "num_images_per_prompt": Setting("int", minimum=1),
     "forecast_text": Setting("bool"),
+    "cache_impl": Setting("str", choices=IMPLS),
     "compare_uncached": Setting("bool"),
     "warmup": Setting("bool"),
     "cpu_offload": Setting("bool"),
@@ -92,8 +94,8 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
 def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
     cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
-    name = cfg.run_name or (f"{cfg.model.short_name}-{cache_config.tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}"
-                            f"-seed{cfg.seed}")
+    tag = cache_config.tag + ("-diffusers" if cfg.cache_impl == "diffusers" and cache_config.enabled else "")
+    name = cfg.run_name or f"{cfg.model.short_name}-{tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}-seed{cfg.seed}"
     return Path(cfg.out_root) / "flux" / name
 
 
@@ -162,7 +164,7 @@ def main(cfg: DictConfig) -> dict:
 
 
 def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, device, dtype) -> dict:
-    handle = FluxCache(pipe, cache_config, cfg.num_steps, forecast_text=cfg.forecast_text)
+    handle = FluxCache(pipe, cache_config, cfg.num_steps, forecast_text=cfg.forecast_text, impl=cfg.cache_impl)
     handle.attach()
     compare = bool(cfg.compare_uncached and cache_config.enabled)
     call = dict(num_steps=cfg.num_steps, height=cfg.height, width=cfg.width, guidance_scale=cfg.guidance_scale,
@@ -249,7 +251,8 @@ def count_flops(cfg: DictConfig, cache_config: CacheConfig, transformer_config: 
         shapes = dict(image_tokens=(cfg.height // patch) * (cfg.width // patch), text_tokens=cfg.max_sequence_length)
     return count_flux_flops(transformer_config, cache_config, cfg.num_steps,
                             num_image_tokens=shapes["image_tokens"], text_tokens=shapes["text_tokens"],
-                            calls_per_step=2 if cfg.true_cfg_scale > 1 else 1, forecast_text=cfg.forecast_text)
+                            calls_per_step=2 if cfg.true_cfg_scale > 1 else 1, forecast_text=cfg.forecast_text,
+                            impl=cfg.cache_impl)
 
 
 def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, device, dtype) -> dict:

@@ -105,14 +105,25 @@ def dummy_inputs(model: HunyuanVideoTransformer3DModel, shape: VideoShape, devic
 
 def count_run_flops(cache_config: CacheConfig, shape: VideoShape = VideoShape(), num_steps: int = 50,
                     transformer_config: dict | None = None, calls_per_step: int = 1,
-                    single_attention: bool = True) -> FlopsReport:
-    """FLOPs of one video's sampling run: one computed and one forecast call counted, the rest from the schedule."""
+                    single_attention: bool = True, impl: str = "taylorseer") -> FlopsReport:
+    """FLOPs of one video's sampling run: one computed and one forecast call counted, the rest from the schedule.
+
+    ``impl="diffusers"`` counts diffusers' own TaylorSeer hook (the peer baseline) instead of this project's cache.
+    """
     model = meta_transformer(transformer_config)
     inputs = dummy_inputs(model, shape)
+
+    def call():
+        with torch.no_grad():
+            model(**inputs)
+
+    if impl == "diffusers" and cache_config.enabled:
+        from taylorseer.peers import count_diffusers_schedule
+
+        return count_diffusers_schedule(model, call, cache_config, num_steps, calls_per_step)
     cache = attach(model, cache_config, num_steps, single_attention) if cache_config.enabled else None
     try:
-        with torch.no_grad():
-            return taylorseer.count_schedule(lambda: model(**inputs), cache, num_steps, calls_per_step)
+        return taylorseer.count_schedule(call, cache, num_steps, calls_per_step)
     finally:
         taylorseer.remove(model)
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
 
 import taylorseer
-from taylorseer import CacheConfig, ForecastCache
+from taylorseer import CacheConfig, ForecastCache, peers
 from taylorseer.diffusers_io import WeightsNotFoundError, load_pipeline
 from taylorseer.runs import timed
 
@@ -83,9 +83,13 @@ def place(pipe: HunyuanVideoPipeline, device: torch.device, cpu_offload: bool = 
 
 
 def attach_cache(pipe: HunyuanVideoPipeline, config: CacheConfig, num_steps: int,
-                 single_attention: bool = True) -> ForecastCache | None:
-    """The forecasting cache on ``pipe.transformer`` (None when the cache is disabled: pure diffusers)."""
+                 single_attention: bool = True, impl: str = "taylorseer") -> ForecastCache | None:
+    """The forecasting cache on ``pipe.transformer`` (None when the cache is disabled: pure diffusers, or when
+    ``impl="diffusers"`` puts diffusers' own TaylorSeer hook there instead, the peer baseline)."""
     if not config.enabled:
+        return None
+    if impl == "diffusers":
+        peers.enable(pipe.transformer, config)
         return None
     return attach(pipe.transformer, config, num_steps, single_attention)
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig, runfolder, runs, settings
 from taylorseer.diffusers_io import read_prompts, weights_fingerprint
+from taylorseer.peers import IMPLS
 from taylorseer.settings import Setting
 
 from .cache import cached_module_names
@@ -62,6 +63,7 @@ SCHEMA = {
     "cpu_offload": Setting("bool"),
     "vae_tiling": Setting("bool"),
     "record_single_attention": Setting("bool"),
+    "cache_impl": Setting("str", choices=IMPLS),
     "warmup": Setting("bool"),
 }
 
@@ -89,7 +91,8 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
 def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
     cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
-    name = cfg.run_name or (f"{cache_config.tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}x{cfg.num_frames}")
+    tag = cache_config.tag + ("-diffusers" if cfg.cache_impl == "diffusers" and cache_config.enabled else "")
+    name = cfg.run_name or f"{tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}x{cfg.num_frames}"
     return Path(cfg.out_root) / "hunyuan_video" / name
 
 
@@ -131,7 +134,7 @@ def main(cfg: DictConfig) -> dict:
                          f"temporal_compression say {cfg.model.spatial_compression}/{cfg.model.temporal_compression}")
     ident = run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path))
     with runfolder.RunFolder.open(out_dir, ident):
-        cache = attach_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention)
+        cache = attach_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention, cfg.cache_impl)
         place(pipe, device, cfg.cpu_offload)
         pipe.set_progress_bar_config(disable=not cfg.progress, leave=False)
         runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -179,11 +182,12 @@ def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, ite
     shape = VideoShape(cfg.height, cfg.width, cfg.num_frames, cfg.max_sequence_length,
                        spatial_compression=cfg.model.spatial_compression,
                        temporal_compression=cfg.model.temporal_compression)
-    key = (repr(shape), cfg.num_steps, cache_config, calls_per_step, cfg.record_single_attention, repr(config))
+    key = (repr(shape), cfg.num_steps, cache_config, calls_per_step, cfg.record_single_attention, cfg.cache_impl,
+           repr(config))
     if key not in _FLOPS:
         # Counted on a meta-device copy of this transformer's architecture: exact FLOPs, no memory, ~seconds.
         _FLOPS[key] = count_run_flops(cache_config, shape, cfg.num_steps, config, calls_per_step,
-                                      cfg.record_single_attention)
+                                      cfg.record_single_attention, cfg.cache_impl)
     records = [done[i.file] for i in items if i.file in done]
     extra = dict(
         model=OmegaConf.to_container(cfg.model, resolve=True),
@@ -195,7 +199,7 @@ def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, ite
         calls_per_step=calls_per_step,
         latency_denoise_s=sum(r.get("denoise_s", 0.0) for r in records) / max(len(records), 1),
         cached_modules=(len(cached_module_names_of(config, cfg.record_single_attention))
-                        if cache_config.enabled else 0),
+                        if cache_config.enabled and cfg.cache_impl == "taylorseer" else 0),
         record_single_attention=cfg.record_single_attention,
         cache_location="pinned CPU memory" if cache_config.offload else f"{device.type} memory (with the model)",
         complete=len(records) == len(items),

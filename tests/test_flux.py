@@ -428,3 +428,39 @@ def test_cache_offload_runs_through_the_app(tiny_dir, tmp_path):
     assert offloaded["compression"] == kept["compression"] > 1 and offloaded["cache_bytes"] == kept["cache_bytes"]
     image = "00000-A_cat_holding_a_sign_that_says_hello_world.png"
     assert (tmp_path / "flux" / "offloaded" / image).read_bytes() == (tmp_path / "flux" / "kept" / image).read_bytes()
+
+
+def test_diffusers_hook_baseline_runs_in_the_same_app(tiny_dir, tmp_path):
+    # The peer baseline of the tables: diffusers' own TaylorSeerCacheConfig with the same N, O, warm-up.
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    from taylorseer.peers import diffusers_full_steps
+    from taylorseer_flux.sample import main
+
+    assert diffusers_full_steps(50, PAPER) == [0, 1, 2] + list(range(4, 50, 6))  # 11 of 50 (ours: 10)
+    metrics = main(_compose(_app_overrides(tiny_dir, tmp_path, "warmup=false", "cache_impl=diffusers")))
+    run = tmp_path / "flux" / "flux-dev-N6-O1-W3-diffusers-50steps-32x32-seed0"
+    assert (run / "00000-A_cat_holding_a_sign_that_says_hello_world.png").is_file()
+    assert metrics["full_steps"] == 11 and metrics["flops_total"] < metrics["flops_uncached"]
+    # Its forecast step still runs the feed-forwards (it hooks attention only): far less compression than ours.
+    ours = main(_compose(_app_overrides(tiny_dir, tmp_path, "warmup=false")))
+    assert 1 < metrics["compression"] < ours["compression"]
+    # The schedule we count is the one the hook runs: attention processors run on exactly those steps.
+    pipe = load_flux(str(tiny_dir), dtype=torch.float32, device="cpu")
+    from taylorseer import peers
+
+    steps, seen = [], set()
+    attentions = [m for m in pipe.transformer.modules() if isinstance(m, FluxAttention)]
+
+    def counting(processor):
+        def run(*args, **kwargs):
+            seen.add(len(steps))
+            return processor(*args, **kwargs)
+
+        return run
+
+    for m in attentions:
+        m.processor = counting(m.processor)
+    peers.enable(pipe.transformer, PAPER)
+    generate(pipe, ["a photo of the cat"], [0], **CALL, callback_on_step_end=lambda *a: steps.append(1) or {})
+    assert sorted(seen) == diffusers_full_steps(STEPS, PAPER)

@@ -458,3 +458,14 @@ def test_full_size_flops_and_cache_at_480x640x65():
         assert est.nbytes == est.formula_nbytes == expected == (order + 1) * 60 * 2 * 20656 * 3072 * 2
     lean = estimate_cache(1, shape, single_attention=False)  # 20 double x 2 + 40 single x 1 units
     assert lean.nbytes == 2 * (20 * 2 + 40) * 20656 * 3072 * 2 == 20_305_674_240
+
+
+def test_diffusers_hook_baseline_runs_in_the_same_app(monkeypatch, tiny_dir, tmp_path):
+    args = [f"model.path={tiny_dir}", f"out_root={tmp_path}", f"height={H}", f"width={W}", f"num_frames={F}",
+            f"max_sequence_length={TEXT}", "num_steps=10", "videos_per_prompt=1", "progress=false", "warmup=false",
+            "cache_impl=diffusers"]
+    _cli(monkeypatch, *args)
+    run = tmp_path / "hunyuan_video" / "N5-O1-W1-diffusers-10steps-32x32x5"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["full_steps"] == 3 and metrics["cached_modules"] == 0  # steps 0, 2, 7: diffusers' own rule
+    assert 1 < metrics["compression"] < 10 / 3
