@@ -4,8 +4,10 @@ and a Hydra sweep run in-process under it (every run data-parallel over the same
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,8 +27,10 @@ def _env() -> dict:
     return env
 
 
-def launch(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "taylorseer.launch", "--standalone", "--nproc_per_node", "2", *args]
+def launch(*args: str, log_dir: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python -m taylorseer.launch --nproc_per_node 2 <args>`` (logs in ``log_dir``, else the launcher's default)."""
+    logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
+    cmd = [sys.executable, "-m", "taylorseer.launch", "--standalone", "--nproc_per_node", "2", *logs, *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -35,7 +39,7 @@ def launch_lines(result) -> list[str]:
 
 
 def test_settings_error_is_one_line_from_rank_0_with_its_status():
-    result = launch(PROBE, "--mode", "setting-error")
+    result = launch(PROBE, "--mode", "setting-error")  # default log folder: a fresh one under the temp dir
     assert result.returncode == 2
     out = result.stdout + result.stderr
     assert out.count("[probe] error: items=-1 is invalid") == 2  # the app's line (rank 0 only) + the launcher's
@@ -48,12 +52,15 @@ def test_settings_error_is_one_line_from_rank_0_with_its_status():
     log = Path(line.split(" -- log: ")[1].split(" (")[0])
     assert log.name == "stderr.log" and log.parent.name == "0"
     assert "[probe] error: items=-1" in log.read_text()
+    root = log.parents[3]
+    assert root.name.startswith("taylorseer-launch-") and root.parent == Path(tempfile.gettempdir())
+    shutil.rmtree(root)
 
 
 @pytest.mark.parametrize("bad_rank", [0, 1])
-def test_crash_names_the_rank_that_raised_and_its_traceback_log(bad_rank):
+def test_crash_names_the_rank_that_raised_and_its_traceback_log(bad_rank, tmp_path):
     """The other rank fails too (its peer closed the connection); the one that raised is reported."""
-    result = launch(PROBE, "--mode", "crash", "--bad-rank", str(bad_rank))
+    result = launch(PROBE, "--mode", "crash", "--bad-rank", str(bad_rank), log_dir=tmp_path)
     assert result.returncode == 1
     assert "ChildFailedError" not in result.stderr
     (line,) = launch_lines(result)
@@ -67,7 +74,7 @@ def test_crash_names_the_rank_that_raised_and_its_traceback_log(bad_rank):
 def test_success_prints_no_report_and_keeps_explicit_options(tmp_path):
     out = tmp_path / "report.json"
     logs = tmp_path / "logs"
-    result = launch("--log-dir", str(logs), PROBE, "--out", str(out), "--items", "4")
+    result = launch(PROBE, "--out", str(out), "--items", "4", log_dir=logs)
     assert result.returncode == 0, result.stderr
     assert launch_lines(result) == []
     assert len(json.loads(out.read_text())["views"]) == 2
@@ -105,7 +112,7 @@ def test_sweep_in_process_under_the_launcher(tmp_path):
     """Hydra's basic launcher under `taylorseer.launch`: every run of the sweep joins the same 2 ranks (the
     process group is made once per process and reused)."""
     result = launch(TOY, "--multirun", f"out_root={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                    "a=1,2", "num_items=5", timeout=300)
+                    "a=1,2", "num_items=5", log_dir=tmp_path / "logs", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for a in (1, 2):
         summary = json.loads((tmp_path / "toy" / f"a{a}-b1" / "summary.json").read_text())
