@@ -65,7 +65,9 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether this process joins a process group: several ranks, or any process torchrun started
+        (``--nproc_per_node 1`` too, so code written for a group runs the same with one rank)."""
+        return self.world_size > 1 or self.source == "torchrun"
 
 
 def _int(environ: Mapping[str, str], key: str) -> int:
@@ -179,8 +181,8 @@ def select_device(requested: str, env: DistEnv) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError(f"device={requested!r} but no CUDA device is visible: use device=cpu or run on a GPU node")
     count = torch.cuda.device_count()
-    if not env.distributed:
-        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if env.world_size == 1:
+        return device if device.index is not None else torch.device("cuda", min(env.local_rank, count - 1))
     if device.index is not None:
         raise ValueError(f"device={requested!r} with {env.world_size} ranks would put every rank of a node on one "
                          f"GPU: use device=cuda (each rank takes the GPU of its local rank)")

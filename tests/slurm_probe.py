@@ -1,6 +1,6 @@
 """A tiny entry point the distributed, launcher and Slurm tests start under torchrun, srun or alone.
 
-    python tests/slurm_probe.py --out report.json [--items 10] [--mode ok|setting-error|crash|late]
+    python tests/slurm_probe.py --out report.json [--items 10] [--mode ok|setting-error|crash|late] [--device cpu]
 
 ``ok``: joins the ranks through :func:`taylorseer.distributed.init`, takes its shard of ``--items``,
 checks the group really works (an all-reduce of the shard sizes), gathers every rank's view to rank 0,
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bad-rank", type=int, default=1)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--barrier-timeout", type=float, default=None)
     args = parser.parse_args(argv)
 
@@ -40,20 +41,21 @@ def main(argv=None) -> int:
         if distributed.is_main_process():
             print("[probe] error: items=-1 is invalid: expected >= 0", file=sys.stderr)
         return 2
-    with distributed.init("cpu", timeout_s=args.timeout) as session:
+    with distributed.init(args.device, timeout_s=args.timeout) as session:
         if args.mode == "crash" and session.rank == args.bad_rank:
             raise RuntimeError(f"probe crashed on purpose on rank {session.rank}")
         mine = session.shard(range(args.items))
-        total = torch.tensor([len(mine)])
-        if session.world_size > 1:
+        total = torch.tensor([len(mine)], device=session.device)  # nccl reduces CUDA tensors only
+        if session.backend is not None:
             dist.all_reduce(total)
         if args.mode == "late" and session.rank == args.bad_rank:
             time.sleep(args.sleep)
         session.barrier(args.barrier_timeout)
         view = {"rank": session.rank, "world_size": session.world_size, "local_rank": session.local_rank,
                 "local_world_size": session.env.local_world_size, "source": session.env.source,
-                "backend": session.backend, "master": f"{session.env.master_addr}:{session.env.master_port}",
-                "items": mine, "total_items": int(total.item()), "pid": os.getpid()}
+                "backend": session.backend, "device": str(session.device),
+                "master": f"{session.env.master_addr}:{session.env.master_port}", "items": mine,
+                "total_items": int(total.item()), "pid": os.getpid()}
         views = session.gather(view)
         if session.is_main and args.out is not None:
             runs.write_json(args.out, {"views": views})

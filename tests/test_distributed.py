@@ -43,6 +43,12 @@ def test_torchrun_variables():
     assert not distributed.is_main_process({"RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
 
 
+def test_torchrun_with_one_process_still_joins_a_group():
+    env = detect({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert env.distributed and env.world_size == 1
+    assert not detect({}).distributed
+
+
 def test_torchrun_variables_win_over_slurm_ones():
     """`srun torchrun ...`: the processes torchrun starts carry both; torchrun's view is the true one."""
     env = detect({**slurm_step_env(0), "RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "MASTER_ADDR": "n0",
@@ -146,6 +152,32 @@ def test_cuda_without_a_gpu_names_the_fix():
     with pytest.raises(ValueError, match="use device=cpu"):
         distributed.select_device("cuda", DistEnv())
     assert distributed.select_device("auto", DistEnv()) == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_one_gpu_per_local_rank():
+    """On a GPU node: every rank takes the GPU of its local rank, or GPU 0 when it sees only its own."""
+    count = torch.cuda.device_count()
+    two = DistEnv(1, 2, 1, 2, "h", 1, "slurm")
+    assert distributed.select_device("cuda", two) == torch.device("cuda", 1 if count > 1 else 0)
+    assert distributed.select_device("auto", DistEnv()) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="use device=cuda \\(each rank takes the GPU of its local rank\\)"):
+        distributed.select_device("cuda:0", two)
+
+
+@pytest.mark.gpu
+def test_nccl_group_under_torchrun(tmp_path):
+    """The GPU path: nccl for the default group (one GPU per local rank), gloo for barrier and gather."""
+    out = tmp_path / "report.json"
+    nproc = str(torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc, PROBE,
+           "--out", str(out), "--items", "5", "--device", "cuda", "--timeout", "120"]
+    result = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    views = json.loads(out.read_text())["views"]
+    assert [(v["rank"], v["backend"], v["device"]) for v in views] == [
+        (r, "nccl", f"cuda:{r}") for r in range(int(nproc))]
+    assert {v["total_items"] for v in views} == {5}  # an all-reduce of CUDA tensors over nccl
 
 
 # ---- two real processes -----------------------------------------------------------------------------------
