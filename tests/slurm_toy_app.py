@@ -67,7 +67,8 @@ def run(cfg: DictConfig) -> dict:
         session.barrier()  # every rank done before rank 0 writes what covers all of them
         views = session.gather({"rank": session.rank, "made": made, "source": session.env.source})
         summary = {"a": cfg.a, "b": cfg.b, "world_size": session.world_size, "ranks": views,
-                   "job_id": os.environ.get("SLURM_JOB_ID"), "attempt": attempt}
+                   "job_id": os.environ.get("SLURM_JOB_ID"), "attempt": attempt,
+                   "setup": os.environ.get("TOY_SETUP")}  # set by a launcher setup line in the tests
         if session.is_main:
             runs.write_json(out_dir / "summary.json", summary)
     return summary

@@ -119,3 +119,24 @@ def test_sweep_in_process_under_the_launcher(tmp_path):
         assert summary["world_size"] == 2
         assert [(r["rank"], r["made"], r["source"]) for r in summary["ranks"]] == [
             (0, [0, 2, 4], "torchrun"), (1, [1, 3], "torchrun")]
+
+
+def test_local_launcher_runs_each_job_on_its_tasks_and_reports_failures(tmp_path):
+    """`hydra/launcher=local` (submitit's local executor): a job's 2 tasks are 2 gloo ranks, and a failed
+    job comes back with its traceback and log path, as on Slurm."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from slurm_sweep import submit_sweep
+
+    result = submit_sweep(TOY, ["a=4", "num_items=5", "fail=false,true", "hydra.launcher.tasks_per_node=2"],
+                          launcher="local", out_root=tmp_path, timeout=300, extra_env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    summary = json.loads((tmp_path / "toy" / "a4-b1" / "summary.json").read_text())
+    assert [(r["rank"], r["made"], r["source"]) for r in summary["ranks"]] == [
+        (0, [0, 2, 4], "submitit-local"), (1, [1, 3], "submitit-local")]
+    failed = result.job_ids[1]
+    m = re.search(rf"JobFailedError: job {failed} task 0 of 2 \(.*fail=True\) failed: RuntimeError: toy run a=4 b=1 "
+                  rf"fails on purpose -- log: (\S+) \(task t: (\S+)\)", result.stderr)
+    assert m, result.stderr[-3000:]
+    assert Path(m.group(1)) == result.log(failed) and m.group(2).endswith(f"{failed}_<t>_log.err")
+    assert "--- the job's traceback ---" in result.stderr
+    assert json.loads((result.sweep_dir / "1" / "job_failed.json").read_text())["error_type"] == "RuntimeError"

@@ -46,6 +46,36 @@ def check_items(run_dir: Path, a: int, b: int, num_items: int) -> None:
     assert sorted(made) == list(range(num_items))  # nothing lost, nothing made twice
 
 
+def test_launcher_configs_compose_with_commented_values():
+    """`hydra/launcher=slurm|local` compose onto hydra-submitit-launcher's typed configs (a misspelt key
+    fails), switch the failure callback on, and every value a user sets carries a comment."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = {"slurm": ["hydra.launcher.partition=gpu", "hydra.launcher.account=proj",
+                           "hydra.launcher.gpus_per_node=8", "hydra.launcher.tasks_per_node=8",
+                           "hydra.launcher.setup=[module load cuda]"],
+                 "local": ["hydra.launcher.tasks_per_node=2"]}
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        for name, extra in overrides.items():
+            cfg = compose("base", overrides=[f"hydra/launcher={name}", *extra], return_hydra_config=True)
+            launcher = cfg.hydra.launcher
+            assert launcher._target_.endswith(f"{name.capitalize()}Launcher")
+            assert cfg.hydra.callbacks.sweep_failures._target_ == "taylorseer.slurm_launcher.SweepFailures"
+            assert launcher.submitit_folder.endswith("/.submitit/%j")
+            if name == "slurm":
+                assert (launcher.partition, launcher.account, launcher.gpus_per_node, launcher.tasks_per_node,
+                        list(launcher.setup)) == ("gpu", "proj", 8, 8, ["module load cuda"])
+            else:
+                assert launcher.tasks_per_node == 2
+            text = (REPO / "configs" / "hydra" / "launcher" / f"{name}.yaml").read_text()
+            settings = [line for line in text.splitlines() if re.match(r"^[a-z_]+:", line) and line != "defaults:"]
+            assert len(settings) >= (14 if name == "slurm" else 4)
+            assert [line for line in settings if "#" not in line] == []
+    with pytest.raises(Exception, match="partiton"), initialize_config_dir(config_dir=str(REPO / "configs"),
+                                                                           version_base=None):
+        compose("base", overrides=["hydra/launcher=slurm", "hydra.launcher.partiton=gpu"], return_hydra_config=True)
+
+
 def test_skip_reason_says_how_to_enable_slurm():
     reason = why_unavailable(path="/nonexistent")
     assert "Slurm programs not installed (slurmctld, slurmd" in reason
@@ -67,10 +97,19 @@ def test_srun_step_of_two_tasks_forms_a_gloo_group(slurm_cluster, tmp_path):
 
 
 def test_sweep_2x2_completes(slurm_cluster, tmp_path):
-    result = submit_sweep(TOY, ["a=1,2", "b=1,2", "num_items=4"], slurm_cluster, out_root=tmp_path, timeout=300)
+    """Cluster settings are plain overrides: partition, setup lines (run before the tasks start), time."""
+    result = submit_sweep(TOY, ["a=1,2", "b=1,2", "num_items=4", f"hydra.launcher.partition={slurm_cluster.partition}",
+                                "hydra.launcher.setup=[\"export TOY_SETUP=loaded\"]", "hydra.launcher.timeout_min=30"],
+                          slurm_cluster, out_root=tmp_path, timeout=300)
     report("2x2 sweep", result)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(result.job_ids) == 4 and len({j.split("_")[0] for j in result.job_ids}) == 1  # one job array
+    array = result.job_ids[0].split("_")[0]
+    script = (result.sweep_dir / ".submitit" / array / f"{array}_submission.sh").read_text()
+    for line in (f"#SBATCH --partition={slurm_cluster.partition}", "#SBATCH --time=30", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --array=0-3%4", "#SBATCH --ntasks-per-node=1", "export TOY_SETUP=loaded"):
+        assert line in script.splitlines(), line
+    assert {info["Partition"] for info in result.jobs.values()} == {slurm_cluster.partition}
     assert {info["JobState"] for info in result.jobs.values()} == {"COMPLETED"}
     for a in (1, 2):
         for b in (1, 2):
@@ -78,6 +117,7 @@ def test_sweep_2x2_completes(slurm_cluster, tmp_path):
             check_items(run_dir, a, b, 4)
             summary = json.loads((run_dir / "summary.json").read_text())
             assert summary["world_size"] == 1 and summary["job_id"] in {i["JobId"] for i in result.jobs.values()}
+            assert summary["setup"] == "loaded"
     assert not list(result.sweep_dir.rglob("job_failed.json"))
 
 
