@@ -213,7 +213,7 @@ class Session:
     def __init__(self, env: DistEnv, device: torch.device, backend: str | None, timeout_s: float, control=None):
         self.env, self.device, self.backend, self.timeout_s = env, device, backend, timeout_s
         self._control = control  # the gloo group (None: the default group is gloo already)
-        self._open = backend is not None
+        self._closed = False
 
     rank = property(lambda self: self.env.rank)
     world_size = property(lambda self: self.env.world_size)
@@ -229,7 +229,7 @@ class Session:
 
         A rank that died closes its connections, so the others fail at once rather than at the timeout.
         """
-        if not self._open:
+        if self._alone():
             return
         import torch.distributed as dist
 
@@ -247,7 +247,7 @@ class Session:
             text = json.dumps(obj, sort_keys=True)
         except (TypeError, ValueError) as err:
             raise ValueError(f"gather() takes JSON-able results (dict, list, str, numbers): {err}") from err
-        if not self._open:
+        if self._alone():
             return [json.loads(text)]
         import torch.distributed as dist
 
@@ -255,10 +255,16 @@ class Session:
         dist.gather_object(text, out, dst=0, group=self._control)
         return [json.loads(t) for t in out] if self.is_main else None
 
+    def _alone(self) -> bool:
+        """True in a world of one (no group: nothing to wait for); a closed session refuses to meet."""
+        if self._closed:
+            raise DistributedSetupError("this session is closed: call distributed.init() again")
+        return self.backend is None
+
     def close(self) -> None:
         """End this session. The process group stays up for the next :func:`init` in this process (a
         sweep run in-process under torchrun joins it again); :func:`shutdown` or the exit tears it down."""
-        self._open = False
+        self._closed = True
 
     def __enter__(self) -> Session:
         return self

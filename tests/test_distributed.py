@@ -145,6 +145,8 @@ def test_single_session_needs_no_group(monkeypatch):
         assert session.shard(range(3)) == [0, 1, 2]
         with pytest.raises(ValueError, match="JSON-able"):
             session.gather({"tensor": torch.zeros(1)})
+    with pytest.raises(DistributedSetupError, match="closed"):
+        session.barrier()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only machine gives")
