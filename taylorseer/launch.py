@@ -1,0 +1,143 @@
+"""torchrun, with a failed rank reported in one line instead of torch's ChildFailedError traceback.
+
+    python -m taylorseer.launch --nproc_per_node 8 -m taylorseer_dit.sample_ddp num_samples=50000
+    python -m taylorseer.launch --nnodes 2 --rdzv-backend c10d --rdzv-endpoint host:29500 -m ... # any torchrun option
+
+Everything runs through ``torch.distributed.run``'s own parser and elastic agent (no process spawning
+here). Only two defaults differ from plain torchrun, and an explicit option wins over each:
+
+* every rank's stdout and stderr are teed into ``--log-dir`` (default: a fresh temporary folder,
+  ``<log-dir>/<run id>/attempt_<k>/<local rank>/stderr.log``) and the console shows local rank 0
+  (``--tee 3 --local-ranks-filter 0``), so K ranks failing alike print their error once;
+* a failed child ends the launch with one line on stderr, ``[launch] rank R failed: <its message> --
+  log: <its stderr.log> (rank 0 exit code 2, rank 1 killed by SIGTERM)``, and the launcher exits with
+  the status of the first rank that exited with an error (128 + N for a child killed by signal N).
+
+The message is the child's own one-line error (``[app] error: ...``), else the last line of its
+Python traceback, else the message torch recorded through ``@record``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+TAG = "[launch]"
+_NOISY_LOGGERS = {  # torch's own reports of what this module reports in one line
+    "torch.distributed.run": logging.ERROR,  # the OMP_NUM_THREADS banner (torchrun sets it to 1 unless set)
+    "torch.distributed.elastic.multiprocessing.api": logging.CRITICAL,  # "failed (exitcode: 2) local_rank: ..."
+    "torch.distributed.elastic.agent.server.api": logging.ERROR,
+    "torch.distributed.launcher.api": logging.ERROR,
+}
+_APP_ERROR = re.compile(r"^\[[\w.-]+\] error: ")  # the apps' one-line settings errors (runs.clear_errors)
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+_PREFIX = re.compile(r"^\[(rank|default)\d+\]:\s?")  # torch's per-rank prefixes
+# errors a rank gets because a peer died first (gloo/NCCL/store): reported after the peer's own error
+_PEER_DIED = re.compile(r"by peer|broken pipe|monitoredBarrier|remote (worker|process|peer)"
+                        r"|ranks? \d+ .*(closed|timed out)|waiting for clients|the other ranks", re.IGNORECASE)
+
+
+def _stderr_log(log_dir: Path, local_rank: int) -> Path | None:
+    """The newest ``stderr.log`` torch wrote for ``local_rank`` under ``log_dir``."""
+    logs = list(log_dir.glob(f"*/attempt_*/{local_rank}/stderr.log"))
+    return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
+
+
+def _message_from_log(path: Path | None) -> str:
+    if path is None:
+        return ""
+    try:
+        lines = [_PREFIX.sub("", line).strip() for line in path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [line for line in lines if line]
+    for pattern in (_APP_ERROR, _EXCEPTION):
+        found = [line for line in lines if pattern.match(line)]
+        if found:
+            return found[-1]
+    return lines[-1] if lines else ""
+
+
+def _message_from_record(failure) -> str:
+    """What ``@record`` wrote into the error file (a string or {"message": ...})."""
+    if failure.error_file_data in (None, {}) or not failure.error_file or failure.error_file == "<N/A>":
+        return ""  # torch made the message up (a signal, "to enable traceback see ..."): not the child's words
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    message = str(message or "")
+    if "pytorch.org/docs/stable/elastic/errors.html" in message:  # torch's placeholder when nothing was recorded
+        return ""
+    if message.lstrip().startswith("{"):
+        try:
+            message = json.loads(message).get("message", message)
+        except (ValueError, AttributeError):
+            pass
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def describe_failure(failures: dict, log_dir: Path | None) -> tuple[str, int]:
+    """One line for a launch whose children failed, and the exit status to keep.
+
+    ``failures`` maps global rank -> torch's ``ProcessFailure``. The rank reported is the one that said
+    why: a rank that printed an error of its own comes before one whose error says a peer went away
+    (connection closed by peer, a missed barrier) and before one that printed nothing (the apps print
+    settings errors on rank 0 only); then one that exited by itself before one the agent stopped by
+    signal afterwards; then the earliest last write of its log; then the lowest rank. The exit status
+    is that of the first rank that exited with an error by itself.
+    """
+    rows = []
+    for rank, failure in failures.items():
+        log = _stderr_log(log_dir, failure.local_rank) if log_dir is not None else None
+        message = _message_from_log(log) or _message_from_record(failure)
+        when = log.stat().st_mtime if log is not None else float(failure.timestamp)
+        key = (not message, bool(_PEER_DIED.search(message)), failure.exitcode <= 0, when, rank)
+        rows.append({"rank": rank, "failure": failure, "message": message, "log": log, "key": key})
+    rows.sort(key=lambda row: row["key"])
+    first = rows[0]
+    status = next((row["failure"].exitcode for row in rows if row["failure"].exitcode > 0), first["failure"].exitcode)
+
+    def what(failure) -> str:
+        return f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"killed by {failure.signal_name()}"
+
+    line = f"{TAG} rank {first['rank']} failed: {first['message'] or 'it printed no error'}"
+    line += f" -- log: {first['log']}" if first["log"] else " -- no log file (pass --tee 3 to keep one)"
+    # a rank that failed is often stopped by the agent before it exits by itself: every status, in rank order
+    line += " (" + ", ".join(f"rank {row['rank']} {what(row['failure'])}"
+                             for row in sorted(rows, key=lambda row: row["rank"])) + ")"
+    return line, _exit_status(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = torchrun.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.tee == "0" and args.redirects == "0":  # the user chose no output handling: ours
+        args.tee = "3"
+        if not args.local_ranks_filter:
+            args.local_ranks_filter = "0"
+    if args.log_dir is None:
+        args.log_dir = tempfile.mkdtemp(prefix="taylorseer-launch-")
+    for name, level in _NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        torchrun.run(args)
+    except ChildFailedError as err:
+        line, status = describe_failure(err.failures, Path(args.log_dir))
+        print(line, file=sys.stderr, flush=True)
+        return status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
