@@ -1,7 +1,8 @@
 """Many samples for FID, data-parallel over ranks (torchrun), resumable, packed into an ADM ``.npz``.
 
-    torchrun --nproc_per_node 8 -m taylorseer_dit.sample_ddp num_samples=50000 cache.interval=4
-    bash scripts/sample_dit_ddp.sh num_samples=50000            # the same, one process per GPU
+    NPROC=8 bash scripts/sample_dit_ddp.sh num_samples=50000 cache.interval=4   # one process per GPU
+    python -m taylorseer.launch --nproc_per_node 8 -m taylorseer_dit.sample_ddp num_samples=50000  # the same
+    srun --ntasks-per-node 8 --gpus-per-node 8 python -m taylorseer_dit.sample_ddp ...             # Slurm tasks
 
 Sample ``i`` (0 <= i < num_samples) is a function of ``(seed, i)`` alone: its class is drawn from a
 generator seeded ``(seed << 32) + i + 2**31`` and its noise from one seeded ``(seed << 32) + i``. (DiT's
@@ -15,19 +16,17 @@ rewrites metrics.json as batches finish, and packs ``samples_<N>.npz`` once ever
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
 import taylorseer
-from taylorseer import CacheConfig, runfolder, runs
+from taylorseer import CacheConfig, distributed, runfolder, runs
 from taylorseer.settings import Setting
 
 from .diffusion import GaussianDiffusion
@@ -39,17 +38,6 @@ CONFIG_NAME = "sample_dit_ddp"  # configs/sample_dit_ddp.yaml
 SCHEMA = {**SAMPLING_SCHEMA, "num_samples": Setting("int", minimum=1), "class_labels": Setting("list"),
           "compare_uncached": Setting("bool"), "grid_nrow": Setting("int", minimum=1)}
 NOT_USED_HERE = ("grid_nrow", "class_labels", "compare_uncached")  # inherited from sample_dit.yaml
-
-
-def setup_distributed() -> tuple[int, int]:
-    """(rank, world size); a plain ``python -m`` run is a world of one."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
 
 
 def class_label(seed: int, index: int, num_classes: int) -> int:
@@ -68,57 +56,36 @@ def pack_npz(sample_dir: Path, num_samples: int, out_path: Path) -> Path:
     return out_path
 
 
-def _claim(out_dir: Path, ident: dict, rank: int, world: int) -> runfolder.RunFolder | None:
-    """Rank 0 checks and takes the run folder; every rank learns whether it may go on."""
-    folder, error = None, None
-    if rank == 0:
-        try:
-            folder = runfolder.RunFolder.open(out_dir, ident)
-        except ValueError as err:
-            error = str(err)
-    if world > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise runfolder.RunFolderError(error)
-    return folder
-
-
 def main(cfg: DictConfig) -> Path:
     cache_config = validate(cfg, SCHEMA, TAG, check_labels=False)  # classes are drawn per sample
-    rank, world = setup_distributed()
-    device = runs.resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
+    session = distributed.init(cfg.device)  # torchrun, a Slurm step with K tasks, or a single process
+    device, rank, world = session.device, session.rank, session.world_size
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out_dir = run_dir(cfg)
     sample_dir = out_dir / "samples"
     npz = out_dir / f"samples_{cfg.num_samples}.npz"
     ident = run_identity(cfg, device, dtype, weights_identity(cfg), NOT_USED_HERE)
     if _finished(out_dir, ident, cfg.num_samples, npz):  # a rerun of a finished sweep point: no model loaded
-        if rank == 0:
+        if session.is_main:
             print(f"[{TAG}] {out_dir} is complete ({cfg.num_samples} samples, {npz.name}); nothing to do")
-        _teardown(world)
         return npz
     model, vae = load_model(cfg, device, dtype)
     diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler, spacing=cfg.spacing)
-    folder = _claim(out_dir, ident, rank, world)
+    folder = runfolder.claim(out_dir, ident, session)
     try:
-        if rank == 0:
+        if session.is_main:
             runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         records = runfolder.Records(out_dir, writer=f"rank{rank}")
         done = records.done(lambda r: [r["file"]])
         todo = [i for i in range(cfg.num_samples) if i not in done]
-        if world > 1:
-            dist.barrier()  # every rank has read the same state before anyone writes
-        mine = todo[rank::world]
+        session.barrier()  # every rank has read the same state before anyone writes
+        mine = session.shard(todo)
         attach_cache(model, cache_config, cfg.num_steps)
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
-        if rank == 0:
+        if session.is_main:
             print(f"[{TAG}] {cfg.num_samples} samples, {len(todo)} to make on {world} rank(s) -> {sample_dir}")
         batches = [mine[k:k + cfg.batch_size] for k in range(0, len(mine), cfg.batch_size)]
-        for b, batch in enumerate(tqdm(batches, disable=rank != 0 or not cfg.progress, desc="batches")):
+        for b, batch in enumerate(tqdm(batches, disable=not session.is_main or not cfg.progress, desc="batches")):
             seeds = [sample_seed(cfg.seed, i) for i in batch]
             labels = torch.tensor([class_label(cfg.seed, i, cfg.model.num_classes) for i in batch])
             timing: dict = {}
@@ -131,20 +98,20 @@ def main(cfg: DictConfig) -> Path:
                 records.append(dict(index=i, label=int(labels[k]), seed=seeds[k], file=name,
                                     latency_s=timing["seconds"] / len(batch), rank=rank, world_size=world,
                                     cache_bytes=taylorseer.get_cache(model).nbytes()))
-            if rank == 0 and b % 10 == 9:
+            if session.is_main and b % 10 == 9:
                 _write_metrics(out_dir, cfg, cache_config, flops, device, world)
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
+        session.barrier(distributed.WAIT_FOR_PEERS_S)  # the others may have a batch more to make
+        if session.is_main:
             metrics = _write_metrics(out_dir, cfg, cache_config, flops, device, world, npz)
             if metrics["num_items"] < cfg.num_samples:
                 raise RuntimeError(f"only {metrics['num_items']} of {cfg.num_samples} samples are in {sample_dir}")
             pack_npz(sample_dir, cfg.num_samples, npz)
             print(f"[{TAG}] wrote {npz} ({len(todo)} new samples this run)")
-        _teardown(world)
+        session.barrier()
     finally:
         if folder is not None:
             folder.close()
+        session.close()
     return npz
 
 
@@ -165,12 +132,6 @@ def _finished(out_dir: Path, ident: dict, num_samples: int, npz: Path) -> bool:
         return False
     done = runfolder.Records(out_dir).done(lambda r: [r["file"]])
     return all(i in done for i in range(num_samples))
-
-
-def _teardown(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _write_metrics(out_dir: Path, cfg: DictConfig, cache_config: CacheConfig, flops, device, world: int,

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 
 DEFAULT_TIMEOUT_S = 600.0  # process-group formation and collectives; a barrier may pass its own
+# The end-of-run barrier: peers may still be sampling their last share (a dead peer fails it at once).
+WAIT_FOR_PEERS_S = 48 * 3600.0
 _PORT_RANGE = (20000, 60000)
 
 
@@ -254,6 +256,18 @@ class Session:
         out = [None] * self.world_size if self.is_main else None
         dist.gather_object(text, out, dst=0, group=self._control)
         return [json.loads(t) for t in out] if self.is_main else None
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (JSON-able, like :meth:`gather`): e.g. whether rank 0 could claim
+        the run folder, so that every rank stops with the same one-line error."""
+        text = json.dumps(obj, sort_keys=True)
+        if self._alone():
+            return json.loads(text)
+        import torch.distributed as dist
+
+        box = [text if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self._control)
+        return json.loads(box[0])
 
     def _alone(self) -> bool:
         """True in a world of one (no group: nothing to wait for); a closed session refuses to meet."""

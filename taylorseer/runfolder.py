@@ -188,6 +188,22 @@ class RunFolder:
         self.close()
 
 
+def claim(path: str | Path, ident: dict, session) -> RunFolder | None:
+    """:meth:`RunFolder.open` for data-parallel runs: rank 0 checks the identity and holds the lock, every
+    rank of ``session`` (a :class:`taylorseer.distributed.Session`) learns the outcome, so a refusal stops
+    them all with the same one line. Returns the folder on rank 0, None elsewhere."""
+    folder, error = None, None
+    if session.is_main:
+        try:
+            folder = RunFolder.open(path, ident)
+        except ValueError as err:
+            error = str(err)
+    error = session.broadcast(error)
+    if error is not None:
+        raise RunFolderError(error)
+    return folder
+
+
 def _take_lock(path: Path):
     import fcntl
 

@@ -231,7 +231,9 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
             try:
                 return fn(*args, **kwargs)
             except caught as err:
-                if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+                from .distributed import is_main_process
+
+                if is_main_process():
                     print(f"[{tag}] error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
                 if _in_multirun():
                     raise  # Hydra records the failed job, goes on with the others and reports it at the end
