@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from taylorseer import CacheConfig, runfolder, runs, settings
+from taylorseer import CacheConfig, distributed, runfolder, runs, settings
 from taylorseer.diffusers_io import read_prompts, weights_fingerprint
 from taylorseer.peers import IMPLS
 from taylorseer.settings import Setting
@@ -130,9 +130,19 @@ def finished_records(out_dir: Path, names: dict[int, str], compare: bool) -> dic
     return {i: r for i, r in done.items() if names.get(i) == r["file"] and (not compare or "psnr" in r)}
 
 
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
+    """The run; data-parallel over the ranks of torchrun or a Slurm step (each rank a share of the images).
+    Returns the metrics on the main process (None on the others)."""
     cache_config, prompts = validate(cfg)
-    device = runs.resolve_device(cfg.device)
+    session = distributed.init(cfg.device)
+    try:
+        return _run(cfg, cache_config, prompts, session)
+    finally:
+        session.close()
+
+
+def _run(cfg, cache_config, prompts, session) -> dict | None:
+    device = session.device
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out_dir = run_dir(cfg)
     items, names = plan(cfg, prompts)
@@ -143,10 +153,13 @@ def main(cfg: DictConfig) -> dict:
     compare = bool(cfg.compare_uncached and cache_config.enabled)
     done = finished_records(out_dir, names, compare)
     if all(index in done for index, _ in items):  # a rerun of a finished run (a sweep point): nothing to load
-        with runfolder.RunFolder.open(out_dir, run_identity(cfg, prompts, device, dtype, weights)):
+        folder = runfolder.claim(out_dir, run_identity(cfg, prompts, device, dtype, weights), session)
+        if folder is None:
+            return None
+        with folder:
             config, vae_scale = flux_configs(cfg.model.path)
-            flops = count_flops(cfg, cache_config, config, vae_scale, {})
-            metrics = _metrics(cfg, cache_config, flops, done, device, dtype)
+            metrics = _metrics(cfg, cache_config, count_flops(cfg, cache_config, config, vae_scale, {}), done,
+                               device, dtype, complete=True)
             runs.write_metrics(out_dir, metrics)
         print(f"[{TAG}] all {len(items)} images are already in {out_dir}; metrics.json rewritten")
         return metrics
@@ -158,32 +171,40 @@ def main(cfg: DictConfig) -> dict:
 
     pipe = load_flux(cfg.model.path, pipeline=cfg.model.pipeline, dtype=dtype, device=device,
                      cpu_offload=cfg.cpu_offload, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
-    ident = run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path))
-    with runfolder.RunFolder.open(out_dir, ident):
-        return _sample(cfg, cache_config, items, names, pipe, image, out_dir, device, dtype)
+    folder = runfolder.claim(out_dir, run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path)),
+                             session)
+    try:
+        return _sample(cfg, cache_config, items, names, pipe, image, out_dir, session, dtype)
+    finally:
+        if folder is not None:
+            folder.close()
 
 
-def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, device, dtype) -> dict:
+def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, session, dtype) -> dict | None:
+    device = session.device
     handle = FluxCache(pipe, cache_config, cfg.num_steps, forecast_text=cfg.forecast_text, impl=cfg.cache_impl)
     handle.attach()
     compare = bool(cfg.compare_uncached and cache_config.enabled)
     call = dict(num_steps=cfg.num_steps, height=cfg.height, width=cfg.width, guidance_scale=cfg.guidance_scale,
                 true_cfg_scale=cfg.true_cfg_scale, negative_prompt=cfg.negative_prompt,
                 max_sequence_length=cfg.max_sequence_length, image=image, device=device)
-    runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    records = runfolder.Records(out_dir)
-    done = finished_records(out_dir, names, compare)
-    todo = [item for item in items if item[0] not in done]
+    if session.is_main:
+        runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    records = runfolder.Records(out_dir, writer=f"rank{session.rank}")
+    todo = [item for item in items if item[0] not in finished_records(out_dir, names, compare)]
+    session.barrier()  # every rank has read the same state before anyone writes
+    mine = session.shard(todo)
 
     shapes = _ShapeCapture(pipe.transformer)
-    if todo and cfg.warmup:
+    if mine and cfg.warmup:
         # Untimed: the first call of a process pays for kernel selection and allocator growth.
-        generate(pipe, [todo[0][1]], [cfg.seed], **{**call, "num_steps": min(2, cfg.num_steps)}, output_type="latent")
+        generate(pipe, [mine[0][1]], [cfg.seed], **{**call, "num_steps": min(2, cfg.num_steps)}, output_type="latent")
     runs.reset_peak_memory(device)
     flops = None
-    bar = tqdm(total=len(todo), disable=not cfg.progress or not todo, desc=f"flux {cache_config.tag}", unit="img")
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start:start + cfg.batch_size]
+    bar = tqdm(total=len(mine), disable=not cfg.progress or not mine or not session.is_main,
+               desc=f"flux {cache_config.tag}", unit="img")
+    for start in range(0, len(mine), cfg.batch_size):
+        batch = mine[start:start + cfg.batch_size]
         indices, batch_prompts = [i for i, _ in batch], [p for _, p in batch]
         seeds = [cfg.seed + i for i in indices]
         gen = generate(pipe, batch_prompts, seeds, **call)
@@ -197,7 +218,7 @@ def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, device,
         for k, (index, prompt) in enumerate(batch):
             record = dict(index=index, prompt=prompt, seed=seeds[k], file=names[index],
                           latency_s=gen.seconds / len(batch), cache_bytes=gen.cache_bytes,
-                          full_steps=gen.full_steps)
+                          full_steps=gen.full_steps, rank=session.rank)
             if reference is not None:
                 x, ref = to_tensor([gen.images[k]]), to_tensor([reference.images[k]])
                 record.update(uncached_latency_s=reference.seconds / len(batch),
@@ -205,15 +226,22 @@ def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, device,
                 runs.save_image(out_dir / "uncached" / names[index], reference.images[k])
             runs.save_image(out_dir / names[index], gen.images[k])
             records.append(record)
-            done[index] = record
         flops = flops or count_flops(cfg, cache_config, dict(pipe.transformer.config), pipe.vae_scale_factor,
                                      shapes.found)
-        runs.write_metrics(out_dir, _metrics(cfg, cache_config, flops, done, device, dtype))
+        if session.is_main:  # every rank's records so far: true after a kill
+            so_far = finished_records(out_dir, names, compare)
+            runs.write_metrics(out_dir, _metrics(cfg, cache_config, flops, so_far, device, dtype,
+                                                 complete=len(so_far) == len(items)))
         bar.update(len(batch))
     bar.close()
     shapes.remove()
     flops = flops or count_flops(cfg, cache_config, dict(pipe.transformer.config), pipe.vae_scale_factor, shapes.found)
-    metrics = _metrics(cfg, cache_config, flops, done, device, dtype)
+    session.barrier(distributed.WAIT_FOR_PEERS_S)  # the others may have a batch more to make
+    if not session.is_main:
+        return None
+    done = finished_records(out_dir, names, compare)
+    metrics = _metrics(cfg, cache_config, flops, done, device, dtype, world_size=session.world_size,
+                       complete=len(done) == len(items))
     runs.write_metrics(out_dir, metrics)
     print(f"[{TAG}] {len(todo)} new, {len(done)} images in {out_dir}")
     summary = (f"[{TAG}] {cache_config.tag}: {metrics.get('full_steps', '?')}/{cfg.num_steps} full steps, FLOPs "
@@ -255,8 +283,8 @@ def count_flops(cfg: DictConfig, cache_config: CacheConfig, transformer_config: 
                             impl=cfg.cache_impl)
 
 
-def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, device, dtype) -> dict:
-    extra = dict(model=OmegaConf.to_container(cfg.model, resolve=True), run_device=str(device),
+def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, device, dtype, **more) -> dict:
+    extra = dict(**more, model=OmegaConf.to_container(cfg.model, resolve=True), run_device=str(device),
                  dtype=str(dtype).replace("torch.", ""), seed=cfg.seed, calls_per_step=flops.calls_per_step,
                  run_config=OmegaConf.to_container(cfg, resolve=True))
     return runs.sampling_metrics(cache_config, flops, [records[i] for i in sorted(records)], device, **extra)

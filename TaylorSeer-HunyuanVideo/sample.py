@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from taylorseer import CacheConfig, runfolder, runs, settings
+from taylorseer import CacheConfig, distributed, runfolder, runs, settings
 from taylorseer.diffusers_io import read_prompts, weights_fingerprint
 from taylorseer.peers import IMPLS
 from taylorseer.settings import Setting
@@ -102,25 +102,45 @@ def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: st
     return runfolder.identity(OmegaConf.to_container(cfg, resolve=True), resolved)
 
 
-def main(cfg: DictConfig) -> dict:
-    """The run; returns the metrics written (every video of the folder, this run's and earlier ones)."""
+def main(cfg: DictConfig) -> dict | None:
+    """The run, data-parallel over the ranks of torchrun or a Slurm step (each rank a share of the videos).
+
+    Returns the metrics written (every video of the folder, this run's and earlier ones) on the main
+    process, None on the others."""
     cache_config, prompts = validate(cfg)
-    device = runs.resolve_device(cfg.device)
+    if cfg.cpu_offload and runs.resolve_device(cfg.device).type != "cuda":
+        raise ValueError(f"cpu_offload=true needs a CUDA device (device={cfg.device!r} resolves to "
+                         f"{runs.resolve_device(cfg.device)}); set cpu_offload=false")
+    session = distributed.init(cfg.device)
+    try:
+        return _run(cfg, cache_config, prompts, session)
+    finally:
+        session.close()
+
+
+def _done(out_dir: Path, items) -> dict:
+    """Records (every rank's) of the planned videos whose files are there."""
+    planned = {item.file for item in items}
+    done = runfolder.Records(out_dir, key="file").done(lambda r: [r["file"]])
+    return {f: r for f, r in done.items() if f in planned}
+
+
+def _run(cfg, cache_config, prompts, session) -> dict | None:
+    device = session.device
     dtype = runs.resolve_dtype(cfg.dtype, device)
-    if cfg.cpu_offload and device.type != "cuda":
-        raise ValueError(f"cpu_offload=true needs a CUDA device (device resolves to {device}); set cpu_offload=false")
     out_dir = run_dir(cfg)
     # Every file name is decided (and known to be writable and distinct) before anything is computed.
     items = plan_items(prompts, cfg.videos_per_prompt, cfg.seed, video_filenames(prompts, cfg.videos_per_prompt))
     weights = weights_fingerprint(cfg.model.path)
     runfolder.check_identity(out_dir, run_identity(cfg, prompts, device, dtype, weights),
                              skip=("resolved.weights",) if weights.startswith("hub:") else ())
-    records = runfolder.Records(out_dir, key="file")
-    planned = {item.file for item in items}
-    done = {f: r for f, r in records.done(lambda r: [r["file"]]).items() if f in planned}
+    done = _done(out_dir, items)
     todo = [item for item in items if item.file not in done]
     if not todo:  # a finished folder: its metrics, without loading 13B parameters
-        with runfolder.RunFolder.open(out_dir, run_identity(cfg, prompts, device, dtype, weights)):
+        folder = runfolder.claim(out_dir, run_identity(cfg, prompts, device, dtype, weights), session)
+        if folder is None:
+            return None
+        with folder:
             metrics = _write_metrics(cfg, cache_config, transformer_config(cfg.model.path), items, done, device,
                                      dtype)
         print(f"[{TAG}] all {len(items)} videos are already in {out_dir}; metrics.json rewritten")
@@ -133,31 +153,46 @@ def main(cfg: DictConfig) -> dict:
                          f"{pipe.vae_scale_factor_temporal}x (time), but model.spatial_compression/"
                          f"temporal_compression say {cfg.model.spatial_compression}/{cfg.model.temporal_compression}")
     ident = run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path))
-    with runfolder.RunFolder.open(out_dir, ident):
+    folder = runfolder.claim(out_dir, ident, session)
+    try:
         cache = attach_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention, cfg.cache_impl)
         place(pipe, device, cfg.cpu_offload)
-        pipe.set_progress_bar_config(disable=not cfg.progress, leave=False)
-        runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        runs.write_json(out_dir / "prompts.json", {item.file: item.prompt for item in items})
+        pipe.set_progress_bar_config(disable=not cfg.progress or not session.is_main, leave=False)
+        if session.is_main:
+            runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            runs.write_json(out_dir / "prompts.json", {item.file: item.prompt for item in items})
         call = dict(num_steps=cfg.num_steps, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
                     guidance_scale=cfg.guidance_scale, true_cfg_scale=cfg.true_cfg_scale,
                     negative_prompt=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length, device=device)
+        records = runfolder.Records(out_dir, writer=f"rank{session.rank}", key="file")
+        session.barrier()  # every rank has read the same state before anyone writes
+        mine = session.shard(todo)
         probe = StepProbe(pipe.transformer, cache, cfg.num_steps, device)
-        if cfg.warmup:
+        if cfg.warmup and mine:
             # Untimed: the first call of a process pays for kernel selection and allocator growth.
-            generate(pipe, todo[0].prompt, todo[0].seed, **{**call, "num_steps": 1}, output_type="latent")
+            generate(pipe, mine[0].prompt, mine[0].seed, **{**call, "num_steps": 1}, output_type="latent")
         runs.reset_peak_memory(device)
         config = dict(pipe.transformer.config)
-        for item in tqdm(todo, disable=not cfg.progress, desc=f"hunyuan_video {cache_config.tag}", unit="video"):
+        bar = tqdm(mine, disable=not cfg.progress or not session.is_main, desc=f"hunyuan_video {cache_config.tag}",
+                   unit="video")
+        for item in bar:
             video = generate(pipe, item.prompt, item.seed, probe=probe, **call)
             write_mp4(out_dir / item.file, video.frames, fps=cfg.fps, quality=cfg.video_quality)
-            record = dict(prompt=item.prompt, index=item.index, seed=item.seed, file=item.file,
-                          latency_s=video.seconds, denoise_s=video.denoise_seconds,
-                          cache_bytes=video.stats.cache_bytes, full_steps=video.stats.full_steps())
-            records.append(record)
-            done[item.file] = record
-            metrics = _write_metrics(cfg, cache_config, config, items, done, device, dtype)
+            records.append(dict(prompt=item.prompt, index=item.index, seed=item.seed, file=item.file,
+                                latency_s=video.seconds, denoise_s=video.denoise_seconds,
+                                cache_bytes=video.stats.cache_bytes, full_steps=video.stats.full_steps(),
+                                rank=session.rank))
+            if session.is_main:  # every rank's videos so far: true after a kill
+                _write_metrics(cfg, cache_config, config, items, _done(out_dir, items), device, dtype)
         probe.remove()
+        session.barrier(distributed.WAIT_FOR_PEERS_S)  # the others may have a video more to make
+        if not session.is_main:
+            return None
+        done = _done(out_dir, items)
+        metrics = _write_metrics(cfg, cache_config, config, items, done, device, dtype, world_size=session.world_size)
+    finally:
+        if folder is not None:
+            folder.close()
     print(f"[{TAG}] {len(todo)} new, {len(done)} videos in {out_dir}")
     print(f"[{TAG}] {cache_config.tag}: {metrics['full_steps']}/{cfg.num_steps} full steps, FLOPs compression "
           f"{metrics['compression']:.2f}x, {metrics['latency_s']:.2f} s/video ({metrics['latency_denoise_s']:.2f} s "
@@ -176,7 +211,7 @@ _FLOPS: dict = {}  # (settings, transformer config) -> FlopsReport: counted once
 
 
 def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, items, done: dict, device,
-                   dtype) -> dict:
+                   dtype, **more) -> dict:
     """metrics.json over every video of the folder, rewritten after each one (true after a kill)."""
     calls_per_step = 2 if cfg.true_cfg_scale > 1 else 1
     shape = VideoShape(cfg.height, cfg.width, cfg.num_frames, cfg.max_sequence_length,
@@ -190,6 +225,7 @@ def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, ite
                                       cfg.record_single_attention, cfg.cache_impl)
     records = [done[i.file] for i in items if i.file in done]
     extra = dict(
+        **more,
         model=OmegaConf.to_container(cfg.model, resolve=True),
         run_device=str(device),
         dtype=str(dtype).replace("torch.", ""),

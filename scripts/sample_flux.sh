@@ -4,7 +4,11 @@
 #   bash scripts/sample_flux.sh prompt_file=prompts.txt compare_uncached=true
 #   bash scripts/sample_flux.sh model.path=/data/FLUX.1-dev dtype=bfloat16 cpu_offload=true vae_tiling=true
 #   bash scripts/sample_flux.sh model=flux_schnell        # or model=flux_kontext image=input.png
-# All keys: configs/sample_flux.yaml. Outputs: runs/flux/<settings>/ (PNGs, config.yaml, metrics.json).
+#   NPROC=8 bash scripts/sample_flux.sh prompt_file=drawbench.txt   # data-parallel: one process per GPU
+# All keys: configs/sample_flux.yaml. Outputs: runs/flux/<settings>/ (PNGs, config.yaml, run.json, metrics.json).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+if [ "${NPROC:-1}" -gt 1 ]; then
+  exec python -m taylorseer.launch --standalone --nproc_per_node "$NPROC" -m taylorseer_flux.sample "$@"
+fi
 python -m taylorseer_flux.sample "$@"

@@ -4,8 +4,12 @@
 #   bash scripts/sample_hunyuan_video.sh prompt_file=prompts.txt                # VBench: 5 videos per prompt
 #   bash scripts/sample_hunyuan_video.sh model.path=/data/HunyuanVideo cpu_offload=true cache.offload=true
 #   bash scripts/sample_hunyuan_video.sh cache=none                            # the uncached baseline
+#   NPROC=8 bash scripts/sample_hunyuan_video.sh prompt_file=vbench_prompts.txt  # data-parallel: one process per GPU
 # All keys: configs/sample_hunyuan_video.yaml. Outputs: runs/hunyuan_video/<settings>/ ({prompt}-{index}.mp4,
-# config.yaml, metrics.json).
+# config.yaml, run.json, prompts.json, metrics.json).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+if [ "${NPROC:-1}" -gt 1 ]; then
+  exec python -m taylorseer.launch --standalone --nproc_per_node "$NPROC" -m taylorseer_hunyuan_video.sample "$@"
+fi
 python -m taylorseer_hunyuan_video.sample "$@"
