@@ -170,7 +170,9 @@ class ForecastCache:
             raise RuntimeError(
                 f"the batch size changed from {ctx.batch} to {batch} at step {ctx.step} of context "
                 f"{self.context_name!r}: the cache holds features per sample and cannot forecast another batch. "
-                f"Call cache.reset() (taylorseer.get_cache(model).reset()) before a sampling call with a new batch.")
+                f"Call cache.reset() (taylorseer.get_cache(model).reset()) before a sampling call with a new batch; "
+                f"if the model runs more than once per step (SD3's skip_guidance_layers), give the extra call its "
+                f"own context (with cache.context('extra'): ...).")
         ctx.last_t = timestep_ref
         # A context's first step in a call is computed even where the schedule would forecast (a model that
         # joins at step k > 0, e.g. Wan 2.2's low-noise transformer): there is nothing to forecast from.

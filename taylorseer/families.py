@@ -150,14 +150,21 @@ def inputs(name: str, model: torch.nn.Module, *, batch: int = 1, frames: int = 1
         return dict(hidden_states=rand(batch, c.in_channels, frames, height, width), timestep=t,
                     encoder_hidden_states=rand(batch, text_tokens, c.text_dim), return_dict=False)
     if name == "sd3":
+        largest = c.pos_embed_max_size * c.patch_size  # its position embedding is cropped, never extended
+        height, width = min(height, largest), min(width, largest)
         return dict(hidden_states=rand(batch, c.in_channels, height, width), timestep=t,
                     encoder_hidden_states=rand(batch, text_tokens, c.joint_attention_dim),
                     pooled_projections=rand(batch, c.pooled_projection_dim), return_dict=False)
     if name == "pixart":
+        extra = {"resolution": None, "aspect_ratio": None}
+        if model.use_additional_conditions:  # PixArt-Alpha 1024: the image size and aspect ratio are embedded
+            extra = {"resolution": torch.full((batch, 2), 8.0 * height, device=device, dtype=dtype),
+                     "aspect_ratio": torch.full((batch, 1), width / height, device=device, dtype=dtype)}
         return dict(hidden_states=rand(batch, c.in_channels, height, width), timestep=t,
-                    encoder_hidden_states=rand(batch, text_tokens, c.caption_channels),
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+                    encoder_hidden_states=rand(batch, text_tokens, c.caption_channels), added_cond_kwargs=extra,
+                    return_dict=False)
     if name == "cogvideox":
+        text_tokens = c.max_text_seq_length  # its positional embedding covers exactly this many (pipelines pad)
         return dict(hidden_states=rand(batch, frames, c.in_channels, height, width), timestep=t.long(),
                     encoder_hidden_states=rand(batch, text_tokens, c.text_embed_dim), return_dict=False)
     if name == "flux":
