@@ -216,3 +216,83 @@ def apply_preset(model: torch.nn.Module, config: CacheConfig, num_steps: int | N
 
 
 BENCH_ROWS: dict[str, Callable] = {"ours": apply_preset, "ideal": apply_ideal}
+
+# The modules the README's generic recipe caches (pre-gate branches by name), and the cross-attention beside them.
+PLAIN_MODULES = {"wan": ["blocks.*.attn1", "blocks.*.ffn"],
+                 "sd3": ["transformer_blocks.*.attn", "transformer_blocks.*.ff"],
+                 "pixart": ["transformer_blocks.*.attn1", "transformer_blocks.*.ff"],
+                 "cogvideox": ["transformer_blocks.*.attn1", "transformer_blocks.*.ff"]}
+CROSS_MODULES = {"wan": ["blocks.*.attn2"], "pixart": ["transformer_blocks.*.attn2"]}
+
+
+def sample(case: BenchCase, steps: int = 50) -> torch.Tensor:
+    """A flow-matching Euler loop over ``case``'s model (timesteps 1000 -> 0 on the family's scale): what the
+    benchmark times. The model's output is fed back as the velocity (learned-sigma channels dropped)."""
+    x = case.inputs["hidden_states"].clone()
+    scale = 1.0 if case.family == "flux" else 1000.0
+    channel_dim = 2 if case.family in ("cogvideox", "flux") else 1
+    for i in range(steps):
+        t = torch.full((x.shape[0],), (1 - i / steps) * scale, device=x.device, dtype=x.dtype)
+        with torch.no_grad():
+            v = case(hidden_states=x, timestep=t.long() if case.family == "cogvideox" else t)[0]
+        x = x - v.narrow(channel_dim, 0, x.shape[channel_dim]) / steps
+    return x
+
+
+def forecast_costs(name: str, size: str = "mid", config: CacheConfig | None = None) -> dict[str, dict]:
+    """Counted cost of one forecast step of the family's benchmark model (meta device: shapes only), per variant:
+    kernels, bytes moved and FLOPs (taylorseer.opcount, FlopCounterMode); ``full`` is a computed step."""
+    from .flops import count_flops
+    from .hooks import apply, remove
+    from .opcount import count_ops
+
+    config = config or CacheConfig(interval=5, max_order=1, first_enhance=1)
+    case = bench_case(name, size, device="meta")
+    variants = {"ours": dict(), "ideal": dict(skip_all=True)}
+    if name in PLAIN_MODULES:
+        variants["plain modules"] = dict(modules=PLAIN_MODULES[name])
+    if name in CROSS_MODULES:
+        variants["plain + cross-attention"] = dict(modules=PLAIN_MODULES[name] + CROSS_MODULES[name])
+    out = {}
+    with torch.no_grad():
+        full = count_ops(case)
+        out["full"] = dict(kernels=full.kernels, bytes=full.bytes, flops=count_flops(case))
+        for label, kwargs in variants.items():
+            cache = apply(case.model, config, num_steps=50, **kwargs)
+            try:
+                for _ in range(config.interval + 1):  # full steps 0 and N: the forecast reads O+1 factors
+                    case()
+                ops, flops = count_ops(case), count_flops(case)
+                held = cache.nbytes()
+            finally:
+                remove(case.model)
+            out[label] = dict(kernels=ops.kernels, bytes=ops.bytes, flops=flops, cache_bytes=held)
+    return out
+
+
+def main(argv=None) -> dict:
+    """``python -m taylorseer.families``: the counted forecast-step costs of every family's benchmark model."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--size", default="mid", choices=["mid", "smoke"])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = {name: forecast_costs(name, args.size) for name in NAMES}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return result
+    print("| family | variant | kernels | MB moved | share of a full step's bytes | cache MB (O=1) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, rows in result.items():
+        full = rows["full"]
+        for label, row in rows.items():
+            cache = f"{row['cache_bytes'] / 1e6:.1f}" if "cache_bytes" in row else ""
+            print(f"| {name} | {label} | {row['kernels']} | {row['bytes'] / 1e6:.1f} | "
+                  f"{100 * row['bytes'] / full['bytes']:.1f}% | {cache} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()

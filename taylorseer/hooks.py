@@ -135,7 +135,7 @@ def apply(
 
     attachment.handles.append(model.register_forward_pre_hook(begin_step, with_kwargs=True))
     attachment.diffusers_relay = _register_diffusers_relay(model, cache)
-    if pipeline is not None:
+    if pipeline is not None and callable(getattr(pipeline, "progress_bar", None)):
         _install_call_boundaries(attachment, pipeline)
     elif num_steps is None and not attachment.diffusers_relay:
         # Nothing will announce a new sampling call: watch the timestep go back to its start instead.

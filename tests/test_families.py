@@ -116,10 +116,7 @@ def test_remove_restores_the_pipeline_exactly(cached, pipes, name):
 # others 2; CogVideoX: 2 Linear gates (norm1, norm2) + 2 branches.
 EXTRA_KERNELS = {"wan": 2 * (2 + 3 * 2), "pixart": 2 * (2 + 3 * 2), "sd3": (1 + 3 + 3 * 2) + 2 * (1 + 2 + 2 * 2),
                  "cogvideox": 2 * (1 + 2 + 2 * 2)}
-PLAIN = {"wan": ["blocks.*.attn1", "blocks.*.ffn"],
-         "pixart": ["transformer_blocks.*.attn1", "transformer_blocks.*.ff"],
-         "sd3": ["transformer_blocks.*.attn", "transformer_blocks.*.ff"],
-         "cogvideox": ["transformer_blocks.*.attn1", "transformer_blocks.*.ff"]}
+PLAIN = families.PLAIN_MODULES  # the README's recipe: the pre-gate branches by name
 
 
 def _forecast_call(model, inputs, **apply_kwargs):
@@ -162,3 +159,27 @@ def test_a_forecast_step_runs_only_the_gates_and_the_residual_adds(pipes, name):
     # What the blocks cost on a forecast step against a full step (tiny models: the embedders weigh a lot).
     assert ours.kernels - ideal.kernels < (full.kernels - ideal.kernels) / 3
     assert ours.bytes - ideal.bytes < (full.bytes - ideal.bytes) / 2
+
+
+@pytest.mark.parametrize("name", families.NAMES)
+def test_benchmark_hooks_sample_with_the_preset_and_the_bound(name):
+    """What the common benchmark runs per family: its model's sampling loop, uncached, with the preset, skipped."""
+    case = families.bench_case(name, "smoke")
+    config = CacheConfig(interval=4, max_order=1, first_enhance=1)
+    reference = families.sample(case, 9)
+    outs = {}
+    for label, attach in families.BENCH_ROWS.items():
+        cache = attach(case.model, config, 9)
+        outs[label] = families.sample(case, 9)
+        assert [r.step for r in cache.history if r.full] == [0, 4, 8], label
+        taylorseer.remove(case.model)
+    assert torch.equal(families.sample(case, 9), reference)
+    ours, ideal = (float((outs[k] - reference).norm() / reference.norm()) for k in ("ours", "ideal"))
+    assert 0 < ours < ideal  # forecasting stays closer to the uncached run than skipping the blocks
+
+
+def test_counted_forecast_costs_order_the_variants():
+    costs = families.forecast_costs("wan", "smoke")
+    assert costs["ideal"]["kernels"] < costs["ours"]["kernels"] < costs["plain modules"]["kernels"]
+    assert costs["ideal"]["bytes"] < costs["ours"]["bytes"] < costs["plain modules"]["bytes"] < costs["full"]["bytes"]
+    assert costs["ours"]["cache_bytes"] == costs["plain + cross-attention"]["cache_bytes"] > 0
