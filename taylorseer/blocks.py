@@ -33,6 +33,7 @@ ungated, the residual accumulated in fp32 and cast back)::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from collections.abc import Callable
@@ -262,36 +263,35 @@ def build_block(block: torch.nn.Module, name: str, spec: BlockSpec, cache: Forec
 
 
 def _plain_forward(cache: ForecastCache, key: str, forward: Callable) -> Callable:
-    """The cached module itself: computed and recorded on full steps, its forecast otherwise."""
+    """The cached module itself: computed and recorded on full steps, its forecast otherwise.
 
-    def run(*args, **kwargs):
-        return cache.run(key, forward, *args, **kwargs)
-
-    return run
+    Both recorders are ``functools.partial(<cache method>, key, original, ...)``: tools that compile the
+    original (taylorseer.compile) recognise them and swap ``args[1]``.
+    """
+    return functools.partial(cache.run, key, forward)
 
 
 def _selecting_forward(cache, key, forward, chosen, optional, tokens, lengths, layout) -> Callable:
     """Records, on full steps, only the elements / token parts of the output that forecast steps read."""
 
-    def run(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if cache.config.enabled and cache.is_full:
-            stored, present = [], []
-            for output, stream in chosen:
-                tensor = out if output is None else (out[output] if output < len(out) else None)
-                if tensor is None:
-                    if (output, stream) in optional:
-                        continue
-                    raise RuntimeError(f"{key} returned {len(out)} outputs; the description reads output {output}")
-                if stream is not None:
-                    tensor = _token_part(tensor, tokens, stream, lengths)
-                stored.append(tensor)
-                present.append((output, stream))
-            layout[:] = present
-            cache.update(key, tuple(stored))
-        return out
+    def select(out) -> tuple:
+        stored, present = [], []
+        for output, stream in chosen:
+            if output is not None and not isinstance(out, (tuple, list)):
+                raise RuntimeError(f"{key} returned one tensor; the description reads its output {output}")
+            tensor = out if output is None else (out[output] if output < len(out) else None)
+            if tensor is None:
+                if (output, stream) in optional:
+                    continue
+                raise RuntimeError(f"{key} returned {len(out)} outputs; the description reads output {output}")
+            if stream is not None:
+                tensor = _token_part(tensor, tokens, stream, lengths)
+            stored.append(tensor)
+            present.append((output, stream))
+        layout[:] = present
+        return tuple(stored)
 
-    return run
+    return functools.partial(cache.run_recording, key, forward, select)
 
 
 def _short_forward(block, original, read_arg, spec: BlockSpec, cache, adds, layouts, lengths, split_streams):

@@ -210,6 +210,14 @@ class ForecastCache:
             return out
         return self.forecast(name)
 
+    def run_recording(self, name: str, fn: Callable, select: Callable, *args, **kwargs):
+        """Compute ``fn(*args, **kwargs)``; on a full step record ``select(output)``: the elements or token parts
+        of the output that forecast steps read (a block description's branch module, never forecast itself)."""
+        out = fn(*args, **kwargs)
+        if self.config.enabled and self._ctx.full:
+            self.update(name, select(out))
+        return out
+
     def update(self, name: str, output) -> None:
         """Record a module's real output at the current (full) step."""
         if not self.config.enabled:
