@@ -13,11 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 import taylorseer
 from taylorseer import CacheConfig, FlopsReport, ForecastCache
-from taylorseer.blockops import gated_add, modulation_chunk
 
 from .checkpoints import LATENT_SCALE
 from .diffusion import GaussianDiffusion, StepCallback, draw_noise
@@ -26,24 +24,13 @@ from .models import DiT
 CACHED_MODULES = ("blocks.*.attn", "blocks.*.mlp")
 
 
-def forecast_block_forward(block, original, cache: ForecastCache, name: str):
-    """Forward of ``blocks.<i>``: the block's own on full steps (its attn/mlp record), the short one otherwise."""
-    ada = block.adaLN_modulation[1]  # shift, scale, gate (attention), shift, scale, gate (MLP)
-
-    def forward(x, c):
-        if cache.is_full:
-            return original(x, c)
-        emb = F.silu(c)
-        out = gated_add(x, modulation_chunk(ada, emb, 6, 2).unsqueeze(1), cache.terms(f"{name}.attn")[0])
-        return gated_add(x, modulation_chunk(ada, emb, 6, 5).unsqueeze(1), cache.terms(f"{name}.mlp")[0], out=out)
-
-    return forward
-
-
 def attach_cache(model: DiT, config: CacheConfig, num_steps: int) -> ForecastCache:
-    """Put the forecasting cache on every block's attn and mlp (also when disabled: hooks stay inert)."""
-    blocks = {f"blocks.{i}": forecast_block_forward for i in range(len(model.blocks))}
-    return taylorseer.apply(model, config, modules=CACHED_MODULES, overrides=blocks, num_steps=num_steps)
+    """Put the forecasting cache on every block's attn and mlp (also when disabled: hooks stay inert).
+
+    The core's ``dit`` preset: each block described as two gated branches, so a forecast step runs the
+    two gates and the fused gated adds only.
+    """
+    return taylorseer.apply(model, config, preset="dit", num_steps=num_steps)
 
 
 def initial_noise(model: DiT, n: int, generator, device) -> torch.Tensor:

@@ -23,18 +23,12 @@ an order-0 forecast may hand out the stored buffer itself.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
 
 import torch
-from diffusers.models.transformers.transformer_hunyuan_video import (
-    HunyuanVideoSingleTransformerBlock,
-    HunyuanVideoTransformer3DModel,
-    HunyuanVideoTransformerBlock,
-)
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTransformer3DModel
 
 import taylorseer
 from taylorseer import CacheConfig, ForecastCache
-from taylorseer.blockops import gated_add, modulation_chunk
 
 # Plain cached modules: their outputs are the cached features (fnmatch patterns over named_modules()).
 DOUBLE_MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context")
@@ -55,54 +49,16 @@ def module_patterns(single_attention: bool = True) -> tuple[str, ...]:
 
 def attach(transformer: HunyuanVideoTransformer3DModel, config: CacheConfig, num_steps: int | None = None,
            single_attention: bool = True) -> ForecastCache:
-    """Put the forecasting cache on ``transformer`` (undo with ``taylorseer.remove(transformer)``)."""
-    _check_blocks(transformer)
-    patterns = module_patterns(single_attention)
-    single = {f"single_transformer_blocks.{i}": single_block_forward
-              for i in range(len(transformer.single_transformer_blocks))}
-    return taylorseer.apply(transformer, config, modules=list(patterns), overrides=single, num_steps=num_steps)
+    """Put the forecasting cache on ``transformer`` (undo with ``taylorseer.remove(transformer)``).
+
+    The core's ``hunyuan_video`` preset: double blocks as plain cached modules, single blocks described as
+    one gated branch over ``cat(video, text)`` (gate-only short forward on forecast steps).
+    """
+    preset = taylorseer.presets.get("hunyuan_video", single_attention=single_attention)
+    return taylorseer.apply(transformer, config, preset=preset, num_steps=num_steps)
 
 
 def cached_module_names(transformer: torch.nn.Module, single_attention: bool = True) -> list[str]:
     """Names of the modules whose outputs are cached (the single blocks' ``proj_out`` is their branch)."""
     patterns = module_patterns(single_attention)
     return [n for n, _ in transformer.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-
-
-def single_block_forward(block: HunyuanVideoSingleTransformerBlock, original: Callable, cache: ForecastCache,
-                         name: str) -> Callable:
-    """Forward for one single-stream block: full steps run the original, forecast steps only the gate.
-
-    On a full step the original forward runs; its ``attn`` and ``proj_out`` submodules are plain
-    cached modules, so they record the attention output and the pre-gate branch as they run.
-    """
-    branch_name = f"{name}.proj_out"
-    norm = block.norm
-
-    def forward(hidden_states, encoder_hidden_states, temb, *args, **kwargs):
-        if cache.is_full:
-            return original(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
-        # AdaLayerNormZeroSingle: linear(silu(temb)) -> (shift, scale, gate); only the gate is needed
-        # (and only its rows of the matrix are read) because the normalised input feeds nothing but the
-        # skipped branch.
-        gate = modulation_chunk(norm.linear, norm.silu(temb), 3, 2).unsqueeze(1)  # (B, 1, C)
-        (terms,) = cache.terms(branch_name)  # factors of (B, N_video + N_text, C)
-        n_video = hidden_states.shape[1]
-        # Same arithmetic as the block, residual + gate * branch, with the forecast folded into one addcmul
-        # per factor and the residual never concatenated.
-        video = gated_add(hidden_states, gate, [(c, f[:, :n_video]) for c, f in terms])
-        text = gated_add(encoder_hidden_states, gate, [(c, f[:, n_video:]) for c, f in terms])
-        return video, text
-
-    return forward
-
-
-def _check_blocks(transformer: torch.nn.Module) -> None:
-    """Only the text-to-video blocks are supported; the image-to-video (token-replace) ones differ."""
-    kinds = {type(b) for b in getattr(transformer, "transformer_blocks", [])} | {
-        type(b) for b in getattr(transformer, "single_transformer_blocks", [])}
-    expected = {HunyuanVideoTransformerBlock, HunyuanVideoSingleTransformerBlock}
-    if not kinds or not kinds <= expected:
-        found = sorted(k.__name__ for k in kinds) or ["no transformer_blocks"]
-        raise TypeError(f"TaylorSeer-HunyuanVideo caches HunyuanVideoTransformer3DModel's text-to-video blocks; "
-                        f"found {found} (image-to-video token-replace blocks are not supported)")

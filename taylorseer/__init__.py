@@ -2,18 +2,23 @@
 
 Public API:
     CacheConfig            the settings (interval N, order O, warm-up, ...) and their run-name tag
-    apply / remove         attach to / detach from named submodules of an unmodified model
-    get_cache              the ForecastCache attached to a model (reset, contexts, bytes, history)
+    apply / remove         attach to / detach from an unmodified model or pipeline (family preset from its class,
+                           or block descriptions / module patterns for any other model)
+    get_cache, summary     the ForecastCache attached to a model (reset, contexts, bytes, history); what was wrapped
+    BlockSpec, Branch, LinearGate, TableGate   describe a block's residual branches (taylorseer.blocks)
+    presets                the family presets (dit, flux, hunyuan_video, wan, sd3, pixart, cogvideox)
     full_steps, compression, is_full_step      the schedule
     count_flops, count_schedule                FLOPs with torch's FlopCounterMode
     compile / uncompile    regional torch.compile that keeps the cache out of the graphs
 """
 
+from . import presets
+from .blocks import BlockSpec, Branch, LinearGate, TableGate
 from .cache import ForecastCache
 from .compile import compile, uncompile  # noqa: A004 - taylorseer.compile(model), as documented
 from .config import CacheConfig
 from .flops import FlopsReport, count_flops, count_schedule
-from .hooks import apply, get_cache, remove
+from .hooks import apply, get_cache, remove, summary
 from .schedule import compression, full_steps, is_full_step
 
 __all__ = [
@@ -23,6 +28,12 @@ __all__ = [
     "apply",
     "remove",
     "get_cache",
+    "summary",
+    "presets",
+    "BlockSpec",
+    "Branch",
+    "LinearGate",
+    "TableGate",
     "full_steps",
     "compression",
     "is_full_step",

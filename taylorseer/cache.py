@@ -8,6 +8,11 @@ One :class:`ForecastCache` serves one model. Its life cycle per denoiser call:
 Contexts keep cond and uncond apart when a pipeline runs them as separate calls (diffusers
 pipelines wrap them in ``transformer.cache_context("cond")``). The first step of a sampling call
 clears the context's factors, so two calls in a row behave like two fresh processes.
+
+Where a sampling call starts, in order of trust: ``begin_call(num_steps)`` (a pipeline opened its
+denoising loop), diffusers' ``cache_context(..., step_index=i)``, ``reset()``; without those, a model call
+after ``num_steps`` calls whose timestep went back to its start, or (without ``num_steps``) any call
+whose timestep goes back. A call that runs past a known step count is an error, not a restart.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class _Context:
     full: bool = True
     batch: int | None = None  # batch size of this call's model inputs (the factors' batch)
     states: dict[str, list[Factors]] = field(default_factory=dict)  # module name -> one per output tensor
+    begun: bool = False  # the current call has had a step in this context
+    first_t: object = None  # the call's first timestep and the last one (references; read at a boundary only)
+    last_t: object = None
 
 
 class ForecastCache:
@@ -66,6 +74,9 @@ class ForecastCache:
         self.context_name = DEFAULT_CONTEXT
         self.history: list[StepRecord] = []  # one record per denoiser call, for FLOPs and tests
         self.last_call: CallSummary | None = None  # the call before the last reset()
+        self.watch_timesteps = False  # nothing announces calls: a timestep going back starts a new one
+        self._announced = False  # the current call was announced with its step count (begin_call)
+        self._pending_step: int | None = None  # diffusers' step index for the next call of the current context
         self._contexts: dict[str, _Context] = {}
 
     # ----------------------------------------------------------------------------------- life cycle
@@ -77,8 +88,16 @@ class ForecastCache:
         self._contexts.clear()
         self.history.clear()
         self.context_name = DEFAULT_CONTEXT
+        self._announced = False
+        self._pending_step = None
         if num_steps is not None:
             self.num_steps = num_steps
+
+    def begin_call(self, num_steps: int | None = None) -> None:
+        """A sampling call of ``num_steps`` denoiser calls per context starts (a pipeline opened its loop):
+        fresh state, and running past ``num_steps`` within it is an error."""
+        self.reset(num_steps)
+        self._announced = True
 
     def end_call(self) -> CallSummary | None:
         """Close a sampling call and return what it did. Diffusers pipelines with ``CacheMixin``
@@ -87,8 +106,13 @@ class ForecastCache:
         self.reset()
         return self.last_call
 
-    def set_context(self, name: str | None) -> None:
+    def set_context(self, name: str | None, step_index: int | None = None, num_steps: int | None = None) -> None:
+        """Select the context of the next denoiser calls. ``step_index``/``num_steps`` are diffusers'
+        ``CacheContext`` fields where a pipeline gives them (Wan): the step is then the pipeline's own."""
         self.context_name = name or DEFAULT_CONTEXT
+        self._pending_step = step_index
+        if num_steps is not None:
+            self.num_steps = int(num_steps)
 
     @contextmanager
     def context(self, name: str) -> Iterator[None]:
@@ -106,25 +130,54 @@ class ForecastCache:
             ctx = self._contexts[self.context_name] = _Context()
         return ctx
 
-    def begin_step(self, timestep: float | None = None, batch: int | None = None) -> bool:
+    def begin_step(self, timestep: float | None = None, batch: int | None = None, *, timestep_ref=None) -> bool:
         """Advance the current context by one sampling step; returns True when it is a full step.
 
         ``batch`` is the batch size of the model's input: the factors are per sample, so a batch that
-        changes within a sampling call (without a reset) is refused instead of broadcast.
+        changes within a sampling call (without a reset) is refused instead of broadcast. ``timestep_ref``
+        is the model's timestep argument as given (a tensor is only read where a call boundary is in doubt).
         """
+        if self.config.last_full_steps and self.num_steps is None and self.config.enabled:
+            raise ValueError(f"cache.last_full_steps={self.config.last_full_steps} needs the number of sampling "
+                             f"steps: pass num_steps to taylorseer.apply, apply it to the pipeline, or call "
+                             f"cache.reset(num_steps=...) before sampling")
         ctx = self._ctx
+        pending, self._pending_step = self._pending_step, None
+        if pending is not None:  # diffusers' step index
+            if 0 < pending <= ctx.step:
+                raise RuntimeError(
+                    f"the model ran twice at sampling step {pending} in cache context {self.context_name!r}: a "
+                    f"context holds one call per step. Give the extra call its own context "
+                    f"(with cache.context('extra'): ...)")
+            ctx.step = -1 if pending == 0 else pending - 1
+        if ctx.step >= 0 and self.watch_timesteps and _went_back(ctx.first_t, ctx.last_t, timestep_ref):
+            ctx.step = -1  # a new sampling call that nobody announced: the timestep is back at its start
         ctx.step += 1
         if self.num_steps is not None and ctx.step >= self.num_steps:
+            if self._announced or pending is not None or _went_on(ctx.first_t, ctx.last_t, timestep_ref):
+                raise RuntimeError(
+                    f"the sampling call ran past num_steps={self.num_steps} (step {ctx.step} of cache context "
+                    f"{self.context_name!r}): the cache's step count is shorter than the call. Pass the real number "
+                    f"of steps (taylorseer.apply(..., num_steps=N) or cache.reset(num_steps=N)); if the model runs "
+                    f"more than once per step, give the extra calls their own context (with cache.context('x'):)")
             ctx.step = 0  # a new sampling call that nobody announced with reset()
         if ctx.step == 0:
             ctx.states.clear()
             ctx.batch = batch
+            ctx.first_t = timestep_ref
+            ctx.begun = False
         elif batch is not None and ctx.batch is not None and batch != ctx.batch and self.config.enabled:
             raise RuntimeError(
                 f"the batch size changed from {ctx.batch} to {batch} at step {ctx.step} of context "
                 f"{self.context_name!r}: the cache holds features per sample and cannot forecast another batch. "
-                f"Call cache.reset() (taylorseer.get_cache(model).reset()) before a sampling call with a new batch.")
-        ctx.full = is_full_step(ctx.step, self.config, self.num_steps)
+                f"Call cache.reset() (taylorseer.get_cache(model).reset()) before a sampling call with a new batch; "
+                f"if the model runs more than once per step (SD3's skip_guidance_layers), give the extra call its "
+                f"own context (with cache.context('extra'): ...).")
+        ctx.last_t = timestep_ref
+        # A context's first step in a call is computed even where the schedule would forecast (a model that
+        # joins at step k > 0, e.g. Wan 2.2's low-noise transformer): there is nothing to forecast from.
+        ctx.full = is_full_step(ctx.step, self.config, self.num_steps) or not ctx.begun
+        ctx.begun = True
         if self.config.step_distance == "timestep":
             if timestep is None:
                 raise ValueError("cache.step_distance='timestep' needs the model's timestep; this model gives none")
@@ -156,6 +209,14 @@ class ForecastCache:
             self.update(name, out)
             return out
         return self.forecast(name)
+
+    def run_recording(self, name: str, fn: Callable, select: Callable, *args, **kwargs):
+        """Compute ``fn(*args, **kwargs)``; on a full step record ``select(output)``: the elements or token parts
+        of the output that forecast steps read (a block description's branch module, never forecast itself)."""
+        out = fn(*args, **kwargs)
+        if self.config.enabled and self._ctx.full:
+            self.update(name, select(out))
+        return out
 
     def update(self, name: str, output) -> None:
         """Record a module's real output at the current (full) step."""
@@ -218,6 +279,33 @@ class ForecastCache:
         if name == "auto":
             return torch.bfloat16 if tensor.device.type == "cuda" and tensor.is_floating_point() else tensor.dtype
         return getattr(torch, name)
+
+
+def _value(t) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return None if t.numel() == 0 or t.device.type == "meta" else float(t.flatten()[0])
+    return float(t)
+
+
+def _direction(first, last, now) -> float | None:
+    """(now - last) * (last - first): > 0 the call goes on, < 0 the timestep turned back, None: cannot tell."""
+    values = [_value(t) for t in (first, last, now)]
+    if None in values:
+        return None
+    f, la, n = values
+    return (n - la) * (la - f)
+
+
+def _went_on(first, last, now) -> bool:
+    d = _direction(first, last, now)
+    return d is not None and d > 0
+
+
+def _went_back(first, last, now) -> bool:
+    d = _direction(first, last, now)
+    return d is not None and d < 0
 
 
 def _to_host(tensor: torch.Tensor, spare: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,16 +1,18 @@
-"""Attach the forecasting cache to named submodules of an unmodified model, and take it off again.
+"""Attach the forecasting cache to an unmodified model or pipeline, and take it off again.
 
-    cache = apply(model, CacheConfig(interval=4, max_order=2), modules=["blocks.*.attn", "blocks.*.mlp"])
-    ...sample...                        # every call of `model` is one sampling step
-    remove(model)                       # the model is exactly what it was
+    cache = apply(pipe, CacheConfig(interval=5, max_order=1, first_enhance=1))   # preset from the class
+    images = pipe(prompt).images                      # each denoiser call is one step (per cache context)
+    remove(pipe)                                      # the model is exactly what it was
 
-A cached module's ``forward`` is wrapped: on a full step it runs and its output updates the factors,
-on a forecast step it does not run and the forecast is returned. A module whose cached feature is
-not the output of one submodule (FLUX's single-stream branch) gets a model-specific forward through
-``overrides`` instead; the cache object is the same.
+What is cached comes from, in order: ``blocks`` (block descriptions, :mod:`taylorseer.blocks`), ``modules``
+(fnmatch patterns of plain cached modules: computed + recorded on full steps, forecast otherwise),
+``overrides`` (pattern -> forward factory), or else the family preset of the model's class
+(:mod:`taylorseer.presets`). A described block gets a short forward on forecast steps (gates, then the
+forecast folded into the residual add); its branch modules record on full steps.
 
-With diffusers models the pipeline's ``transformer.cache_context("cond"/"uncond")`` selects the
-cache context, and the reset diffusers performs at the end of every pipeline call clears the state.
+Call boundaries: given a pipeline, every denoising loop it runs is one sampling call (fresh state, its
+step count from the pipeline); diffusers models also relay ``cache_context(name, step_index=...)`` and the
+end-of-call reset. See :meth:`taylorseer.cache.ForecastCache.begin_step` for what happens without them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import presets as preset_registry
+from .attachment import AttachSummary, children_hint
+from .blocks import BlockSpec, build_block, check_inputs
 from .cache import ForecastCache
 from .config import CacheConfig
 
@@ -30,6 +35,7 @@ _DIFFUSERS_HOOK = "taylorseer_context_relay"
 
 TimestepFn = Callable[[tuple, dict], "torch.Tensor | float | None"]
 OverrideFactory = Callable[[torch.nn.Module, Callable, ForecastCache, str], Callable]
+BlockDescription = "BlockSpec | Callable[[torch.nn.Module], BlockSpec | None]"
 
 
 @dataclass
@@ -38,65 +44,113 @@ class _Attachment:
     wrapped: list[tuple[torch.nn.Module, object]] = field(default_factory=list)  # (module, previous forward attr)
     handles: list = field(default_factory=list)
     diffusers_relay: bool = False
+    pipeline: object = None
+    pipeline_previous: object = None  # the pipeline's own progress_bar attribute, if it had one
+    summary: AttachSummary | None = None
 
 
 def apply(
-    model: torch.nn.Module,
+    target,
     config: CacheConfig,
     modules: Iterable[str] = (),
     *,
+    blocks: Mapping[str, BlockDescription] | None = None,
+    preset: str | preset_registry.Preset | None = "auto",
     overrides: Mapping[str, OverrideFactory] | None = None,
     num_steps: int | None = None,
     timestep_fn: TimestepFn | None = None,
+    skip_all: bool = False,
+    verbose: bool = False,
 ) -> ForecastCache:
-    """Put a forecasting cache on ``model`` and return it.
+    """Put a forecasting cache on ``target`` (a model, or a diffusers pipeline: its ``.transformer``) and return it.
 
     Args:
-        model: the denoiser; each call of it is one sampling step (per cache context).
+        target: the denoiser (each call of it is one sampling step per cache context), or a pipeline.
         config: the cache settings.
-        modules: fnmatch patterns over ``model.named_modules()`` names whose outputs are cached,
-            e.g. ``"blocks.*.attn"``. Each pattern must match at least one module.
-        overrides: pattern -> factory(module, original_forward, cache, name) returning the forward
-            to install, for branches that span several submodules.
-        num_steps: steps per sampling call, when known: enables ``last_full_steps`` and restarts
-            the schedule after that many calls even without an explicit ``reset``.
-        timestep_fn: extracts the timestep from a model call's (args, kwargs); needed for
-            ``step_distance="timestep"``. Defaults to the ``timestep``/``t`` argument.
+        modules: fnmatch patterns over ``named_modules()`` names of plain cached modules, e.g.
+            ``"blocks.*.attn"``. Each must match; a pattern that also matches modules inside another matched
+            module (``"blocks.*"``, ``"*attn*"``) is refused (it would cache the same work several times).
+        blocks: explicit descriptions: the name of a ``ModuleList`` of blocks (every element) or of one block
+            -> a :class:`~taylorseer.blocks.BlockSpec`, or a function ``block -> BlockSpec | None``.
+        preset: ``"auto"`` finds the family preset from the model's class when nothing explicit is given; a
+            preset name (``"wan"``) or :func:`taylorseer.presets.get` result forces one; None uses none.
+        overrides: pattern -> factory(module, original_forward, cache, name) returning the forward to install.
+        num_steps: steps per sampling call when known and no pipeline says it: enables ``last_full_steps``,
+            and a call that runs past it is an error (a new call that nobody announced restarts the schedule).
+        timestep_fn: extracts the timestep from a model call's (args, kwargs); defaults to the
+            ``timestep``/``t`` argument. Used by ``step_distance="timestep"`` and to tell calls apart.
+        skip_all: the bound a cache is measured against: described blocks return their inputs on forecast
+            steps and nothing is recorded (wrong outputs, for timing only).
+        verbose: print what was wrapped (also available as ``taylorseer.summary(target)``).
     """
+    model, pipeline = _resolve(target)
     if hasattr(model, _ATTR):
         raise RuntimeError("a TaylorSeer cache is already attached to this model; call taylorseer.remove(model) first")
     if not isinstance(config, CacheConfig):
         raise TypeError(f"config must be a taylorseer.CacheConfig, got {type(config).__name__}")
     if isinstance(modules, str):
         modules = [modules]  # one pattern, not its characters
-    # Everything is matched before anything is wrapped: a bad pattern leaves the model untouched.
-    named = dict(model.named_modules())
-    plain = _match(named, modules)
-    special = [(name, module, factory) for pattern, factory in (overrides or {}).items()
-               for name, module in _match(named, [pattern])]
+    modules = list(modules)
+    explicit = bool(modules or blocks or overrides)
+    chosen = _choose_preset(model, preset, explicit)
+    if config.last_full_steps and num_steps is None and pipeline is None:
+        raise ValueError(f"cache.last_full_steps={config.last_full_steps} needs the number of sampling steps: pass "
+                         f"num_steps=... to taylorseer.apply, or apply it to the pipeline (which gives the count)")
     cache = ForecastCache(config, num_steps=num_steps)
     attachment = _Attachment(cache)
-    for name, module in plain:
-        _wrap_forward(attachment, module, functools.partial(cache.run, name, module.forward))
-    for name, module, factory in special:
-        _wrap_forward(attachment, module, factory(module, module.forward, cache, name))
 
+    # Everything is matched and built before anything is wrapped: a bad description leaves the model untouched.
+    named = dict(model.named_modules())
+    specs = chosen.blocks(model) if chosen is not None else _explicit_blocks(model, named, blocks or {})
+    plain = [] if skip_all else _match(model, named, modules, refuse_nested=True)
+    special = [] if skip_all else [(name, module, factory) for pattern, factory in (overrides or {}).items()
+                                   for name, module in _match(model, named, [pattern])]
+    installs: list[tuple[torch.nn.Module, Callable]] = []
+    keys: list[str] = []
+    for name, spec in specs.items():
+        block = named[name]
+        check_inputs(block, name, spec)
+        built = build_block(block, name, spec, cache, skip_all=skip_all)
+        installs += built.forwards
+        keys += built.keys
+    for name, module in plain:
+        installs.append((module, functools.partial(cache.run, name, module.forward)))
+        keys.append(name)
+    for name, module, factory in special:
+        installs.append((module, factory(module, module.forward, cache, name)))
+    _refuse_double_wraps(installs, named)
+    if not installs:
+        raise ValueError("nothing to cache: give modules=[...], blocks={...} or a preset")
+
+    for module, forward in installs:
+        _wrap_forward(attachment, module, forward)
     get_timestep = timestep_fn or _default_timestep
 
     def begin_step(_module, args, kwargs):
-        timestep = get_timestep(args, kwargs) if config.step_distance == "timestep" else None
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.flatten()[0].item()
-        cache.begin_step(timestep, _batch_size(args, kwargs))
+        raw = get_timestep(args, kwargs)
+        timestep = None
+        if config.step_distance == "timestep" and raw is not None:
+            timestep = raw.flatten()[0].item() if isinstance(raw, torch.Tensor) else float(raw)
+        cache.begin_step(timestep, _batch_size(args, kwargs), timestep_ref=raw)
 
     attachment.handles.append(model.register_forward_pre_hook(begin_step, with_kwargs=True))
     attachment.diffusers_relay = _register_diffusers_relay(model, cache)
+    if pipeline is not None and callable(getattr(pipeline, "progress_bar", None)):
+        _install_call_boundaries(attachment, pipeline)
+    elif num_steps is None and not attachment.diffusers_relay:
+        # Nothing will announce a new sampling call: watch the timestep go back to its start instead.
+        cache.watch_timesteps = True
+    attachment.summary = AttachSummary.collect(model, cache, chosen.name if chosen else None, specs, keys,
+                                               [n for n, _ in plain], [n for n, _, _ in special], skip_all)
     setattr(model, _ATTR, attachment)
+    if verbose:
+        print(attachment.summary.describe())
     return cache
 
 
-def remove(model: torch.nn.Module) -> None:
-    """Detach the cache: every wrapped forward is restored and the state is dropped."""
+def remove(target) -> None:
+    """Detach the cache: every wrapped forward is restored, the pipeline's hook too, and the state is dropped."""
+    model, _ = _resolve(target)
     attachment: _Attachment | None = getattr(model, _ATTR, None)
     if attachment is None:
         return
@@ -111,24 +165,116 @@ def remove(model: torch.nn.Module) -> None:
         from diffusers.hooks import HookRegistry
 
         HookRegistry.check_if_exists_or_initialize(model).remove_hook(_DIFFUSERS_HOOK, recurse=False)
+    if attachment.pipeline is not None:
+        if attachment.pipeline_previous is None:
+            del attachment.pipeline.progress_bar
+        else:
+            attachment.pipeline.progress_bar = attachment.pipeline_previous
     attachment.cache.reset()
     delattr(model, _ATTR)
 
 
-def get_cache(model: torch.nn.Module) -> ForecastCache | None:
+def get_cache(target) -> ForecastCache | None:
+    model, _ = _resolve(target)
     attachment = getattr(model, _ATTR, None)
     return attachment.cache if attachment else None
 
 
-def _match(named: dict[str, torch.nn.Module], patterns: Iterable[str]) -> list[tuple[str, torch.nn.Module]]:
+def summary(target) -> AttachSummary | None:
+    """What :func:`apply` wrapped on ``target`` and the bytes its cache holds / will hold."""
+    model, _ = _resolve(target)
+    attachment = getattr(model, _ATTR, None)
+    return attachment.summary if attachment else None
+
+
+# ------------------------------------------------------------------------------------------ resolving
+def _resolve(target) -> tuple[torch.nn.Module, object]:
+    """(model, pipeline or None): a diffusers pipeline is cached through its ``transformer``."""
+    if isinstance(target, torch.nn.Module):
+        return target, None
+    transformer = getattr(target, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer, target
+    detail = " whose transformer is None" if hasattr(target, "transformer") else ""
+    raise TypeError(f"expected a torch.nn.Module or a diffusers pipeline with a .transformer, got "
+                    f"{type(target).__name__}{detail}")
+
+
+def _choose_preset(model, preset, explicit: bool) -> preset_registry.Preset | None:
+    if preset is None or (preset == "auto" and explicit):
+        return None
+    if explicit:
+        raise ValueError("give either a preset or an explicit description (modules/blocks/overrides), not both")
+    if isinstance(preset, preset_registry.Preset):
+        return preset
+    if preset != "auto":
+        return preset_registry.get(preset)
+    found = preset_registry.find(model)
+    if found is None:
+        supported = ", ".join(f"{c} ({n})" for n, cs in preset_registry.supported().items() for c in cs)
+        raise ValueError(
+            f"no TaylorSeer preset for {type(model).__name__}; presets exist for {supported}. Describe its blocks "
+            f"(blocks={{'<block list>': BlockSpec(...)}}) or list plain modules (modules=['<blocks>.*.attn', ...]); "
+            f"`python -m taylorseer.discover {type(model).__name__}` lists the candidates. {children_hint(model)}")
+    return found
+
+
+def _explicit_blocks(model, named: dict, blocks: Mapping) -> dict[str, BlockSpec]:
+    """{path of a ModuleList or of a block: description} -> {block name: BlockSpec}."""
+    specs: dict[str, BlockSpec] = {}
+    for path, description in blocks.items():
+        if path not in named or not path:
+            raise ValueError(f"blocks={{{path!r}: ...}}: no such module. {children_hint(model)}")
+        target = named[path]
+        members = ([(f"{path}.{i}", b) for i, b in enumerate(target)] if isinstance(target, torch.nn.ModuleList)
+                   else [(path, target)])
+        for name, block in members:
+            spec = description if isinstance(description, BlockSpec) else description(block)
+            if spec is None:
+                continue
+            if not isinstance(spec, BlockSpec):
+                raise TypeError(f"blocks[{path!r}] must be a BlockSpec or a function returning one, got "
+                                f"{type(spec).__name__}")
+            specs[name] = spec
+    return specs
+
+
+def _match(model, named: dict[str, torch.nn.Module], patterns: Iterable[str],
+           refuse_nested: bool = False) -> list[tuple[str, torch.nn.Module]]:
     found = []
     for pattern in patterns:
         hits = [(n, m) for n, m in named.items() if n and fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            sample = [n for n in named if n][:8]
-            raise ValueError(f"no submodule matches {pattern!r}; module names look like {sample}")
+            raise ValueError(f"no submodule matches {pattern!r}. {children_hint(model)}")
         found.extend(hits)
+    if refuse_nested:
+        _refuse_nested(model, found, patterns)
     return found
+
+
+def _refuse_nested(model, found: list[tuple[str, torch.nn.Module]], patterns) -> None:
+    """fnmatch's ``*`` crosses dots: ``blocks.*`` also matches ``blocks.0.attn``, ``blocks.0.attn.to_q`` ...
+    Caching a module and modules inside it stores the inner features for nothing (5-7x the memory)."""
+    names = sorted({n for n, _ in found})
+    nested = [(outer, inner) for outer in names for inner in names if inner.startswith(outer + ".")]
+    if nested:
+        outer, inner = nested[0]
+        inner_count = len({i for _, i in nested})
+        raise ValueError(
+            f"the patterns {list(patterns)} match modules inside other matched modules ({outer!r} and {inner!r}, "
+            f"{inner_count} nested in all): fnmatch's '*' crosses dots, so both would be cached and the inner "
+            f"features stored for nothing. Match one level, e.g. '<blocks>.*.attn1' with the child's name. "
+            f"{children_hint(model)}")
+
+
+def _refuse_double_wraps(installs: list[tuple[torch.nn.Module, Callable]], named: dict) -> None:
+    names = {id(m): n for n, m in named.items()}
+    seen: set[int] = set()
+    for module, _ in installs:
+        if id(module) in seen:
+            raise ValueError(f"{names.get(id(module), type(module).__name__)!r} is cached twice (by a preset or block "
+                             f"description and by modules/overrides): give it once")
+        seen.add(id(module))
 
 
 def _wrap_forward(attachment: _Attachment, module: torch.nn.Module, new_forward: Callable) -> None:
@@ -149,8 +295,69 @@ def _default_timestep(args: tuple, kwargs: dict):
     return args[1] if len(args) > 1 else None
 
 
+# ------------------------------------------------------------------------------------- call boundaries
+def _install_call_boundaries(attachment: _Attachment, pipeline) -> None:
+    """Every diffusers pipeline opens ``self.progress_bar(total=num_inference_steps)`` around its denoising loop,
+    after the scheduler's timesteps are set: that call starts a sampling call (fresh state, its step count) and
+    leaving it ends one. Wrapping the pipeline's ``progress_bar`` survives a replaced scheduler."""
+    cache = attachment.cache
+    previous = pipeline.__dict__.get("progress_bar")
+    bound = pipeline.progress_bar
+
+    def progress_bar(*args, **kwargs):
+        cache.begin_call(_loop_length(pipeline, args, kwargs))
+        return _CallBar(bound(*args, **kwargs), cache)
+
+    attachment.pipeline, attachment.pipeline_previous = pipeline, previous
+    pipeline.progress_bar = progress_bar
+
+
+def _loop_length(pipeline, args: tuple, kwargs: dict) -> int | None:
+    """Denoiser calls per context in this loop: the timesteps the loop iterates over.
+
+    ``total`` is the pipeline's ``num_inference_steps``; a second-order scheduler calls the model
+    ``len(timesteps)`` times (2N-1), and img2img loops start at the scheduler's ``begin_index``.
+    """
+    iterable = args[0] if args else kwargs.get("iterable")
+    if iterable is not None and hasattr(iterable, "__len__"):
+        return len(iterable)
+    total = kwargs.get("total", args[1] if len(args) > 1 else None)
+    scheduler = getattr(pipeline, "scheduler", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    counts = [int(total)] if total is not None else []
+    if timesteps is not None and hasattr(timesteps, "__len__"):
+        counts.append(len(timesteps) - int(getattr(scheduler, "begin_index", None) or 0))
+    return max(counts) if counts else None
+
+
+class _CallBar:
+    """The pipeline's progress bar, unchanged, that ends the sampling call when the loop leaves it."""
+
+    def __init__(self, bar, cache: ForecastCache):
+        self._bar, self._cache = bar, cache
+
+    def __enter__(self):
+        return self._bar.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self._bar.__exit__(*exc)
+        finally:
+            self._cache.end_call()
+
+    def __iter__(self):
+        try:
+            yield from self._bar
+        finally:
+            self._cache.end_call()
+
+    def __getattr__(self, name):
+        return getattr(self._bar, name)
+
+
 def _register_diffusers_relay(model: torch.nn.Module, cache: ForecastCache) -> bool:
-    """Relay diffusers' ``cache_context(name)`` and its end-of-pipeline reset to our cache."""
+    """Relay diffusers' ``cache_context(name, step_index=..., num_inference_steps=...)`` and its end-of-pipeline
+    reset to our cache."""
     if not hasattr(model, "cache_context"):
         return False
     try:
@@ -164,7 +371,8 @@ def _register_diffusers_relay(model: torch.nn.Module, cache: ForecastCache) -> b
             super().__init__(object)
 
         def set_context(self, context) -> None:
-            cache.set_context(getattr(context, "name", context))
+            cache.set_context(getattr(context, "name", context), step_index=getattr(context, "step_index", None),
+                              num_steps=getattr(context, "num_inference_steps", None))
 
         def reset(self, *args, **kwargs) -> None:
             cache.reset()
