@@ -66,12 +66,3 @@ def apply_flux_cache(
     """
     preset = taylorseer.presets.get("flux", forecast_text=forecast_text, short_double=short_double)
     return taylorseer.apply(transformer, config, preset=preset, num_steps=num_steps)
-
-
-def apply_skip_all(transformer: torch.nn.Module, config: CacheConfig, num_steps: int | None = None) -> ForecastCache:
-    """The ideal the cache is measured against: on forecast steps every block returns its inputs.
-
-    Same schedule and hook machinery as :func:`apply_flux_cache`, no forecast work at all (wrong outputs,
-    for timing only).
-    """
-    return taylorseer.apply(transformer, config, preset="flux", num_steps=num_steps, skip_all=True)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-import taylorseer
 from taylorseer import CacheConfig
 
 Sampler = Callable[[torch.nn.Module, int], torch.Tensor]
@@ -45,22 +44,6 @@ def register(family: Family) -> Family:
     return family
 
 
-def skip_blocks(model: torch.nn.Module, config: CacheConfig, num_steps: int, block_names: list[str],
-                passthrough: Callable[[tuple, dict], object]):
-    """The ideal: the same schedule and hooks as the cache, and on a forecast step every block returns
-    ``passthrough(args, kwargs)`` (its inputs, in its output order) without computing anything."""
-
-    def skip(_block, original, cache, _name):
-        def forward(*args, **kwargs):
-            if cache.is_full:
-                return original(*args, **kwargs)
-            return passthrough(args, kwargs)
-
-        return forward
-
-    return taylorseer.apply(model, config, overrides={name: skip for name in block_names}, num_steps=num_steps)
-
-
 @contextmanager
 def building(device, dtype):
     """Create parameters on ``device`` in ``dtype`` directly: a full-size model never exists in fp32."""
@@ -83,6 +66,21 @@ def _gates_random(model: torch.nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ DiT
+def _preset_ideal(model, config, steps):
+    from taylorseer.families import apply_ideal
+
+    return apply_ideal(model, config, steps)  # the preset's blocks skipped on forecast steps
+
+
+def _diffusers_taylorseer(interval: int, warmup: int):
+    def make():
+        from diffusers import TaylorSeerCacheConfig
+
+        return TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup, max_order=1)
+
+    return make
+
+
 def _dit_build(size: str, device, dtype):
     from taylorseer_dit.diffusion import GaussianDiffusion
     from taylorseer_dit.models import DiT_models
@@ -109,12 +107,7 @@ def _dit_attach(model, config, steps):
     return attach_cache(model, config, steps)
 
 
-def _dit_ideal(model, config, steps):
-    return skip_blocks(model, config, steps, [f"blocks.{i}" for i in range(len(model.blocks))],
-                       lambda args, kwargs: args[0])
-
-
-register(Family("dit", 4, 2, _dit_build, _dit_attach, _dit_ideal, describe={
+register(Family("dit", 4, 2, _dit_build, _dit_attach, _preset_ideal, describe={
     "smoke": "DiT-Tiny/2, 8x8 latents", "mid": "DiT-S/2, 32x32 latents (256 tokens), 1 image + CFG",
     "full": "DiT-XL/2, 256x256 (32x32 latents), 1 image + CFG"}))
 
@@ -162,22 +155,7 @@ def _flux_attach(model, config, steps):
     return apply_flux_cache(model, config, steps)
 
 
-def _flux_ideal(model, config, steps):
-    from taylorseer_flux.cache import apply_skip_all
-
-    return apply_skip_all(model, config, steps)
-
-
-def _diffusers_taylorseer(interval: int, warmup: int):
-    def make():
-        from diffusers import TaylorSeerCacheConfig
-
-        return TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup, max_order=1)
-
-    return make
-
-
-register(Family("flux", 6, 3, _flux_build, _flux_attach, _flux_ideal, _diffusers_taylorseer(6, 3), describe={
+register(Family("flux", 6, 3, _flux_build, _flux_attach, _preset_ideal, _diffusers_taylorseer(6, 3), describe={
     "smoke": "FLUX architecture, 1 double + 2 single blocks, hidden 32, 64 + 16 tokens",
     "mid": "FLUX architecture, 4 double + 8 single blocks, hidden 256, 1024 image + 512 text tokens",
     "full": "FLUX.1-dev, 19 double + 38 single blocks, 1024x1024 (4096 + 512 tokens)"}))
@@ -217,14 +195,35 @@ def _hunyuan_attach(model, config, steps):
     return attach(model, config, steps, single_attention=False)
 
 
-def _hunyuan_ideal(model, config, steps):
-    double = [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
-    single = [f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))]
-    return skip_blocks(model, config, steps, double + single, lambda args, kwargs: (args[0], args[1]))
-
-
-register(Family("hunyuan_video", 5, 1, _hunyuan_build, _hunyuan_attach, _hunyuan_ideal, _diffusers_taylorseer(5, 1),
+register(Family("hunyuan_video", 5, 1, _hunyuan_build, _hunyuan_attach, _preset_ideal, _diffusers_taylorseer(5, 1),
                 describe={"smoke": "HunyuanVideo architecture, 1 double + 2 single blocks, hidden 32",
                           "mid": "HunyuanVideo architecture, 4 double + 8 single blocks, hidden 256, "
                                  "1280 video + 128 text tokens",
                           "full": "HunyuanVideo, 20 double + 40 single blocks, 480x640x17 (6000 + 256 tokens)"}))
+
+
+# ----------------------------------------------------- other diffusers DiTs: the presets' families (issue 13)
+def _preset_family(name: str, interval: int, warmup: int, what: str) -> Family:
+    """A family of ``taylorseer.families`` (Wan, SD3.5, PixArt-Sigma, CogVideoX): its random mid-size model,
+    its Euler loop, the preset (``ours``) and the preset's blocks skipped (``ideal``)."""
+    from taylorseer import families
+
+    def build(size, device, dtype):
+        case = families.bench_case(name, "smoke" if size == "smoke" else "mid", device, dtype)
+        return case.model, lambda m, steps: families.sample(families.BenchCase(name, m, case.inputs), steps)
+
+    def attach(model, config, steps):
+        return families.apply_preset(model, config, steps)
+
+    import diffusers
+
+    has_hook = hasattr(getattr(diffusers, families._CLASSES[name]), "enable_cache")  # diffusers' CacheMixin
+    return Family(name, interval, warmup, build, attach, _preset_ideal,
+                  _diffusers_taylorseer(interval, warmup) if has_hook else None,
+                  describe={"smoke": f"{what}, tiny", "mid": f"{what}, 4 blocks, hidden 256, ~1024 tokens"})
+
+
+for _name, _n, _w, _what in (("wan", 5, 1, "Wan 2.1 architecture"), ("sd3", 5, 2, "SD3.5 architecture"),
+                             ("pixart", 5, 2, "PixArt-Sigma architecture"),
+                             ("cogvideox", 5, 2, "CogVideoX architecture")):
+    register(_preset_family(_name, _n, _w, _what))
