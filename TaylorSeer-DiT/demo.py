@@ -120,9 +120,7 @@ SCHEMA = {
 
 
 def main(cfg: DictConfig) -> list[dict]:
-    settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "dit", "demo", CONFIG_DIR)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    settings.check(plain, SCHEMA, "demo")
+    settings.check_app(cfg, SCHEMA, "demo", "dit", CONFIG_DIR)
     first_enhance = int(cfg.first_enhance)
     all_methods = methods(list(cfg.intervals), list(cfg.orders), first_enhance)  # validates N, O, warm-up
     out_dir = Path(cfg.out_root) / "demo" / f"digits-{cfg.num_samples}samples-{cfg.num_steps}steps-seed{cfg.seed}"

@@ -74,11 +74,7 @@ def run_name(cfg: DictConfig, cache_config: CacheConfig) -> str:
 
 def validate(cfg: DictConfig, schema: dict = SCHEMA, app: str = TAG, check_labels: bool = True) -> CacheConfig:
     """Everything that can be checked before a model is loaded: keys, types, ranges, the model's family."""
-    # The model's family first: a config of another app would not even resolve (its keys are missing).
-    settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "dit", app, CONFIG_DIR)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    settings.check(plain, schema, app)
-    cache_config = CacheConfig.from_dict(plain["cache"])
+    plain, cache_config = settings.check_app(cfg, schema, app, "dit", CONFIG_DIR)
     if check_labels:
         labels = plain["class_labels"]
         if not labels:

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig, distributed, runfolder, runs, settings
 from taylorseer.diffusers_io import read_prompts, weights_fingerprint
-from taylorseer.peers import IMPLS
 from taylorseer.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
@@ -40,45 +39,27 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_flux"
 CONFIG_NAME = "sample_flux"  # configs/sample_flux.yaml
 SCHEMA = {
-    "model.family": Setting("str"),
-    "model.name": Setting("str"),
-    "model.short_name": Setting("str"),
-    "model.path": Setting("str"),
+    **settings.PIPELINE_APP,
     "model.pipeline": Setting("str", choices=PIPELINES),
     "model.num_steps": Setting("int", minimum=1),
     "model.height": Setting("int", minimum=16, multiple_of=16),
     "model.width": Setting("int", minimum=16, multiple_of=16),
     "model.guidance_scale": Setting("float", minimum=0.0),
     "model.max_sequence_length": Setting("int", minimum=1),
-    "prompt": Setting("any", nullable=True),
-    "prompt_file": Setting("str", nullable=True),
-    "negative_prompt": Setting("str", nullable=True),
-    "num_steps": Setting("int", minimum=1),
     "height": Setting("int", minimum=16, multiple_of=16, hint="FLUX: 8x VAE, 2x2 patches"),
     "width": Setting("int", minimum=16, multiple_of=16, hint="FLUX: 8x VAE, 2x2 patches"),
-    "guidance_scale": Setting("float", minimum=0.0),
-    "true_cfg_scale": Setting("float", minimum=1.0),
-    "max_sequence_length": Setting("int", minimum=1),
     "image": Setting("str", nullable=True),
     "batch_size": Setting("int", minimum=1),
     "num_images_per_prompt": Setting("int", minimum=1),
     "forecast_text": Setting("bool"),
-    "cache_impl": Setting("str", choices=IMPLS),
     "compare_uncached": Setting("bool"),
-    "warmup": Setting("bool"),
-    "cpu_offload": Setting("bool"),
-    "vae_tiling": Setting("bool"),
     "vae_slicing": Setting("bool"),
 }
 
 
 def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     """Everything that can be checked before a model is loaded; returns the cache config and the prompts."""
-    # The model's family first: a config of another app would not even resolve (its keys are missing).
-    settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "flux", TAG, CONFIG_DIR)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    settings.check(plain, SCHEMA, TAG)
-    cache_config = CacheConfig.from_dict(plain["cache"])
+    plain, cache_config = settings.check_app(cfg, SCHEMA, TAG, "flux", CONFIG_DIR)
     prompts = read_prompts(plain["prompt"], cfg.prompt_file)
     if cfg.model.pipeline == "FluxKontextPipeline":
         if not cfg.image or not Path(cfg.image).expanduser().is_file():

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig, distributed, runfolder, runs, settings
 from taylorseer.diffusers_io import read_prompts, weights_fingerprint
-from taylorseer.peers import IMPLS
 from taylorseer.settings import Setting
 
 from .cache import cached_module_names
@@ -40,41 +39,23 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_hunyuan_video"
 CONFIG_NAME = "sample_hunyuan_video"  # configs/sample_hunyuan_video.yaml
 SCHEMA = {
-    "model.family": Setting("str"),
-    "model.name": Setting("str"),
-    "model.short_name": Setting("str"),
-    "model.path": Setting("str"),
+    **settings.PIPELINE_APP,
     "model.spatial_compression": Setting("int", minimum=1),
     "model.temporal_compression": Setting("int", minimum=1),
-    "prompt": Setting("any", nullable=True),
-    "prompt_file": Setting("str", nullable=True),
     "videos_per_prompt": Setting("int", minimum=1),
-    "num_steps": Setting("int", minimum=1),
     "height": Setting("int", minimum=1),
     "width": Setting("int", minimum=1),
     "num_frames": Setting("int", minimum=1),
-    "guidance_scale": Setting("float", minimum=0.0),
-    "true_cfg_scale": Setting("float", minimum=1.0),
-    "negative_prompt": Setting("str", nullable=True),
     "flow_shift": Setting("float", minimum=1e-9, hint="> 0"),
-    "max_sequence_length": Setting("int", minimum=1),
     "fps": Setting("float", minimum=1e-9, hint="> 0"),
     "video_quality": Setting("float", minimum=0, maximum=10, nullable=True, hint="imageio's 0-10 scale"),
-    "cpu_offload": Setting("bool"),
-    "vae_tiling": Setting("bool"),
     "record_single_attention": Setting("bool"),
-    "cache_impl": Setting("str", choices=IMPLS),
-    "warmup": Setting("bool"),
 }
 
 
 def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     """Everything that can be checked before the model loads; returns the cache config and the prompts."""
-    # The model's family first: a config of another app would not even resolve (its keys are missing).
-    settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "hunyuan_video", TAG, CONFIG_DIR)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    settings.check(plain, SCHEMA, TAG)
-    cache_config = CacheConfig.from_dict(plain["cache"])
+    plain, cache_config = settings.check_app(cfg, SCHEMA, TAG, "hunyuan_video", CONFIG_DIR)
     prompts = read_prompts(plain["prompt"], cfg.prompt_file)
     spatial = 2 * cfg.model.spatial_compression  # the VAE, then the transformer's 2x2 patches
     for key in ("height", "width"):

@@ -80,6 +80,40 @@ BASE = {
 }
 
 
+# Keys every diffusers-pipeline app (FLUX, HunyuanVideo) has.
+PIPELINE_APP = {
+    "model.family": Setting("str"),
+    "model.name": Setting("str"),
+    "model.short_name": Setting("str"),
+    "model.path": Setting("str"),
+    "prompt": Setting("any", nullable=True),
+    "prompt_file": Setting("str", nullable=True),
+    "negative_prompt": Setting("str", nullable=True),
+    "num_steps": Setting("int", minimum=1),
+    "guidance_scale": Setting("float", minimum=0.0),
+    "true_cfg_scale": Setting("float", minimum=1.0),
+    "max_sequence_length": Setting("int", minimum=1),
+    "cache_impl": Setting("str", choices=("taylorseer", "diffusers")),
+    "warmup": Setting("bool"),
+    "cpu_offload": Setting("bool"),
+    "vae_tiling": Setting("bool"),
+}
+
+
+def check_app(cfg, schema: Mapping[str, Setting], app: str, family: str, config_dir: str | Path):
+    """Everything an app checks before loading anything: the model config's family (first: a config of
+    another app would not even resolve), every key and value against ``schema``, the cache settings.
+    Returns (the resolved config as a plain dict, the :class:`taylorseer.CacheConfig` or None without one)."""
+    from omegaconf import OmegaConf
+
+    from .config import CacheConfig
+
+    check_model_family(OmegaConf.to_container(cfg.model, resolve=True), family, app, config_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    check(plain, schema, app)
+    return plain, CacheConfig.from_dict(plain["cache"]) if "cache" in plain else None
+
+
 def check(config: Mapping, schema: Mapping[str, Setting], app: str, delegated: tuple[str, ...] = ("cache",)) -> None:
     """Raise :class:`SettingsError` for the first unknown key or bad value of ``config`` (a resolved, plain dict).
 
