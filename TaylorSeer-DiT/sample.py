@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 import taylorseer
 from taylorseer import CacheConfig, runfolder, runs, settings
+from taylorseer.attention import set_attention_backend
 from taylorseer.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
@@ -55,6 +56,8 @@ SAMPLING_SCHEMA = {
     "spacing": Setting("str", choices=SPACINGS),
     "cfg_scale": Setting("float", minimum=1.0, hint="1 turns guidance off"),
     "batch_size": Setting("int", minimum=1),
+    "attention_backend": Setting("str", choices=("sdpa", "flash", "xformers")),
+    "compile": Setting("bool"),
 }
 SCHEMA = {
     **SAMPLING_SCHEMA,
@@ -97,12 +100,27 @@ def weights_identity(cfg: DictConfig) -> dict:
 
 
 def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
-    """(model, vae): everything that can fail on missing or broken weights fails here."""
+    """(model, vae): everything that can fail on missing or broken weights (or an attention backend that
+    cannot run here) fails here."""
     path = find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
     model = load_dit(path, cfg.model.name, cfg.model.image_size, cfg.model.num_classes, cfg.model.in_channels,
                      cfg.model.latent).to(device=device, dtype=dtype)
+    set_attention_backend(model, cfg.attention_backend)
     vae = load_vae(cfg.model.vae, dtype).to(device) if cfg.model.latent else None
     return model, vae
+
+
+def attach(model, cache_config: CacheConfig, cfg: DictConfig):
+    """The cache on ``model``, then (``compile=true``) the regional compile, which must come after it."""
+    cache = attach_cache(model, cache_config, cfg.num_steps)
+    if cfg.compile:
+        taylorseer.compile(model)
+    return cache
+
+
+def detach(model) -> None:
+    taylorseer.uncompile(model)
+    taylorseer.remove(model)
 
 
 def run_identity(cfg: DictConfig, device: torch.device, dtype: torch.dtype, weights: dict,
@@ -137,7 +155,7 @@ def main(cfg: DictConfig) -> dict:
         done = {i: r for i, r in done.items() if i < len(names) and r["file"] == names[i]
                 and (not compare or "psnr" in r)}
         todo = [i for i in range(len(labels)) if i not in done]
-        attach_cache(model, cache_config, cfg.num_steps)
+        attach(model, cache_config, cfg)
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
         runs.reset_peak_memory(device)
         batches = [todo[k:k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
@@ -151,7 +169,7 @@ def main(cfg: DictConfig) -> dict:
             new = {i: dict(index=i, label=labels[i], seed=seeds[k], file=names[i], cache_bytes=cache_bytes,
                            latency_s=timing["seconds"] / len(batch)) for k, i in enumerate(batch)}
             if compare:
-                with _detached(model, cache_config, cfg.num_steps):
+                with _detached(model, cache_config, cfg):
                     with runs.timed(timing, "uncached", device=device):
                         reference = to_images(sample(model, diffusion, y, cfg.cfg_scale, seeds), vae).cpu()
                 for k, i in enumerate(batch):
@@ -164,7 +182,7 @@ def main(cfg: DictConfig) -> dict:
                 records.append(new[i])
                 done[i] = new[i]
             runs.write_metrics(out_dir, _metrics(cfg, cache_config, flops, done, device, dtype))
-        taylorseer.remove(model)
+        detach(model)
         _save_grid(out_dir, names, cfg.grid_nrow)
         if compare:
             _save_grid(out_dir / "uncached", names, cfg.grid_nrow)
@@ -183,14 +201,14 @@ def main(cfg: DictConfig) -> dict:
 class _detached:
     """The model without its cache for a block (the uncached comparison), then the cache back."""
 
-    def __init__(self, model, config: CacheConfig, num_steps: int):
-        self.model, self.config, self.num_steps = model, config, num_steps
+    def __init__(self, model, config: CacheConfig, cfg: DictConfig):
+        self.model, self.config, self.cfg = model, config, cfg
 
     def __enter__(self):
-        taylorseer.remove(self.model)
+        detach(self.model)
 
     def __exit__(self, *exc):
-        attach_cache(self.model, self.config, self.num_steps)
+        attach(self.model, self.config, self.cfg)
 
 
 def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, done: dict, device, dtype) -> dict:

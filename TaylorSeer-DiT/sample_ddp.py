@@ -30,8 +30,8 @@ from taylorseer import CacheConfig, distributed, runfolder, runs
 from taylorseer.settings import Setting
 
 from .diffusion import GaussianDiffusion
-from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, run_identity, run_name, validate, weights_identity
-from .sampling import attach_cache, count_flops, sample, sample_seed, to_images
+from .sample import CONFIG_DIR, SAMPLING_SCHEMA, attach, load_model, run_identity, run_name, validate, weights_identity
+from .sampling import count_flops, sample, sample_seed, to_images
 
 TAG = "sample_dit_ddp"
 CONFIG_NAME = "sample_dit_ddp"  # configs/sample_dit_ddp.yaml
@@ -80,7 +80,7 @@ def main(cfg: DictConfig) -> Path:
         todo = [i for i in range(cfg.num_samples) if i not in done]
         session.barrier()  # every rank has read the same state before anyone writes
         mine = session.shard(todo)
-        attach_cache(model, cache_config, cfg.num_steps)
+        attach(model, cache_config, cfg)
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
         if session.is_main:
             print(f"[{TAG}] {cfg.num_samples} samples, {len(todo)} to make on {world} rank(s) -> {sample_dir}")

@@ -87,25 +87,34 @@ class FluxCache:
     num_steps: int
     forecast_text: bool = False
     impl: str = "taylorseer"  # or "diffusers": diffusers' own TaylorSeer hook, the peer baseline
+    compile: bool = False  # taylorseer.compile the transformer's repeated blocks (after the cache, always)
     _diffusers_on: bool = False
 
     def attach(self) -> ForecastCache | None:
-        if not self.config.enabled:
-            return None
-        if self.impl == "diffusers":
-            if not self._diffusers_on:
-                peers.enable(self.pipe.transformer, self.config)
-                self._diffusers_on = True
-            return None
-        if taylorseer.get_cache(self.pipe.transformer) is not None:
-            return taylorseer.get_cache(self.pipe.transformer)
-        return apply_flux_cache(self.pipe.transformer, self.config, self.num_steps, forecast_text=self.forecast_text)
+        transformer = self.pipe.transformer
+        if taylorseer.get_cache(transformer) is not None or self._diffusers_on:
+            return taylorseer.get_cache(transformer)
+        taylorseer.uncompile(transformer)
+        cache = None
+        if self.config.enabled and self.impl == "diffusers":
+            peers.enable(transformer, self.config)
+            self._diffusers_on = True
+        elif self.config.enabled:
+            cache = apply_flux_cache(transformer, self.config, self.num_steps, forecast_text=self.forecast_text)
+        if self.compile:
+            taylorseer.compile(transformer)
+        return cache
 
     def detach(self) -> None:
+        """The plain transformer (compiled too when ``compile``): the uncached baseline of the same run."""
+        transformer = self.pipe.transformer
+        taylorseer.uncompile(transformer)
         if self._diffusers_on:
-            peers.disable(self.pipe.transformer)
+            peers.disable(transformer)
             self._diffusers_on = False
-        taylorseer.remove(self.pipe.transformer)
+        taylorseer.remove(transformer)
+        if self.compile:
+            taylorseer.compile(transformer)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig, distributed, runfolder, runs, settings
+from taylorseer.attention import set_attention_backend
 from taylorseer.diffusers_io import read_prompts, weights_fingerprint
 from taylorseer.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
@@ -152,6 +153,7 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
 
     pipe = load_flux(cfg.model.path, pipeline=cfg.model.pipeline, dtype=dtype, device=device,
                      cpu_offload=cfg.cpu_offload, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
+    set_attention_backend(pipe.transformer, cfg.attention_backend)
     folder = runfolder.claim(out_dir, run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path)),
                              session)
     try:
@@ -163,7 +165,8 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
 
 def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, session, dtype) -> dict | None:
     device = session.device
-    handle = FluxCache(pipe, cache_config, cfg.num_steps, forecast_text=cfg.forecast_text, impl=cfg.cache_impl)
+    handle = FluxCache(pipe, cache_config, cfg.num_steps, forecast_text=cfg.forecast_text, impl=cfg.cache_impl,
+                       compile=cfg.compile)
     handle.attach()
     compare = bool(cfg.compare_uncached and cache_config.enabled)
     call = dict(num_steps=cfg.num_steps, height=cfg.height, width=cfg.width, guidance_scale=cfg.guidance_scale,

@@ -25,7 +25,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+import taylorseer
 from taylorseer import CacheConfig, distributed, runfolder, runs, settings
+from taylorseer.attention import set_attention_backend
 from taylorseer.diffusers_io import read_prompts, weights_fingerprint
 from taylorseer.settings import Setting
 
@@ -133,11 +135,14 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
         raise ValueError(f"the VAE at {cfg.model.path} compresses {pipe.vae_scale_factor_spatial}x (space) and "
                          f"{pipe.vae_scale_factor_temporal}x (time), but model.spatial_compression/"
                          f"temporal_compression say {cfg.model.spatial_compression}/{cfg.model.temporal_compression}")
+    set_attention_backend(pipe.transformer, cfg.attention_backend)
     ident = run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path))
     folder = runfolder.claim(out_dir, ident, session)
     try:
         cache = attach_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention, cfg.cache_impl)
         place(pipe, device, cfg.cpu_offload)
+        if cfg.compile:
+            taylorseer.compile(pipe.transformer)  # after the cache: the cache's own code stays out of the graphs
         pipe.set_progress_bar_config(disable=not cfg.progress or not session.is_main, leave=False)
         if session.is_main:
             runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -97,6 +97,8 @@ PIPELINE_APP = {
     "warmup": Setting("bool"),
     "cpu_offload": Setting("bool"),
     "vae_tiling": Setting("bool"),
+    "attention_backend": Setting("str", choices=("sdpa", "flash", "xformers")),
+    "compile": Setting("bool"),
 }
 
 

@@ -278,3 +278,22 @@ def test_checkpoint_files_that_cannot_be_used_fail_with_one_message(tiny_assets,
     torch.save([1, 2], lists)
     with pytest.raises(checkpoints.CheckpointError, match="holds a list without a state dict"):
         checkpoints.load_dit(lists, "DiT-Tiny/2", 64, num_classes=10)
+
+
+def test_compile_and_attention_backend_settings_of_the_app(tmp_path, capsys):
+    """compile=true samples the same images as eager (8-bit PNGs, 1e-4-relative float differences at most);
+    an attention backend that cannot run here fails before sampling, in one line naming the fallback."""
+    import numpy as np
+
+    base = ["model=digits", f"out_root={tmp_path}", "progress=false", "num_steps=10", "class_labels=[1,7]"]
+    eager = sample_app.main(_compose("sample_dit", base + ["run_name=eager"]))
+    compiled = sample_app.main(_compose("sample_dit", base + ["run_name=compiled", "compile=true"]))
+    assert compiled["full_steps"] == eager["full_steps"]
+    for name in ("0000-class1.png", "0001-class7.png"):
+        a = np.asarray(Image.open(tmp_path / "dit" / "eager" / name), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "dit" / "compiled" / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1
+    with pytest.raises(RuntimeError, match="attention_backend=sdpa") as info:
+        sample_app.main(_compose("sample_dit", base + ["run_name=flash", "attention_backend=flash"]))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "dit" / "flash").exists()  # refused before anything was written
