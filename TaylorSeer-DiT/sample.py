@@ -130,9 +130,12 @@ def run_identity(cfg: DictConfig, device: torch.device, dtype: torch.dtype, weig
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
+    """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question): the
+    settings' name and, so that two label lists never share a default folder, a digest of the labels."""
     cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
-    return Path(cfg.out_root) / "dit" / (cfg.run_name or run_name(cfg, cache_config))
+    labels = [int(y) for y in cfg.class_labels]
+    name = f"{run_name(cfg, cache_config)}-{len(labels)}labels-{runfolder.digest(labels)[:6]}"
+    return Path(cfg.out_root) / "dit" / (cfg.run_name or name)
 
 
 def main(cfg: DictConfig) -> dict:

@@ -77,7 +77,9 @@ def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
     cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
     tag = cache_config.tag + ("-diffusers" if cfg.cache_impl == "diffusers" and cache_config.enabled else "")
-    name = cfg.run_name or f"{cfg.model.short_name}-{tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}-seed{cfg.seed}"
+    prompts = read_prompts(OmegaConf.to_container(cfg, resolve=True)["prompt"], cfg.prompt_file)
+    name = cfg.run_name or (f"{cfg.model.short_name}-{tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}"
+                            f"-seed{cfg.seed}-{runs.prompts_label(prompts, cfg.prompt_file)}")
     return Path(cfg.out_root) / "flux" / name
 
 

@@ -28,6 +28,15 @@ def slug(text: str, max_len: int = 60) -> str:
     return text[:max_len] or "empty"
 
 
+def prompts_label(prompts: list[str], prompt_file: str | None = None) -> str:
+    """The part of a default run-folder name that says which prompts: the prompt file's stem or the first
+    prompt's slug, and 6 hex digits of the prompts' text, so two prompt sets never share a default folder."""
+    from .runfolder import digest
+
+    label = Path(prompt_file).stem if prompt_file else slug(prompts[0], 24)
+    return f"{slug(label, 24)}-{digest(prompts)[:6]}"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
     path = Path(path)

@@ -165,7 +165,7 @@ def test_sample_app_end_to_end(tiny_assets, tmp_path):
         f"model.ckpt_dir={d}", f"model.vae={d / 'vae'}", f"out_root={tmp_path}", "class_labels=[0,3]",
         "num_steps=10", "cache.interval=4", "cache.max_order=1", "compare_uncached=true"])
     metrics = sample_app.main(cfg)
-    run = tmp_path / "dit" / "DiT-Tiny-2-64-N4-O1-W2-ddim10-cfg1.5-seed0"
+    run = next((tmp_path / "dit").glob("DiT-Tiny-2-64-N4-O1-W2-ddim10-cfg1.5-seed0-*"))
     assert sorted(p.name for p in run.glob("*.png")) == ["0000-class0.png", "0001-class3.png", "grid.png"]
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["full_steps"] == 4 and on_disk["num_steps"] == 10  # 0, 1, 5, 9

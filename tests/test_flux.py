@@ -303,7 +303,7 @@ def test_sample_app_end_to_end_and_resume(tiny_dir, tmp_path):
     cfg = _compose(_app_overrides(tiny_dir, out_root, f"prompt_file={prompts}", "num_images_per_prompt=2",
                                   "batch_size=3", "compare_uncached=true", "warmup=false"))
     metrics = main(cfg)
-    run = out_root / "flux" / "flux-dev-N6-O1-W3-50steps-32x32-seed0"
+    run = next((out_root / "flux").glob("flux-dev-N6-O1-W3-50steps-32x32-seed0-*"))
     names = ["00000-a_photo_of_the_cat.png", "00001-a_photo_of_the_cat.png",
              "00002-a_dog_on_a_skateboard.png", "00003-a_dog_on_a_skateboard.png"]
     assert sorted(p.name for p in run.glob("*.png")) == names
@@ -366,13 +366,19 @@ def test_a_run_folder_never_reports_other_settings(tiny_dir, tmp_path):
     second.write_text("a dog on a skateboard\n")
     base = ["warmup=false", "num_steps=8"]
     main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={first}", *base)))
-    # Another prompt file into the same (default-named) folder: refused, the old image is not kept as the new one.
+    # Another prompt file: its own default folder (named after the prompts), never the old image.
+    main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={second}", *base)))
+    folders = sorted(p.name for p in (out_root / "flux").iterdir())
+    assert len(folders) == 2 and folders[0].startswith("flux-dev-N6-O1-W3-8steps-32x32-seed0-first-")
+    # Into one named folder, other prompts are refused, the old image is not kept as the new one.
+    main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={first}", "run_name=same", *base)))
     with pytest.raises(ValueError, match=r"other settings \(resolved.prompts: .*run_name=<new name>"):
-        main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={second}", *base)))
+        main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={second}", "run_name=same", *base)))
     # The same prompts under another file name are the same run: nothing to redo.
     copy = tmp_path / "copy.txt"
     copy.write_text(first.read_text())
-    assert main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={copy}", *base)))["num_items"] == 1
+    again = main(_compose(_app_overrides(tiny_dir, out_root, f"prompt_file={copy}", "run_name=same", *base)))
+    assert again["num_items"] == 1
     # With run_name, a new size or step count is refused too.
     named = [f"prompt_file={first}", "run_name=mine", "warmup=false"]
     main(_compose(_app_overrides(tiny_dir, out_root, *named, "num_steps=8")))
@@ -439,7 +445,7 @@ def test_diffusers_hook_baseline_runs_in_the_same_app(tiny_dir, tmp_path):
 
     assert diffusers_full_steps(50, PAPER) == [0, 1, 2] + list(range(4, 50, 6))  # 11 of 50 (ours: 10)
     metrics = main(_compose(_app_overrides(tiny_dir, tmp_path, "warmup=false", "cache_impl=diffusers")))
-    run = tmp_path / "flux" / "flux-dev-N6-O1-W3-diffusers-50steps-32x32-seed0"
+    run = next((tmp_path / "flux").glob("flux-dev-N6-O1-W3-diffusers-50steps-32x32-seed0-*"))
     assert (run / "00000-A_cat_holding_a_sign_that_says_hello_world.png").is_file()
     assert metrics["full_steps"] == 11 and metrics["flops_total"] < metrics["flops_uncached"]
     # Its forecast step still runs the feed-forwards (it hooks attention only): far less compression than ours.

@@ -19,7 +19,10 @@ SMALL = ["num_samples=60", "batch_size=20"]  # a CPU-sized digits table
 
 @pytest.mark.parametrize("name,count", [("digits", 9), ("dit_fid50k", 19), ("flux_drawbench", 19),
                                         ("hunyuan_vbench", 7)])
-def test_every_paper_table_resolves_to_distinct_run_folders(name, count, tmp_path):
+def test_every_paper_table_resolves_to_distinct_run_folders(name, count, tmp_path, monkeypatch):
+    for var in ("DRAWBENCH", "VBENCH_PROMPTS"):  # the prompt files name the runs (their text's digest)
+        (tmp_path / f"{var}.txt").write_text("a red cat\na blue dog\n")
+        monkeypatch.setenv(var, str(tmp_path / f"{var}.txt"))
     exp = load_experiment(name)
     pts = points(exp, [f"out_root={tmp_path}"])
     dirs = run_dirs(exp, pts)  # composes every point through the app's own config: bad keys would fail here
