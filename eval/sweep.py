@@ -140,7 +140,7 @@ def sample(exp: Experiment, extra: list[str], table_dir: Path) -> dict[str, int]
         cmd = [sys.executable, "-m", exp.app, "--multirun", *exp.common, *sweep, *extra,
                f"hydra.sweep.dir={table_dir / 'multirun' / block}"]
         print(f"[{TAG}] {exp.name}/{block}: {' '.join(cmd[3:])}", flush=True)
-        status[block] = subprocess.run(cmd, cwd=ROOT).returncode
+        status[block] = subprocess.run(cmd).returncode  # in the user's folder: relative paths mean the same
         if status[block]:
             print(f"[{TAG}] {exp.name}/{block}: exit status {status[block]} (a job failed: its traceback is above, "
                   f"its log under {table_dir / 'multirun' / block}); going on", file=sys.stderr, flush=True)

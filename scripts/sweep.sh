@@ -6,5 +6,4 @@
 # Experiments: configs/experiment/*.yaml. Outputs: runs/tables/<experiment>/ (run folders, table.md/csv/png).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-cd "$ROOT"
 python -m taylorseer_eval.sweep "$@"
