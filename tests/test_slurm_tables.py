@@ -4,6 +4,7 @@ once; a failing point surfaces its error and is marked failed in the table. Run 
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import time
@@ -36,7 +37,9 @@ def _launcher(cluster) -> list[str]:
 
 def _jobs(cluster, table: Path) -> dict[str, str]:
     """Job id -> state, for every job the sweep's arrays submitted (from the completion records)."""
-    ids = sorted(folder.name for folder in (table / "multirun").glob("*/.submitit/*_*"))
+    names = {folder.name for folder in (table / "multirun").glob("*/.submitit/*")}
+    # a single job ("12"), or the tasks of an array ("6_0", "6_1": the folder "6" holds the array's script)
+    ids = sorted(n for n in names if re.fullmatch(r"\d+(_\d+)?", n) and not any(m.startswith(n + "_") for m in names))
     ended = {}
     for record in cluster.completions():
         ended[f"{record.get('JobId')}"] = record.get("JobState")
