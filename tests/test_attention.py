@@ -41,8 +41,14 @@ def fake_package(tmp_path, monkeypatch):
         for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
             monkeypatch.delitem(sys.modules, mod)
         attention._probe.cache_clear()
+        made.append(name)
 
+    made = []
     yield make
+    # The stand-in must not outlive the test: an imported module stays in sys.modules (where find_spec and
+    # import look first), so later tests would see a "working" flash-attn on the CPU.
+    for mod in [m for m in sys.modules if any(m == name or m.startswith(name + ".") for name in made)]:
+        del sys.modules[mod]
     attention._probe.cache_clear()
 
 
