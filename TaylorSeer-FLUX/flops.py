@@ -58,6 +58,37 @@ def transformer_inputs(config: dict, num_image_tokens: int, text_tokens: int, ba
     return kwargs
 
 
+def meta_flux(transformer_config: dict, dtype: torch.dtype = torch.float32):
+    """A FluxTransformer2DModel with shapes only (meta device) and its config merged with FLUX.1-dev's."""
+    from diffusers import FluxTransformer2DModel
+
+    known = set(FLUX_DEV_TRANSFORMER) | {"out_channels"}
+    config = {k: v for k, v in dict(transformer_config).items() if k in known}
+    config["axes_dims_rope"] = tuple(config.get("axes_dims_rope", FLUX_DEV_TRANSFORMER["axes_dims_rope"]))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters in ``dtype`` from the start
+    try:
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(**config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return model, {**FLUX_DEV_TRANSFORMER, **config}
+
+
+def flux_cache_bytes(transformer_config: dict, cache_config: CacheConfig, *, height: int = 1024, width: int = 1024,
+                     text_tokens: int = 512, forecast_text: bool = False) -> int:
+    """Bytes of one image's factors at order ``cache_config.max_order`` once filled (one context; true CFG
+    doubles it), counted on the meta device with the cache attached as for sampling."""
+    from taylorseer.store import count_cache_bytes
+
+    from .cache import apply_flux_cache
+
+    model, merged = meta_flux(transformer_config)
+    kwargs = transformer_inputs(merged, image_tokens(height, width), text_tokens)
+    return count_cache_bytes(model, lambda config: apply_flux_cache(model, config, forecast_text=forecast_text),
+                             lambda: model(**kwargs), cache_config)
+
+
 def count_flux_flops(
     transformer_config: dict,
     cache_config: CacheConfig | None,
@@ -77,17 +108,10 @@ def count_flux_flops(
     image's tokens); ``calls_per_step`` is 2 with true CFG. ``cache_config=None`` or a disabled cache
     counts the uncached run. ``impl="diffusers"`` counts diffusers' own TaylorSeer hook instead of ours.
     """
-    from diffusers import FluxTransformer2DModel
-
     from .cache import apply_flux_cache
 
-    known = set(FLUX_DEV_TRANSFORMER) | {"out_channels"}
-    config = {k: v for k, v in dict(transformer_config).items() if k in known}
-    config["axes_dims_rope"] = tuple(config.get("axes_dims_rope", FLUX_DEV_TRANSFORMER["axes_dims_rope"]))
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**config).eval()
+    model, merged = meta_flux(transformer_config)
     tokens = num_image_tokens if num_image_tokens is not None else image_tokens(height, width)
-    merged = {**FLUX_DEV_TRANSFORMER, **config}
     kwargs = transformer_inputs(merged, tokens, text_tokens)
     def call():
         with torch.no_grad():

@@ -7,6 +7,7 @@ byte counts are the real ones. Usage::
 
     python -m taylorseer_hunyuan_video.estimate                       # 480x640x65, 50 steps, N=5 O=1
     python -m taylorseer_hunyuan_video.estimate --orders 1 2 --frames 129 --height 720 --width 1280
+    python -m taylorseer_hunyuan_video.estimate --stores dense float8   # + the 8-bit factor store
 
 Shapes at 480x640x65: the VAE compresses 8x in space and 4x in time (65 frames -> 17 latent
 frames, 60x80 latents), the transformer patchifies 1x2x2 -> 17*30*40 = 20,400 video tokens, plus
@@ -24,6 +25,7 @@ from diffusers import HunyuanVideoTransformer3DModel
 
 import taylorseer
 from taylorseer import CacheConfig, FlopsReport
+from taylorseer.store import FACTOR_STORES, stored_nbytes
 
 from .cache import attach, cached_module_names
 
@@ -132,19 +134,24 @@ def count_run_flops(cache_config: CacheConfig, shape: VideoShape = VideoShape(),
 class CacheEstimate:
     max_order: int
     factor_dtype: str
+    factor_store: str  # "dense" or an 8-bit store (taylorseer.store), with factor_scale
+    factor_scale: str
     num_modules: int  # cached modules (a double block's attention counts once, with two output tensors)
     num_tensors: int  # cached tensors
     elements_per_order: int  # elements of one factor of every cached tensor
     nbytes: int  # measured from the cache after O+1 full steps on the meta device
-    formula_nbytes: int  # (O + 1) x elements_per_order x itemsize, from the recorded output shapes
+    formula_nbytes: int  # (O + 1) x stored bytes of each recorded output shape (taylorseer.store.stored_nbytes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"gib": self.nbytes / 2**30, "gb": self.nbytes / 1e9}
 
 
 def estimate_cache(max_order: int, shape: VideoShape = VideoShape(), factor_dtype: str = "bfloat16",
-                   transformer_config: dict | None = None, single_attention: bool = True) -> CacheEstimate:
-    """Bytes the cache holds at ``max_order`` for one context (double it for true CFG: cond + uncond)."""
+                   transformer_config: dict | None = None, single_attention: bool = True,
+                   factor_store: str = "dense", factor_scale: str = "token") -> CacheEstimate:
+    """Bytes the cache holds at ``max_order`` for one context (double it for true CFG: cond + uncond).
+
+    ``factor_store="float8"`` counts the 8-bit store (data + per-token scales), measured the same way."""
     model = meta_transformer(transformer_config)
     inputs = dummy_inputs(model, shape)
     shapes: list[tuple[int, ...]] = []
@@ -159,7 +166,8 @@ def estimate_cache(max_order: int, shape: VideoShape = VideoShape(), factor_dtyp
     handles = [named[n].register_forward_hook(record) for n in names]
     # interval 1 + first_enhance 1: every step full and every full step forms derivatives, so O+1
     # calls fill every order.
-    config = CacheConfig(interval=1, max_order=max_order, first_enhance=1, factor_dtype=factor_dtype)
+    config = CacheConfig(interval=1, max_order=max_order, first_enhance=1, factor_dtype=factor_dtype,
+                         factor_store=factor_store, factor_scale=factor_scale)
     cache = attach(model, config, max_order + 1, single_attention)
     try:
         with torch.no_grad():
@@ -174,9 +182,10 @@ def estimate_cache(max_order: int, shape: VideoShape = VideoShape(), factor_dtyp
             h.remove()
         taylorseer.remove(model)
     elements = sum(_numel(s) for s in shapes)
-    itemsize = torch.empty((), dtype=getattr(torch, factor_dtype)).element_size()
-    return CacheEstimate(max_order, factor_dtype, len(names), len(shapes), elements, nbytes,
-                         (max_order + 1) * elements * itemsize)
+    formula = sum(stored_nbytes(s, max_order + 1, factor_store, factor_scale, getattr(torch, factor_dtype))
+                  for s in shapes)
+    return CacheEstimate(max_order, factor_dtype, factor_store, factor_scale, len(names), len(shapes), elements,
+                         nbytes, formula)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -186,7 +195,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def report(shape: VideoShape, num_steps: int, cache_config: CacheConfig, orders: list[int]) -> str:
+def report(shape: VideoShape, num_steps: int, cache_config: CacheConfig, orders: list[int],
+           stores: tuple[str, ...] = ("dense",)) -> str:
     """A markdown summary for the README."""
     base = count_run_flops(CacheConfig(enabled=False), shape, num_steps)
     cached = count_run_flops(cache_config, shape, num_steps)
@@ -200,16 +210,18 @@ def report(shape: VideoShape, num_steps: int, cache_config: CacheConfig, orders:
         _row("no cache", base),
         _row(f"TaylorSeer {cache_config.tag}", cached),
         "",
-        "| cache (one context, bf16) | modules | tensors | bytes | GiB | GB |",
+        "| cache (one context) | modules | tensors | bytes | GiB | GB |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for order in orders:
-        for single_attention in (True, False):
-            est = estimate_cache(order, shape, single_attention=single_attention)
-            assert est.nbytes == est.formula_nbytes, (est.nbytes, est.formula_nbytes)
-            label = f"O={order}" + ("" if single_attention else ", without the single-block attention record")
-            lines.append(f"| {label} | {est.num_modules} | {est.num_tensors} | {est.nbytes:,} | "
-                         f"{est.nbytes / 2**30:.2f} | {est.nbytes / 1e9:.2f} |")
+    for store in stores:
+        for order in orders:
+            for single_attention in (True, False):
+                est = estimate_cache(order, shape, single_attention=single_attention, factor_store=store)
+                assert est.nbytes == est.formula_nbytes, (est.nbytes, est.formula_nbytes)
+                label = (f"O={order}, " + ("bf16" if store == "dense" else f"{store} + per-token fp32 scale")
+                         + ("" if single_attention else ", without the single-block attention record"))
+                lines.append(f"| {label} | {est.num_modules} | {est.num_tensors} | {est.nbytes:,} | "
+                             f"{est.nbytes / 2**30:.2f} | {est.nbytes / 1e9:.2f} |")
     return "\n".join(lines)
 
 
@@ -229,10 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--order", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--orders", type=int, nargs="+", default=[1, 2], help="orders for the cache-size table")
+    parser.add_argument("--stores", nargs="+", default=["dense"], choices=list(FACTOR_STORES),
+                        help="factor stores for the cache-size table (cache.factor_store)")
     args = parser.parse_args(argv)
     shape = VideoShape(args.height, args.width, args.frames, args.text_tokens)
     config = CacheConfig(interval=args.interval, max_order=args.order, first_enhance=args.warmup)
-    print(report(shape, args.steps, config, args.orders))
+    print(report(shape, args.steps, config, args.orders, tuple(args.stores)))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from .fused import fused_gated_add
+from .store import ScaledFactor
 
 
-def gated_add(residual: torch.Tensor, gate: torch.Tensor, terms: list[tuple[float, torch.Tensor]],
+def gated_add(residual: torch.Tensor, gate: torch.Tensor, terms: list[tuple[float, torch.Tensor | ScaledFactor]],
               out: torch.Tensor | None = None) -> torch.Tensor:
     """``residual + gate * sum_i c_i F_i`` (into ``out`` when given, which then holds the residual).
+
+    A factor may be 8-bit (:class:`taylorseer.store.ScaledFactor`, ``F_i = q_i * s_i``): the fused kernel
+    dequantises it inside its pass, the chain before its ``addcmul``.
 
     What a block does with a forecast branch (gate, then residual add), without materialising the
     forecast. One pass over the tokens with a fused kernel (:mod:`taylorseer.fused`: inductor's C++

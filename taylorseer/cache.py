@@ -25,7 +25,10 @@ import torch
 
 from .config import CacheConfig
 from .forecast import Factors, make_forecaster
+from .fused import record_forecast
+from .offload import Prefetcher
 from .schedule import is_full_step
+from .store import ScaledFactor, forecast_from, make_store
 
 DEFAULT_CONTEXT = "default"
 
@@ -71,6 +74,8 @@ class ForecastCache:
         self.config = config
         self.num_steps = num_steps
         self.forecaster = make_forecaster(config.forecaster, config.max_order)
+        self.store = make_store(config.factor_store, config.factor_scale)  # None: dense factors (default)
+        self.prefetcher = Prefetcher() if config.offload and config.prefetch else None
         self.context_name = DEFAULT_CONTEXT
         self.history: list[StepRecord] = []  # one record per denoiser call, for FLOPs and tests
         self.last_call: CallSummary | None = None  # the call before the last reset()
@@ -86,6 +91,8 @@ class ForecastCache:
         if self.history:
             self.last_call = CallSummary(list(self.history), self.nbytes())
         self._contexts.clear()
+        if self.prefetcher is not None:
+            self.prefetcher.reset()
         self.history.clear()
         self.context_name = DEFAULT_CONTEXT
         self._announced = False
@@ -231,26 +238,45 @@ class ForecastCache:
         derive = ctx.step > self.config.first_enhance - 2
         for state, tensor in zip(states, tensors, strict=True):
             state.out_dtype, state.device = tensor.dtype, tensor.device
+        fetched = self._fetch(name, states, "update") if self.config.offload else None
+        for i, (state, tensor) in enumerate(zip(states, tensors, strict=True)):
             host = state.tensors if self.config.offload else None
             if host:
-                state.tensors = [t.to(tensor.device, non_blocking=True) for t in host]
-            self.forecaster.update(state, tensor, ctx.position, derive, self._factor_dtype(tensor))
+                state.tensors = fetched[i]
+            if self.store is None:
+                self.forecaster.update(state, tensor, ctx.position, derive, self._factor_dtype(tensor))
+            else:  # 8-bit factors: the same update on dequantised copies, quantised back
+                self.store.update(self.forecaster, state, tensor, ctx.position, derive, self._factor_dtype(tensor))
             if self.config.offload:
                 # Back to (pinned) host memory, into the buffers of the last step where they fit.
                 spares = (host or []) + [None] * len(state.tensors)
-                state.tensors = [_to_host(t, spare) for t, spare in zip(state.tensors, spares, strict=False)]
+                if self.prefetcher is None:
+                    state.tensors = [_to_host(t, spare) for t, spare in zip(state.tensors, spares, strict=False)]
+                else:
+                    state.tensors = self.prefetcher.store(state.tensors, spares, _to_host)
 
     def forecast(self, name: str):
         """The forecast output of module ``name`` at the current step, in the module's output dtype
         and on its device (offloaded factors are brought back for the arithmetic)."""
-        outs = [self.forecaster.predict(s, self._ctx.position).to(s.out_dtype) for s in self._factors_of(name)]
+        states = self._factors_of(name)
+        for s in states:
+            record_forecast(s.tensors, s.out_dtype)  # counted inside fused.count_traffic() only
+        outs = [self._predict(s).to(s.out_dtype) for s in states]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _predict(self, state: Factors) -> torch.Tensor:
+        if self.store is None or not isinstance(state.tensors[0], ScaledFactor):
+            return self.forecaster.predict(state, self._ctx.position)  # dense factors
+        # 8-bit factors: the forecaster's weights on the dequantised factors (in the factor dtype).
+        weights = self.forecaster.weights(state.positions, self._ctx.position, len(state.tensors))
+        return forecast_from(state.tensors, weights)
 
     def terms(self, name: str) -> list[list[tuple[float, torch.Tensor]]]:
         """The forecast of ``name`` as weighted factors, one list per output tensor: forecast =
         sum of weight * factor. Lets a block fold the forecast into its gated residual add
         (:func:`taylorseer.blockops.gated_add`) instead of materialising it. Factors come in the
-        factor dtype, on the module's device."""
+        factor dtype, on the module's device; with an 8-bit store they are
+        :class:`taylorseer.store.ScaledFactor` (gated_add reads them; any torch op dequantises them)."""
         position = self._ctx.position
         return [list(zip(self.forecaster.weights(s.positions, position, len(s.tensors)), s.tensors, strict=True))
                 for s in self._factors_of(name)]
@@ -262,8 +288,15 @@ class ForecastCache:
             raise RuntimeError(f"no factors for {name!r} in context {self.context_name!r}: the first step is full")
         if not self.config.offload:
             return states
-        return [Factors([t.to(s.device, non_blocking=True) for t in s.tensors], s.positions, s.out_dtype, s.device)
-                for s in states]
+        fetched = self._fetch(name, states, "forecast")
+        return [Factors(f, s.positions, s.out_dtype, s.device) for f, s in zip(fetched, states, strict=True)]
+
+    def _fetch(self, name: str, states: list[Factors], kind: str) -> list[list]:
+        """Offloaded factors of ``name`` on the module's device, one list per output tensor; with
+        ``prefetch`` through the side stream, the next module's requested ahead (:mod:`taylorseer.offload`)."""
+        if self.prefetcher is None:
+            return [[t.to(s.device, non_blocking=True) for t in s.tensors] for s in states]
+        return self.prefetcher.take(self.context_name, kind, name, states, self._ctx.states.get)
 
     # -------------------------------------------------------------------------------- accounting
     def nbytes(self) -> int:
@@ -308,11 +341,15 @@ def _went_back(first, last, now) -> bool:
     return d is not None and d < 0
 
 
-def _to_host(tensor: torch.Tensor, spare: torch.Tensor | None = None) -> torch.Tensor:
+def _to_host(tensor, spare=None):
     """Copy to (pinned, when CUDA is there) CPU memory for cache.offload, reusing ``spare`` if it fits."""
+    if isinstance(tensor, ScaledFactor):
+        fits = isinstance(spare, ScaledFactor)
+        return ScaledFactor(_to_host(tensor.data, spare.data if fits else None),
+                            _to_host(tensor.scale, spare.scale if fits else None), tensor.dtype)
     if tensor.device.type == "cpu":
         return tensor
-    if spare is None or spare.shape != tensor.shape or spare.dtype != tensor.dtype:
+    if not isinstance(spare, torch.Tensor) or spare.shape != tensor.shape or spare.dtype != tensor.dtype:
         spare = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
     return spare.copy_(tensor, non_blocking=True)
 

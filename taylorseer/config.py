@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from .store import FACTOR_SCALES, FACTOR_STORES
+
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STEP_DISTANCES = ("index", "timestep")
 FORECASTERS = ("taylor", "newton")
@@ -29,7 +31,13 @@ class CacheConfig:
         last_full_steps: extra full steps forced at the end of sampling (0 upstream). Needs the
             number of steps to be known (set by the sampling scripts).
         factor_dtype: dtype of the stored factors and of the forecast arithmetic. "auto" is bf16
-            for CUDA features and the feature's own dtype otherwise (fp32 on CPU).
+            for CUDA features and the feature's own dtype otherwise (fp32 on CPU). With an 8-bit
+            ``factor_store`` it is the dtype the factors are dequantised to.
+        factor_store: how factors are kept between full steps. "dense" (default) in ``factor_dtype``;
+            "float8": float8_e4m3fn with an fp32 scale (about half of bf16); "float8_e5m2":
+            e4m3 for the feature and e5m2 for its differences (:mod:`taylorseer.store`).
+        factor_scale: what one scale of an 8-bit store covers: "token" (the channels of one token,
+            default) or "channel" (the tokens of one channel of one sample). Unused when dense.
         step_distance: "index" measures distances in sampling-step indices (upstream-exact);
             "timestep" uses the model's real timestep/sigma values (normalised so the mean step
             distance is 1, which keeps derivatives on the same scale).
@@ -39,6 +47,8 @@ class CacheConfig:
             spacing).
         offload: keep the factors in pinned CPU memory (saves accelerator memory, costs a copy
             per forecast; for video models).
+        prefetch: with ``offload``, copy on a side stream and request the next module's factors while
+            the current module runs (CUDA; :mod:`taylorseer.offload`). Same values.
         enabled: False leaves every step computed and hooks inert (same output as no cache).
     """
 
@@ -47,9 +57,12 @@ class CacheConfig:
     first_enhance: int = 3
     last_full_steps: int = 0
     factor_dtype: str = "auto"
+    factor_store: str = "dense"
+    factor_scale: str = "token"
     step_distance: str = "index"
     forecaster: str = "taylor"
     offload: bool = False
+    prefetch: bool = False
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -58,11 +71,16 @@ class CacheConfig:
         _check_int("first_enhance", self.first_enhance, minimum=0, hint="number of warm-up steps always computed")
         _check_int("last_full_steps", self.last_full_steps, minimum=0, hint="full steps forced at the end")
         _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
+        _check_choice("factor_store", self.factor_store, tuple(FACTOR_STORES))
+        _check_choice("factor_scale", self.factor_scale, FACTOR_SCALES)
         _check_choice("step_distance", self.step_distance, STEP_DISTANCES)
         _check_choice("forecaster", self.forecaster, FORECASTERS)
-        for name in ("offload", "enabled"):
+        for name in ("offload", "prefetch", "enabled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"cache.{name}={getattr(self, name)!r} is invalid: expected true or false")
+        if self.prefetch and not self.offload:
+            raise ValueError("cache.prefetch=true prefetches offloaded factors: set cache.offload=true too "
+                             "(or cache.prefetch=false)")
 
     @property
     def tag(self) -> str:
@@ -76,6 +94,10 @@ class CacheConfig:
             tag += f"-{self.forecaster}"
         if self.step_distance != "index":
             tag += "-ts"
+        if self.factor_store != "dense":
+            # -f8 / -f8e5 (e5m2 differences), c: one scale per channel instead of per token
+            tag += "-f8" + ("e5" if self.factor_store == "float8_e5m2" else "")
+            tag += "c" if self.factor_scale == "channel" else ""
         return tag
 
     def to_dict(self) -> dict:

@@ -38,7 +38,8 @@ class Factors:
     device: torch.device | None = None  # where the module ran (factors may live elsewhere: offload)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        # ``.nbytes`` of a tensor, or of an 8-bit factor (data + scale: taylorseer.store.ScaledFactor)
+        return sum(t.nbytes for t in self.tensors)
 
 
 class TaylorForecaster:

@@ -16,6 +16,11 @@ Kernels (``TAYLORSEER_FORECAST_KERNEL`` or :func:`set_forecast_kernel` chooses; 
     triton    a hand-written Triton kernel (CUDA): the weights are float kernel arguments (Triton does
               not specialise on float values) and the launch skips dynamo's guards.
 
+8-bit factors (:class:`taylorseer.store.ScaledFactor`, ``factor_store: float8``) are dequantised on the fly:
+the inductor kernel reads the 8-bit data and the scale inside its one pass (``w_i * gate * (q_i * s_i)``);
+the chain dequantises each factor to the dense factor dtype first (two more passes per factor); the
+hand-written Triton kernel takes dense factors only, so 8-bit ones go through the chain there.
+
 ``auto`` is ``inductor`` on a CPU with a C++ compiler for tensors of at least ``CPU_FUSE_MIN_NUMEL``
 elements, else ``addcmul``. On CUDA ``auto`` is ``addcmul``: measured on an H100 (bf16, full-size
 FLUX.1-dev and DiT-XL/2), a forecast step is bound by kernel launches, not bytes, and the one-pass
@@ -36,6 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from .store import ScaledFactor, dense
 
 KERNELS = ("auto", "addcmul", "inductor", "triton")
 # Below this many elements a CPU pass is a few microseconds and the compiled call's fixed cost (dynamo's
@@ -105,8 +112,10 @@ def resolve_kernel(device: torch.device, setting: str | None = None, numel: int 
 # ------------------------------------------------------------------------------------------ the chain
 def addcmul_chain(residual: torch.Tensor, gate: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]],
                   out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``residual + gate * sum_i c_i F_i`` with one ``addcmul`` per factor (3 tensor passes each)."""
+    """``residual + gate * sum_i c_i F_i`` with one ``addcmul`` per factor (3 tensor passes each; an 8-bit
+    factor is dequantised to its dense dtype first)."""
     for c, factor in terms:
+        factor = dense(factor)
         if out is None:
             out = torch.addcmul(residual, gate, factor, value=c)
         else:
@@ -116,24 +125,30 @@ def addcmul_chain(residual: torch.Tensor, gate: torch.Tensor, terms: Sequence[tu
 
 # --------------------------------------------------------------------------------------- inductor
 @functools.cache
-def _inductor_fn(num_factors: int, into: bool, layout: tuple):
+def _inductor_fn(num_factors: int, into: bool, layout: tuple, scaled: tuple[bool, ...] | None = None):
     """A compiled ``fused(residual_or_out, gate, weights, f0, ..., f{n-1})`` of its own code object.
+
+    ``scaled[i]``: factor i is 8-bit, passed as data ``f{i}`` and scale ``s{i}``, read as
+    ``f{i}.to(float32) * s{i}`` inside the same loop.
 
     Each arity and layout (dtypes, contiguity) gets its own function, built from source, compiled
     shape-generic (``dynamic=True``): dynamo's per-code-object recompile limit is never reached and a
     new token count reuses the kernel. The sum is in addcmul's association, ``acc + (w_i * gate) * F_i``, so the
     result differs from the chain by the rounding of one fused loop at most.
     """
-    names = ", ".join(f"f{i}" for i in range(num_factors))
-    expr = "acc" + "".join(f" + weights[{i}] * gate * f{i}" for i in range(num_factors))
+    scaled = scaled or (False,) * num_factors
+    names = ", ".join(f"f{i}, s{i}" if scaled[i] else f"f{i}" for i in range(num_factors))
+    factor = [f"(f{i}.to(torch.float32) * s{i})" if scaled[i] else f"f{i}" for i in range(num_factors)]
+    expr = "acc" + "".join(f" + weights[{i}] * gate * {factor[i]}" for i in range(num_factors))
     if into:
         body = f"    acc = out\n    out.copy_(({expr}).to(out.dtype))\n    return out\n"
         src = f"def fused_into(out, gate, weights, {names}):\n{body}"
     else:
         body = f"    acc = residual\n    return ({expr}).to(residual.dtype)\n"
         src = f"def fused(residual, gate, weights, {names}):\n{body}"
-    namespace: dict = {}
-    exec(compile(src, f"<taylorseer.fused n={num_factors} into={into} {layout}>", "exec"), namespace)  # noqa: S102
+    namespace: dict = {"torch": torch}
+    label = f"<taylorseer.fused n={num_factors} into={into} {layout} scaled={scaled}>"
+    exec(compile(src, label, "exec"), namespace)  # noqa: S102
     fn = namespace["fused_into" if into else "fused"]
     return torch.compile(fn, fullgraph=True, dynamic=True)
 
@@ -151,8 +166,11 @@ def inductor_gated_add(residual, gate, terms, out=None):
     factors = [f for _, f in terms]
     w = _weights_tensor(weights, residual.device)
     acc = out if out is not None else residual
-    layout = tuple((t.dtype, t.dim(), t.is_contiguous()) for t in (acc, gate, *factors))
-    return _inductor_fn(len(factors), out is not None, layout)(acc, gate, w, *factors)
+    scaled = tuple(isinstance(f, ScaledFactor) for f in factors)
+    tensors = [t for f in factors for t in ((f.data, f.scale) if isinstance(f, ScaledFactor) else (f,))]
+    layout = tuple((t.dtype, t.dim(), t.is_contiguous()) for t in (acc, gate, *tensors))
+    fn = _inductor_fn(len(factors), out is not None, layout, scaled if any(scaled) else None)
+    return fn(acc, gate, w, *tensors)
 
 
 # ----------------------------------------------------------------------------------------- triton
@@ -195,6 +213,8 @@ def _triton_layout(residual, gate, factors, out) -> str | None:
     """Why the Triton kernel cannot take these tensors (None: it can)."""
     if not 1 <= len(factors) <= MAX_TRITON_FACTORS:
         return f"{len(factors)} factors (at most {MAX_TRITON_FACTORS})"
+    if any(isinstance(f, ScaledFactor) for f in factors):
+        return "8-bit factors (the chain dequantises them)"
     if residual.dim() != 3 or gate.dim() != 3 or gate.shape[1] != 1:
         return "shapes other than residual (B, T, C) and gate (B, 1, C)"
     tensors = [residual, *factors] + ([out] if out is not None else [])
@@ -263,13 +283,56 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _factor_nbytes(f) -> int:
+    """Bytes a pass reads from a factor: an 8-bit one's data and its scale (each scale once, however broadcast)."""
+    if not isinstance(f, ScaledFactor):
+        return _nbytes(f)
+    scales = 1
+    for size, stride in zip(f.scale.shape, f.scale.stride(), strict=True):
+        scales *= size if stride else 1
+    return _nbytes(f.data) + scales * f.scale.element_size()
+
+
+def _dense_nbytes(f) -> int:
+    """Bytes of a factor in its dense dtype (what addcmul reads of it)."""
+    if not isinstance(f, ScaledFactor):
+        return _nbytes(f)
+    return f.data.numel() * torch.empty((), dtype=f.dtype).element_size()
+
+
+def _dequantize_nbytes(f) -> int:
+    """Extra bytes the chain moves to dequantise an 8-bit factor (ScaledFactor.dequantize): the cast reads
+    the data and writes the dense dtype, the in-place multiply reads it and the scale and writes it."""
+    return _factor_nbytes(f) + 3 * _dense_nbytes(f) if isinstance(f, ScaledFactor) else 0
+
+
 def _record(kernel: str, residual, gate, factors, out) -> None:
     acc = _nbytes(out if out is not None else residual)
     if kernel == "addcmul":
-        moved = sum(2 * acc + _nbytes(gate) + _nbytes(f) for f in factors)
+        moved = sum(2 * acc + _nbytes(gate) + _dense_nbytes(f) + _dequantize_nbytes(f) for f in factors)
     else:
-        moved = 2 * acc + _nbytes(gate) + sum(_nbytes(f) for f in factors)
+        moved = 2 * acc + _nbytes(gate) + sum(_factor_nbytes(f) for f in factors)
     _Traffic.records.append(TrafficRecord(kernel, len(factors), moved))
+
+
+def record_forecast(factors, out_dtype: torch.dtype) -> None:
+    """Count a materialised forecast (``ForecastCache.forecast``: a cached module whose output is returned, not
+    folded into a gated add), then its cast to ``out_dtype``. Dense factors: one add per factor after the
+    first (read both, write one; then read the sum and a factor, write the sum). 8-bit factors
+    (:func:`taylorseer.store.forecast_from`): the first dequantised, each further one cast (read 1 byte,
+    write the dense dtype) and ``addcmul_``-ed into the sum with its scale (read the sum, the cast and the
+    scale, write the sum)."""
+    if _Traffic.records is None or not factors:
+        return
+    first, dense_bytes, k = factors[0], _dense_nbytes(factors[0]), len(factors)
+    if isinstance(first, ScaledFactor):
+        moved = _dequantize_nbytes(first) + sum(_factor_nbytes(f) + 4 * dense_bytes for f in factors[1:])
+    else:
+        moved = (3 * k - 3) * dense_bytes if k > 1 else 0
+    if first.dtype != out_dtype:
+        numel = first.data.numel() if isinstance(first, ScaledFactor) else first.numel()
+        moved += dense_bytes + numel * torch.empty((), dtype=out_dtype).element_size()
+    _Traffic.records.append(TrafficRecord("forecast", k, moved))
 
 
 def fused_gated_add(residual, gate, terms, out=None):
@@ -279,14 +342,15 @@ def fused_gated_add(residual, gate, terms, out=None):
     if torch.compiler.is_compiling():
         return addcmul_chain(residual, gate, terms, out)  # inside a compiled graph inductor fuses the chain
     kernel = resolve_kernel(residual.device, numel=residual.numel())
-    if len(terms) == 1:
-        kernel = "addcmul"  # one factor: addcmul already is a single pass
+    if len(terms) == 1 and not isinstance(terms[0][1], ScaledFactor):
+        kernel = "addcmul"  # one dense factor: addcmul already is a single pass
     if kernel != "addcmul":
         if kernel == "triton" and _triton_layout(residual, gate, [f for _, f in terms], out) is not None:
             kernel = "addcmul"
     if _Traffic.records is not None:
         _record(kernel, residual, gate, [f for _, f in terms], out)
-    if kernel == "addcmul":
+    if kernel == "addcmul" or residual.device.type == "meta":
+        # (meta: shapes only, nothing to run; the bytes were counted as the chosen kernel moves them)
         return addcmul_chain(residual, gate, terms, out)
     try:
         return _FUSED[kernel](residual, gate, terms, out)

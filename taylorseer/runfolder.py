@@ -33,6 +33,7 @@ NOT_OUTPUT_CHANGING = (
     "out_root", "run_name", "progress", "warmup", "batch_size", "compare_uncached", "num_samples",
     "cpu_offload",    # diffusers' model offload moves whole models between uses; the arithmetic is the same
     "cache.offload",  # factors kept in host memory come back bit for bit (tested)
+    "cache.prefetch",  # the same copies, on a side stream and earlier
     "device",         # -> device type
     "dtype",          # -> torch dtype
     "prompt", "prompt_file",  # -> digest of the prompts' text
