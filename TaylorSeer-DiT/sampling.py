@@ -43,7 +43,9 @@ def forecast_block_forward(block, original, cache: ForecastCache, name: str):
 def attach_cache(model: DiT, config: CacheConfig, num_steps: int) -> ForecastCache:
     """Put the forecasting cache on every block's attn and mlp (also when disabled: hooks stay inert)."""
     blocks = {f"blocks.{i}": forecast_block_forward for i in range(len(model.blocks))}
-    return taylorseer.apply(model, config, modules=CACHED_MODULES, overrides=blocks, num_steps=num_steps)
+    # probe: the block schedule=adaptive runs on every step to decide (its cost is in the FLOPs).
+    return taylorseer.apply(model, config, modules=CACHED_MODULES, overrides=blocks, num_steps=num_steps,
+                            probe="blocks.0")
 
 
 def initial_noise(model: DiT, n: int, generator, device) -> torch.Tensor:

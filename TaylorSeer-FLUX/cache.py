@@ -157,7 +157,10 @@ def apply_flux_cache(
     # The text MLP's forecast is only read by the double block's own forward or with forecast_text.
     modules = [m for m in DOUBLE_MODULES if forecast_text or not short_double or not m.endswith("ff_context")]
     modules = modules if double else []
-    return taylorseer.apply(transformer, config, modules=modules, overrides=overrides, num_steps=num_steps)
+    # probe: the block schedule=adaptive runs on every step to decide (its cost is in the FLOPs).
+    probe = double[0] if double else (single[0] if single else None)
+    return taylorseer.apply(transformer, config, modules=modules, overrides=overrides, num_steps=num_steps,
+                            probe=probe)
 
 
 def apply_skip_all(transformer: torch.nn.Module, config: CacheConfig, num_steps: int | None = None) -> ForecastCache:

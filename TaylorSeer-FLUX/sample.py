@@ -49,6 +49,7 @@ SCHEMA = {
     "model.width": Setting("int", minimum=16, multiple_of=16),
     "model.guidance_scale": Setting("float", minimum=0.0),
     "model.max_sequence_length": Setting("int", minimum=1),
+    "model.default_prompt": Setting("any", nullable=True),
     "prompt": Setting("any", nullable=True),
     "prompt_file": Setting("str", nullable=True),
     "negative_prompt": Setting("str", nullable=True),
@@ -128,7 +129,17 @@ def finished_records(out_dir: Path, names: dict[int, str], compare: bool) -> dic
     return {i: r for i, r in done.items() if names.get(i) == r["file"] and (not compare or "psnr" in r)}
 
 
+def resolve_model_path(cfg: DictConfig) -> None:
+    """A relative ``model.path`` that is not there from the working directory but is in the repository (the
+    bundled ``assets/digits_flux``) is taken from the repository, so the scripts work from any directory."""
+    path = Path(str(cfg.model.path)).expanduser()
+    in_repo = Path(__file__).resolve().parents[1] / path
+    if not path.is_absolute() and not path.exists() and in_repo.is_dir():
+        cfg.model.path = str(in_repo)
+
+
 def main(cfg: DictConfig) -> dict:
+    resolve_model_path(cfg)
     cache_config, prompts = validate(cfg)
     device = runs.resolve_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)

@@ -60,7 +60,9 @@ def attach(transformer: HunyuanVideoTransformer3DModel, config: CacheConfig, num
     patterns = module_patterns(single_attention)
     single = {f"single_transformer_blocks.{i}": single_block_forward
               for i in range(len(transformer.single_transformer_blocks))}
-    return taylorseer.apply(transformer, config, modules=list(patterns), overrides=single, num_steps=num_steps)
+    # probe: the block schedule=adaptive runs on every step to decide (its cost is in the FLOPs).
+    return taylorseer.apply(transformer, config, modules=list(patterns), overrides=single, num_steps=num_steps,
+                            probe="transformer_blocks.0" if len(transformer.transformer_blocks) else None)
 
 
 def cached_module_names(transformer: torch.nn.Module, single_attention: bool = True) -> list[str]:

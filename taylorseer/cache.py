@@ -20,6 +20,7 @@ import torch
 
 from .config import CacheConfig
 from .forecast import Factors, make_forecaster
+from .policies import PROBE, AdaptivePolicy
 from .schedule import is_full_step
 
 DEFAULT_CONTEXT = "default"
@@ -30,6 +31,7 @@ class StepRecord:
     context: str
     step: int
     full: bool
+    error: float | None = None  # schedule=adaptive: the probe's relative forecast error at this step
 
 
 @dataclass
@@ -54,6 +56,10 @@ class _Context:
     full: bool = True
     batch: int | None = None  # batch size of this call's model inputs (the factors' batch)
     states: dict[str, list[Factors]] = field(default_factory=dict)  # module name -> one per output tensor
+    # schedule=adaptive: the step is computed until the probe has decided (pending); what the policy counts.
+    pending: bool = False
+    last_full: int = -1
+    computed: int = 0
 
 
 class ForecastCache:
@@ -63,6 +69,7 @@ class ForecastCache:
         self.config = config
         self.num_steps = num_steps
         self.forecaster = make_forecaster(config.forecaster, config.max_order)
+        self.policy = AdaptivePolicy(config) if config.schedule == "adaptive" else None
         self.context_name = DEFAULT_CONTEXT
         self.history: list[StepRecord] = []  # one record per denoiser call, for FLOPs and tests
         self.last_call: CallSummary | None = None  # the call before the last reset()
@@ -113,18 +120,27 @@ class ForecastCache:
         changes within a sampling call (without a reset) is refused instead of broadcast.
         """
         ctx = self._ctx
+        if ctx.pending and self.config.enabled:
+            raise RuntimeError(f"cache.schedule=adaptive: the probe module did not run during step {ctx.step} of "
+                               f"context {self.context_name!r}, so nothing decided whether to compute it: give a "
+                               f"module of every model call as cache.probe (e.g. the first block)")
         ctx.step += 1
         if self.num_steps is not None and ctx.step >= self.num_steps:
             ctx.step = 0  # a new sampling call that nobody announced with reset()
         if ctx.step == 0:
             ctx.states.clear()
             ctx.batch = batch
+            ctx.last_full, ctx.computed = -1, 0
         elif batch is not None and ctx.batch is not None and batch != ctx.batch and self.config.enabled:
             raise RuntimeError(
                 f"the batch size changed from {ctx.batch} to {batch} at step {ctx.step} of context "
                 f"{self.context_name!r}: the cache holds features per sample and cannot forecast another batch. "
                 f"Call cache.reset() (taylorseer.get_cache(model).reset()) before a sampling call with a new batch.")
         ctx.full = is_full_step(ctx.step, self.config, self.num_steps)
+        if self.policy is not None and not ctx.full and self.config.enabled:
+            ctx.pending = True  # computed until the probe decides (observe_probe)
+        if ctx.full and not ctx.pending:
+            ctx.last_full, ctx.computed = ctx.step, ctx.computed + 1
         if self.config.step_distance == "timestep":
             if timestep is None:
                 raise ValueError("cache.step_distance='timestep' needs the model's timestep; this model gives none")
@@ -136,8 +152,32 @@ class ForecastCache:
             ctx.position = float(timestep)
         else:
             ctx.position = float(ctx.step)
+        ctx.full = ctx.full or ctx.pending
         self.history.append(StepRecord(self.context_name, ctx.step, ctx.full))
         return ctx.full
+
+    def observe_probe(self, output) -> None:
+        """schedule=adaptive: the probe module's output of this step (a forward hook calls this).
+
+        On an undecided step the probe's real output is compared with its forecast (the configured
+        forecaster on the probe's own factors); the policy computes the step when the relative L1 error
+        exceeds the threshold (within the bounds on computed steps and their distance). The probe's factors
+        are updated on computed steps only, like every cached module's.
+        """
+        if self.policy is None or not self.config.enabled:
+            return
+        ctx = self._ctx
+        if ctx.pending:
+            error = relative_l1([self.forecaster.predict(s, ctx.position) for s in ctx.states[PROBE]],
+                                _as_tuple(output))
+            ctx.full = self.policy.decide(error, ctx.step, ctx.last_full, ctx.computed)
+            ctx.pending = False
+            if ctx.full:
+                ctx.last_full, ctx.computed = ctx.step, ctx.computed + 1
+            record = self.history[-1]
+            record.full, record.error = ctx.full, error
+        if ctx.full:
+            self.update(PROBE, output)
 
     @property
     def step(self) -> int:
@@ -158,10 +198,13 @@ class ForecastCache:
         return self.forecast(name)
 
     def update(self, name: str, output) -> None:
-        """Record a module's real output at the current (full) step."""
-        if not self.config.enabled:
-            return
+        """Record a module's real output at the current (full) step.
+
+        Not while an adaptive step is undecided: the modules before the probe run on every step, and their
+        factors are never read (they are always computed), so they are not stored for nothing."""
         ctx = self._ctx
+        if not self.config.enabled or ctx.pending:
+            return
         tensors = _as_tuple(output)
         states = ctx.states.get(name)
         if states is None:
@@ -218,6 +261,13 @@ class ForecastCache:
         if name == "auto":
             return torch.bfloat16 if tensor.device.type == "cuda" and tensor.is_floating_point() else tensor.dtype
         return getattr(torch, name)
+
+
+def relative_l1(predicted, actual) -> float:
+    """sum |predicted - actual| / sum |actual| over every tensor (TeaCache/FBCache's change measure)."""
+    num = sum(float((p.to(a.dtype) - a).abs().sum()) for p, a in zip(predicted, actual, strict=True))
+    den = sum(float(a.abs().sum()) for a in actual)
+    return num / max(den, 1e-30)
 
 
 def _to_host(tensor: torch.Tensor, spare: torch.Tensor | None = None) -> torch.Tensor:

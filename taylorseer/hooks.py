@@ -48,6 +48,7 @@ def apply(
     overrides: Mapping[str, OverrideFactory] | None = None,
     num_steps: int | None = None,
     timestep_fn: TimestepFn | None = None,
+    probe: str | None = None,
 ) -> ForecastCache:
     """Put a forecasting cache on ``model`` and return it.
 
@@ -62,6 +63,8 @@ def apply(
             the schedule after that many calls even without an explicit ``reset``.
         timestep_fn: extracts the timestep from a model call's (args, kwargs); needed for
             ``step_distance="timestep"``. Defaults to the ``timestep``/``t`` argument.
+        probe: exact name of the module ``schedule="adaptive"`` checks on every step (the model's
+            first block, say), used when ``config.probe`` is not set. Ignored by the other schedules.
     """
     if hasattr(model, _ATTR):
         raise RuntimeError("a TaylorSeer cache is already attached to this model; call taylorseer.remove(model) first")
@@ -74,6 +77,7 @@ def apply(
     plain = _match(named, modules)
     special = [(name, module, factory) for pattern, factory in (overrides or {}).items()
                for name, module in _match(named, [pattern])]
+    probe_module = _probe_module(named, config, probe)
     cache = ForecastCache(config, num_steps=num_steps)
     attachment = _Attachment(cache)
     for name, module in plain:
@@ -90,6 +94,8 @@ def apply(
         cache.begin_step(timestep, _batch_size(args, kwargs))
 
     attachment.handles.append(model.register_forward_pre_hook(begin_step, with_kwargs=True))
+    if probe_module is not None:  # schedule=adaptive: the probe's output decides the rest of the step
+        attachment.handles.append(probe_module.register_forward_hook(lambda _m, _i, out: cache.observe_probe(out)))
     attachment.diffusers_relay = _register_diffusers_relay(model, cache)
     setattr(model, _ATTR, attachment)
     return cache
@@ -129,6 +135,20 @@ def _match(named: dict[str, torch.nn.Module], patterns: Iterable[str]) -> list[t
             raise ValueError(f"no submodule matches {pattern!r}; module names look like {sample}")
         found.extend(hits)
     return found
+
+
+def _probe_module(named: dict[str, torch.nn.Module], config: CacheConfig, default: str | None):
+    """The module whose output the adaptive schedule checks (None for the other schedules)."""
+    if config.schedule != "adaptive" or not config.enabled:
+        return None
+    name = config.probe or default
+    if not name:
+        raise ValueError("cache.schedule=adaptive needs a probe module: set cache.probe=<module name> (the model's "
+                         "first block, e.g. blocks.0)")
+    if name not in named or not name:
+        close = [n for n in named if n and n.split(".")[0] == name.split(".")[0]][:8] or [n for n in named if n][:8]
+        raise ValueError(f"cache.probe={name!r} is not a module of this model; names look like {close}")
+    return named[name]
 
 
 def _wrap_forward(attachment: _Attachment, module: torch.nn.Module, new_forward: Callable) -> None:
