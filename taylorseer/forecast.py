@@ -22,7 +22,8 @@ HermiteForecaster (option, HiCache's idea): the same factors as Taylor, the mono
 scaled probabilists' Hermite polynomials, ``k^i -> s^i He_i(k / s)`` with ``s = hermite_scale * d``
 (He_0 = 1, He_1 = x, He_2 = x^2 - 1, He_3 = x^3 - 3x). Orders 0 and 1 are Taylor's exactly; from order
 2 on each term is damped by lower-order corrections (k^2 - s^2, k^3 - 3 s^2 k), which is the Taylor
-polynomial smoothed by the heat kernel run backwards over a width s. Exact on degree <= 1 only.
+polynomial smoothed by the heat kernel run backwards over a width s. Exact on degree <= 1 only; for O=2
+on a quadratic with equal gaps h it is upstream's forecast minus s^2 f'' / 2 (s = h / 2).
 
 FeedbackForecaster (option, a predictor-corrector): Taylor of order O plus the error of the previous
 prediction carried forward. At a full step s the prediction the forecaster had made for s from the
@@ -31,8 +32,9 @@ one more factor and the forecast at s + k becomes
     F(s + k) ~= sum_i D_i k^i / i!  +  e_s (k / h)^(O+1),        h = s - s_prev,
 i.e. the next full step corrects the extrapolation that predicted it, assuming the next interval's
 error grows like the last one's (as k^(O+1), the leading error term of an order-O extrapolation).
-Exact on polynomials of degree <= O (then e_s = 0), and, for O = 1 on a quadratic with equal gaps h,
-exact at k = h with error k (k - h) in between (Taylor O=1: -k (k + h); upstream O=2: -h k).
+Exact where Taylor is, on polynomials of degree <= 1 (then e_s = 0). For O = 1 on a quadratic with
+equal gaps h the forecast is f(s + k) + k (k - h): exact at k = h, |error| <= h^2 / 4 in between
+(Taylor O=1: -k (k + h); upstream O=2: -h k). One more factor of memory.
 """
 
 from __future__ import annotations

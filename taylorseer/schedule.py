@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 
-from .config import CacheConfig
+from .config import CacheConfig, _file_digest
 
 
 def is_full_step(step: int, config: CacheConfig, num_steps: int | None = None) -> bool:
@@ -57,12 +57,16 @@ def compression(num_steps: int, config: CacheConfig) -> float:
 
 
 def planned_steps(num_steps: int, config: CacheConfig) -> frozenset[int]:
-    """The K computed steps of a ``budget`` or ``calibrated`` schedule (warm-up and forced last steps included)."""
-    return _planned(num_steps, config)
+    """The K computed steps of a ``budget`` or ``calibrated`` schedule (warm-up and forced last steps included).
+
+    Planned once per process and settings (a calibrated placement takes seconds); the calibration file's
+    content is part of the key, so a rewritten file is planned again."""
+    digest = _file_digest(config.calibration) if config.schedule == "calibrated" else None
+    return _planned(num_steps, config, digest)
 
 
 @functools.lru_cache(maxsize=64)
-def _planned(num_steps: int, config: CacheConfig) -> frozenset[int]:
+def _planned(num_steps: int, config: CacheConfig, _digest: str | None) -> frozenset[int]:
     from . import placement
 
     fixed = sorted({s for s in range(min(config.first_enhance, num_steps))} | {0}
