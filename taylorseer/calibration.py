@@ -15,7 +15,7 @@ Made from two uncached sampling runs of the same B samples (B a multiple of the 
 
 Both runs are counted in FLOPs (``flops`` in the file: the two uncached runs' total) and the apps report it
 beside the FLOPs of every calibrated run. The file is JSON: the settings it was made with, the per-step
-timesteps, ``sensitivity`` and ``trajectory`` (n rows of ``sketch_size`` numbers, 6 significant digits).
+timesteps, ``sensitivity`` and ``trajectory`` (n rows of ``sketch_size`` numbers, 5 significant digits).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class Recorder:
     """
 
     def __init__(self, model: torch.nn.Module, modules: Iterable[str], num_steps: int, samples: int,
-                 sketch_size: int = 2048, epsilon: float = 0.05, seed: int = 0, calls_per_step: int = 1,
+                 sketch_size: int = 1024, epsilon: float = 0.05, seed: int = 0, calls_per_step: int = 1,
                  timestep_fn: Callable | None = None):
         if samples < num_steps or samples % num_steps:
             raise ValueError(f"calibration samples={samples}: expected a multiple of the {num_steps} sampling steps "
@@ -236,6 +236,6 @@ def write(path: str | Path, recorder: Recorder, reference: torch.Tensor, perturb
     }
     data = dict(summary, timesteps=timesteps, sensitivity=[float(f"{v:.6g}") for v in sensitivity.tolist()],
                 sensitivity_raw=[float(f"{v:.6g}") for v in raw.tolist()],
-                trajectory=[[float(f"{v:.6g}") for v in row] for row in trajectory.tolist()])
+                trajectory=[[float(f"{v:.5g}") for v in row] for row in trajectory.tolist()])
     runs.write_text(path, json.dumps(data, separators=(",", ":")) + "\n")
     return summary

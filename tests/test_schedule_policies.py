@@ -3,6 +3,7 @@ the adaptive policy's decisions and its bound on computed steps, FLOPs with the 
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,3 +322,39 @@ def test_sampling_metrics_use_the_observed_steps_and_report_the_calibration(tmp_
     calibrated = CacheConfig(schedule="calibrated", budget=6, calibration=str(path), first_enhance=1)
     metrics = runs.sampling_metrics(calibrated, FlopsReport(20, 6, 1, 100, 10), [dict(latency_s=1.0)])
     assert metrics["flops_calibration"] == 20 and metrics["full_steps"] == 6
+
+
+# ------------------------------------------------------------------------------------ through the DiT app
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base=None):
+        return compose(config_name="sample_dit_ddp", overrides=overrides)
+
+
+def test_dit_app_reports_what_the_schedule_really_did(tmp_path):
+    from taylorseer import runs
+    from taylorseer.runfolder import Records
+    from taylorseer_dit import sample_ddp
+
+    common = ["model=digits", "num_samples=10", "batch_size=5", "num_steps=50", "cfg_scale=2.0", "progress=false",
+              f"out_root={tmp_path}", "cache.first_enhance=1", "cache.max_order=1"]
+    adaptive = common + ["cache.schedule=adaptive", "cache.budget=8", "cache.interval=20", "cache.threshold=0.05"]
+    folder = sample_ddp.run_dir(_compose(adaptive))
+    assert folder.name == "DiT-Digits-A0.05-N20-K8-O1-W1-ddim50-cfg2-seed0"
+    sample_ddp.main(_compose(adaptive))
+    metrics = runs.read_json(folder / "metrics.json")
+    counts = [r["full_steps"] for r in Records(folder).load().values()]
+    assert len(counts) == 10 and all(c <= 8 for c in counts)
+    assert metrics["full_steps"] == pytest.approx(sum(counts) / len(counts)) and metrics["flops_data_dependent"]
+    expected = metrics["full_steps"] * metrics["flops_full_step"] + (50 - metrics["full_steps"]) * \
+        metrics["flops_forecast_step"]
+    assert metrics["flops_total"] == pytest.approx(expected)
+
+    calibration_file = str(Path(__file__).resolve().parents[1] / "assets/calibrations/digits_dit-ddim50-cfg2.json")
+    calibrated = common + ["cache.schedule=calibrated", "cache.budget=6", f"cache.calibration={calibration_file}"]
+    cfg = _compose(calibrated)
+    sample_ddp.main(cfg)
+    metrics = runs.read_json(sample_ddp.run_dir(cfg) / "metrics.json")
+    assert metrics["full_steps"] == 6 and metrics["flops_calibration"] == calibration.flops_of(calibration_file)
