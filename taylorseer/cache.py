@@ -264,7 +264,11 @@ class ForecastCache:
 
 
 def relative_l1(predicted, actual) -> float:
-    """sum |predicted - actual| / sum |actual| over every tensor (TeaCache/FBCache's change measure)."""
+    """sum |predicted - actual| / sum |actual| over every tensor (TeaCache/FBCache's change measure).
+
+    Meta tensors (FLOPs counted without weights) have no values: 0, the FLOPs count decides by itself."""
+    if any(a.is_meta for a in actual):
+        return 0.0
     num = sum(float((p.to(a.dtype) - a).abs().sum()) for p, a in zip(predicted, actual, strict=True))
     den = sum(float(a.abs().sum()) for a in actual)
     return num / max(den, 1e-30)
