@@ -96,7 +96,7 @@ def test_sample_flux_runs_the_bundled_model_out_of_the_box(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # the bundled model is found from any working directory
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose(config_name="sample_flux", overrides=["model=digits_flux", f"out_root={tmp_path}",
-                                                           "progress=false", "warmup=false"])
+                                                           "progress=false", "warmup=false", "batch_size=10"])
     metrics = sample_app.main(cfg)
     assert metrics["num_items"] == 10 and metrics["full_steps"] == 10
     folder = tmp_path / "flux" / "flux-digits-N6-O1-W3-50steps-16x16-seed0"
