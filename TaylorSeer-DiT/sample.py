@@ -169,8 +169,10 @@ def main(cfg: DictConfig) -> dict:
             with runs.timed(timing, device=device):
                 images = to_images(sample(model, diffusion, y, cfg.cfg_scale, seeds, progress=cfg.progress), vae).cpu()
             cache_bytes = taylorseer.get_cache(model).nbytes()
+            computed = taylorseer.get_cache(model).full_step_count  # this call's (adaptive: data-dependent)
             new = {i: dict(index=i, label=labels[i], seed=seeds[k], file=names[i], cache_bytes=cache_bytes,
-                           latency_s=timing["seconds"] / len(batch)) for k, i in enumerate(batch)}
+                           latency_s=timing["seconds"] / len(batch), full_steps=computed)
+                   for k, i in enumerate(batch)}
             if compare:
                 with _detached(model, cache_config, cfg):
                     with runs.timed(timing, "uncached", device=device):

@@ -91,13 +91,14 @@ def main(cfg: DictConfig) -> Path:
             timing: dict = {}
             with runs.timed(timing, device=device):
                 images = to_images(sample(model, diffusion, labels, cfg.cfg_scale, seeds), vae).cpu()
+            computed = taylorseer.get_cache(model).full_step_count  # this call's (adaptive: data-dependent)
             for k, i in enumerate(batch):
                 array = (images[k] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
                 name = f"samples/{i:06d}.png"
                 runs.save_image(out_dir / name, Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array))
                 records.append(dict(index=i, label=int(labels[k]), seed=seeds[k], file=name,
                                     latency_s=timing["seconds"] / len(batch), rank=rank, world_size=world,
-                                    cache_bytes=taylorseer.get_cache(model).nbytes()))
+                                    cache_bytes=taylorseer.get_cache(model).nbytes(), full_steps=computed))
             if session.is_main and b % 10 == 9:
                 _write_metrics(out_dir, cfg, cache_config, flops, device, world)
         session.barrier(distributed.WAIT_FOR_PEERS_S)  # the others may have a batch more to make

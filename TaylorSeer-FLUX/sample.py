@@ -47,6 +47,7 @@ SCHEMA = {
     "model.width": Setting("int", minimum=16, multiple_of=16),
     "model.guidance_scale": Setting("float", minimum=0.0),
     "model.max_sequence_length": Setting("int", minimum=1),
+    "model.default_prompt": Setting("any", nullable=True),
     "height": Setting("int", minimum=16, multiple_of=16, hint="FLUX: 8x VAE, 2x2 patches"),
     "width": Setting("int", minimum=16, multiple_of=16, hint="FLUX: 8x VAE, 2x2 patches"),
     "image": Setting("str", nullable=True),
@@ -117,10 +118,20 @@ def finished_records(out_dir: Path, names: dict[int, str], compare: bool) -> dic
     return {i: r for i, r in done.items() if names.get(i) == r["file"] and (not compare or "psnr" in r)}
 
 
+def resolve_model_path(cfg: DictConfig) -> None:
+    """A relative ``model.path`` that is not there from the working directory but is in the repository (the
+    bundled ``assets/digits_flux``) is taken from the repository, so the scripts work from any directory."""
+    path = Path(str(cfg.model.path)).expanduser()
+    in_repo = Path(__file__).resolve().parents[1] / path
+    if not path.is_absolute() and not path.exists() and in_repo.is_dir():
+        cfg.model.path = str(in_repo)
+
+
 def main(cfg: DictConfig) -> dict | None:
     """The run; data-parallel over the ranks of torchrun or a Slurm step (each rank a share of the images).
     Returns the metrics on the main process (None on the others)."""
     cache_config, prompts = validate(cfg)
+    resolve_model_path(cfg)
     session = distributed.init(cfg.device)
     try:
         return _run(cfg, cache_config, prompts, session)

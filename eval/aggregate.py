@@ -39,7 +39,8 @@ def row_of(block: str, path: Path, metric_columns: list[str], error: str | None 
         return row
     cache = metrics.get("cache") or {}
     on = cache.get("enabled", False)
-    row.update(N=cache.get("interval") if on else None, O=cache.get("max_order") if on else None,
+    interval_rule = cache.get("schedule", "interval") == "interval"  # N means nothing to the other schedules
+    row.update(N=cache.get("interval") if on and interval_rule else None, O=cache.get("max_order") if on else None,
                steps=metrics.get("num_steps"), full_steps=metrics.get("full_steps"),
                tflops=metrics["flops_total"] / 1e12 if metrics.get("flops_total") else None,
                compression=metrics.get("compression"), latency_s=metrics.get("latency_s"),

@@ -19,20 +19,40 @@ from .rundir import RunFolder, pair_items, reference_items
 
 
 def _load(items) -> torch.Tensor:
-    """(N, 1, 8, 8) floats in [0, 1]."""
-    return torch.stack([torch.from_numpy(np.asarray(Image.open(i.path).convert("L"), dtype=np.float32) / 255)
-                        for i in items]).unsqueeze(1)
+    """(N, 1, 8, 8) floats in [0, 1]. Larger digits (the FLUX digits model's 16x16) are averaged down over
+    blocks, the inverse of how its training images were made from the 8x8 ones."""
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(i.path).convert("L"), dtype=np.float32) / 255)
+                          for i in items]).unsqueeze(1)
+    if images.shape[-1] != 8:
+        images = torch.nn.functional.avg_pool2d(images, kernel_size=images.shape[-1] // 8)
+    return images
+
+
+def _label(record: dict) -> int | None:
+    """The intended digit: recorded by the DiT apps, named by the prompt in FLUX runs ("digit 7")."""
+    if "label" in record:
+        return record["label"]
+    if "prompt" in record:
+        from taylorseer_flux.digits import label_of
+
+        try:
+            return label_of(record["prompt"])
+        except ValueError:
+            return None
+    return None
 
 
 def compute_digits(run: RunFolder, reference=None) -> dict:
     from taylorseer_dit.digits import load_classifier, load_split
 
     classifier = load_classifier()
-    labels = {r["index"]: r["label"] for r in Records(run.path).load().values() if "label" in r}
+    labels = {r["index"]: _label(r) for r in Records(run.path).load().values()}
+    labels = {k: v for k, v in labels.items() if v is not None}
     missing = [i.key for i in run.items if i.index not in labels]
     if missing:
         raise ValueError(f"{run.path}: no class label recorded for item(s) {missing[:5]}: the digits metric reads "
-                         f"runs of taylorseer_dit.sample_ddp model=digits")
+                         f"runs of taylorseer_dit.sample_ddp model=digits or taylorseer_flux.sample "
+                         f"model=digits_flux (prompts 'digit 0'..'digit 9')")
     images = _load(run.items)
     data = load_split()
     with torch.no_grad():

@@ -27,6 +27,7 @@ from .config import CacheConfig
 from .forecast import Factors, make_forecaster
 from .fused import record_forecast
 from .offload import Prefetcher
+from .policies import PROBE, AdaptivePolicy
 from .schedule import is_full_step
 from .store import ScaledFactor, forecast_from, make_store
 
@@ -38,6 +39,7 @@ class StepRecord:
     context: str
     step: int
     full: bool
+    error: float | None = None  # schedule=adaptive: the probe's relative forecast error at this step
 
 
 @dataclass
@@ -65,6 +67,10 @@ class _Context:
     begun: bool = False  # the current call has had a step in this context
     first_t: object = None  # the call's first timestep and the last one (references; read at a boundary only)
     last_t: object = None
+    # schedule=adaptive: the step is computed until the probe has decided (pending); what the policy counts.
+    pending: bool = False
+    last_full: int = -1
+    computed: int = 0
 
 
 class ForecastCache:
@@ -76,6 +82,7 @@ class ForecastCache:
         self.forecaster = make_forecaster(config.forecaster, config.max_order)
         self.store = make_store(config.factor_store, config.factor_scale)  # None: dense factors (default)
         self.prefetcher = Prefetcher() if config.offload and config.prefetch else None
+        self.policy = AdaptivePolicy(config) if config.schedule == "adaptive" else None
         self.context_name = DEFAULT_CONTEXT
         self.history: list[StepRecord] = []  # one record per denoiser call, for FLOPs and tests
         self.last_call: CallSummary | None = None  # the call before the last reset()
@@ -149,6 +156,10 @@ class ForecastCache:
                              f"steps: pass num_steps to taylorseer.apply, apply it to the pipeline, or call "
                              f"cache.reset(num_steps=...) before sampling")
         ctx = self._ctx
+        if ctx.pending and self.config.enabled:
+            raise RuntimeError(f"cache.schedule=adaptive: the probe module did not run during step {ctx.step} of "
+                               f"context {self.context_name!r}, so nothing decided whether to compute it: give a "
+                               f"module of every model call as cache.probe (e.g. the first block)")
         pending, self._pending_step = self._pending_step, None
         if pending is not None:  # diffusers' step index
             if 0 < pending <= ctx.step:
@@ -173,6 +184,7 @@ class ForecastCache:
             ctx.batch = batch
             ctx.first_t = timestep_ref
             ctx.begun = False
+            ctx.last_full, ctx.computed = -1, 0
         elif batch is not None and ctx.batch is not None and batch != ctx.batch and self.config.enabled:
             raise RuntimeError(
                 f"the batch size changed from {ctx.batch} to {batch} at step {ctx.step} of context "
@@ -185,6 +197,10 @@ class ForecastCache:
         # joins at step k > 0, e.g. Wan 2.2's low-noise transformer): there is nothing to forecast from.
         ctx.full = is_full_step(ctx.step, self.config, self.num_steps) or not ctx.begun
         ctx.begun = True
+        if self.policy is not None and not ctx.full and self.config.enabled:
+            ctx.pending = True  # computed until the probe decides (observe_probe)
+        if ctx.full and not ctx.pending:
+            ctx.last_full, ctx.computed = ctx.step, ctx.computed + 1
         if self.config.step_distance == "timestep":
             if timestep is None:
                 raise ValueError("cache.step_distance='timestep' needs the model's timestep; this model gives none")
@@ -196,8 +212,32 @@ class ForecastCache:
             ctx.position = float(timestep)
         else:
             ctx.position = float(ctx.step)
+        ctx.full = ctx.full or ctx.pending
         self.history.append(StepRecord(self.context_name, ctx.step, ctx.full))
         return ctx.full
+
+    def observe_probe(self, output) -> None:
+        """schedule=adaptive: the probe module's output of this step (a forward hook calls this).
+
+        On an undecided step the probe's real output is compared with its forecast (the configured
+        forecaster on the probe's own factors); the policy computes the step when the relative L1 error
+        exceeds the threshold (within the bounds on computed steps and their distance). The probe's factors
+        are updated on computed steps only, like every cached module's.
+        """
+        if self.policy is None or not self.config.enabled:
+            return
+        ctx = self._ctx
+        if ctx.pending:
+            error = relative_l1([self._predict(s) for s in self._factors_of(PROBE)],
+                                _as_tuple(output))
+            ctx.full = self.policy.decide(error, ctx.step, ctx.last_full, ctx.computed)
+            ctx.pending = False
+            if ctx.full:
+                ctx.last_full, ctx.computed = ctx.step, ctx.computed + 1
+            record = self.history[-1]
+            record.full, record.error = ctx.full, error
+        if ctx.full:
+            self.update(PROBE, output)
 
     @property
     def step(self) -> int:
@@ -226,10 +266,13 @@ class ForecastCache:
         return out
 
     def update(self, name: str, output) -> None:
-        """Record a module's real output at the current (full) step."""
-        if not self.config.enabled:
-            return
+        """Record a module's real output at the current (full) step.
+
+        Not while an adaptive step is undecided: the modules before the probe run on every step, and their
+        factors are never read (they are always computed), so they are not stored for nothing."""
         ctx = self._ctx
+        if not self.config.enabled or ctx.pending:
+            return
         tensors = _as_tuple(output)
         states = ctx.states.get(name)
         if states is None:
@@ -339,6 +382,17 @@ def _went_on(first, last, now) -> bool:
 def _went_back(first, last, now) -> bool:
     d = _direction(first, last, now)
     return d is not None and d < 0
+
+
+def relative_l1(predicted, actual) -> float:
+    """sum |predicted - actual| / sum |actual| over every tensor (TeaCache/FBCache's change measure).
+
+    Meta tensors (FLOPs counted without weights) have no values: 0, the FLOPs count decides by itself."""
+    if any(a.is_meta for a in actual):
+        return 0.0
+    num = sum(float((p.to(a.dtype) - a).abs().sum()) for p, a in zip(predicted, actual, strict=True))
+    den = sum(float(a.abs().sum()) for a in actual)
+    return num / max(den, 1e-30)
 
 
 def _to_host(tensor, spare=None):

@@ -6,13 +6,16 @@ loaded, with a message that names the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .store import FACTOR_SCALES, FACTOR_STORES
 
 FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STEP_DISTANCES = ("index", "timestep")
-FORECASTERS = ("taylor", "newton")
+FORECASTERS = ("taylor", "newton", "hermite", "feedback")
+SCHEDULES = ("interval", "budget", "calibrated", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,25 @@ class CacheConfig:
             last step distance; "newton" extrapolates the Newton polynomial through the last O+1
             full steps at their real positions (exact on polynomials of degree <= O for any
             spacing).
+            "hermite" and "feedback" are the options of :mod:`taylorseer.forecast` (scaled Hermite basis;
+            Taylor with the last full step's forecast error fed back), each documented with its equation.
         offload: keep the factors in pinned CPU memory (saves accelerator memory, costs a copy
             per forecast; for video models).
         prefetch: with ``offload``, copy on a side stream and request the next module's factors while
             the current module runs (CUDA; :mod:`taylorseer.offload`). Same values.
         enabled: False leaves every step computed and hooks inert (same output as no cache).
+        schedule: which steps are computed (:mod:`taylorseer.schedule`). "interval" is the paper's rule
+            (every ``interval``-th step after the warm-up; the default, unchanged). "budget" computes
+            ``budget`` steps placed by a fixed rule, denser where diffusion features change fastest;
+            "calibrated" places ``budget`` steps from a calibration file (one uncached run's per-step
+            feature change); "adaptive" decides online from the forecast error of a probe module, at
+            most ``budget`` computed steps (0: no bound) and at most ``interval`` steps apart.
+        budget: K, the number of computed steps (warm-up included) of "budget"/"calibrated"; the most
+            computed steps of "adaptive". Unused (0) with "interval".
+        calibration: the calibration file of "calibrated" (written by the apps' calibrate command).
+        threshold: "adaptive": a step is computed when the probe's relative L1 forecast error exceeds it.
+        probe: "adaptive": the module whose output is checked on every step (computed on every step, its
+            cost counted in the FLOPs); None takes the model's default (its first block).
     """
 
     interval: int = 6
@@ -64,6 +81,11 @@ class CacheConfig:
     offload: bool = False
     prefetch: bool = False
     enabled: bool = True
+    schedule: str = "interval"
+    budget: int = 0
+    calibration: str | None = None
+    threshold: float = 0.05
+    probe: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, minimum=1, hint="1 computes every step; the paper uses 3..7")
@@ -81,13 +103,60 @@ class CacheConfig:
         if self.prefetch and not self.offload:
             raise ValueError("cache.prefetch=true prefetches offloaded factors: set cache.offload=true too "
                              "(or cache.prefetch=false)")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """The schedule policy's own fields: each is required by the policies that read it and refused by the
+        others (a setting that silently does nothing would make a run folder lie about its settings)."""
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_int("budget", self.budget, minimum=0, hint="computed steps, warm-up included")
+        policy = self.schedule
+        if policy in ("budget", "calibrated") and self.budget < max(self.first_enhance, 1):
+            raise ValueError(f"cache.budget={self.budget} is invalid with cache.schedule={policy}: expected the "
+                             f"number of computed steps, at least the {max(self.first_enhance, 1)} warm-up step(s) "
+                             f"(e.g. cache.budget=10)")
+        if policy == "adaptive" and 0 < self.budget < max(self.first_enhance, 1):
+            raise ValueError(f"cache.budget={self.budget} is invalid with cache.schedule=adaptive: expected 0 (no "
+                             f"bound) or at least the {max(self.first_enhance, 1)} warm-up step(s)")
+        if policy == "interval" and self.budget:
+            raise ValueError(f"cache.budget={self.budget} is not used by cache.schedule=interval (the paper's rule "
+                             f"computes every cache.interval-th step): set cache.schedule=budget|calibrated|adaptive "
+                             f"or cache.budget=0")
+        if policy == "calibrated":
+            if not self.calibration:
+                raise ValueError("cache.schedule=calibrated needs cache.calibration=<file>: write one with "
+                                 "`bash scripts/calibrate.sh` (one uncached run of the model)")
+            if not Path(self.calibration).expanduser().is_file():
+                raise ValueError(f"cache.calibration={self.calibration!r}: no such file; write it with "
+                                 f"`bash scripts/calibrate.sh ... out={self.calibration}`")
+        elif self.calibration is not None:
+            raise ValueError(f"cache.calibration={self.calibration!r} is only read by cache.schedule=calibrated")
+        bad_threshold = (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                         or not self.threshold > 0)
+        if bad_threshold:
+            raise ValueError(f"cache.threshold={self.threshold!r} is invalid: expected a number > 0 (the probe's "
+                             f"relative L1 forecast error above which a step is computed, e.g. 0.05)")
+        if self.probe is not None and (policy != "adaptive" or not isinstance(self.probe, str) or not self.probe):
+            raise ValueError(f"cache.probe={self.probe!r} is invalid: a module name, read by cache.schedule=adaptive "
+                             f"only (null takes the model's first block)")
 
     @property
     def tag(self) -> str:
         """Short name for run folders, e.g. ``N6-O1-W3``; ``nocache`` when disabled."""
         if not self.enabled:
             return "nocache"
-        tag = f"N{self.interval}-O{self.max_order}-W{self.first_enhance}"
+        # The paper's schedule keeps its tag exactly; the others name their policy and budget first.
+        if self.schedule == "interval":
+            policy = f"N{self.interval}"
+        elif self.schedule == "budget":
+            policy = f"K{self.budget}"
+        elif self.schedule == "calibrated":
+            policy = f"K{self.budget}-cal{_file_digest(self.calibration)}"
+        else:
+            policy = f"A{self.threshold:g}-N{self.interval}-K{self.budget}"
+            if self.probe:
+                policy += "-p" + "".join(c if c.isalnum() else "_" for c in self.probe)
+        tag = f"{policy}-O{self.max_order}-W{self.first_enhance}"
         if self.last_full_steps:
             tag += f"-E{self.last_full_steps}"
         if self.forecaster != "taylor":
@@ -123,3 +192,8 @@ def _check_int(name: str, value, minimum: int, maximum: int | None = None, hint:
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"cache.{name}={value!r} is invalid: expected one of {list(choices)}")
+
+
+def _file_digest(path: str | None) -> str:
+    """6 hex digits of a file's content: run names change when the calibration behind them does."""
+    return hashlib.sha256(Path(str(path)).expanduser().read_bytes()).hexdigest()[:6]

@@ -13,6 +13,7 @@ one forecast call of the real model with the cache attached.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from .cache import ForecastCache
+from .policies import AdaptivePolicy
 from .schedule import full_steps
 
 
@@ -44,10 +46,16 @@ def count_flops(fn: Callable[[], object]) -> int:
 @dataclass(frozen=True)
 class FlopsReport:
     num_steps: int
-    full_steps: int
+    full_steps: float  # computed steps per call; a mean over calls for a data-dependent (adaptive) schedule
     calls_per_step: int
     full_step_flops: int  # one computed denoiser call
-    forecast_step_flops: int  # one forecast denoiser call (what still runs: embedders, modulation, final layer)
+    forecast_step_flops: int  # one forecast denoiser call (what still runs: embedders, modulation, final layer;
+    #                           with schedule=adaptive also everything up to and including the probe)
+    data_dependent: bool = False  # full_steps is what the run observed, not what a schedule fixes in advance
+
+    def observed(self, full_steps: float) -> FlopsReport:
+        """The same costs with the computed steps a run really made (adaptive: from the cache's history)."""
+        return dataclasses.replace(self, full_steps=full_steps, data_dependent=True)
 
     @property
     def flops_uncached(self) -> int:
@@ -86,7 +94,10 @@ def count_schedule(call: Callable[[], object], cache: ForecastCache | None, num_
     """Count one computed and one forecast call of the model and extrapolate to the run's schedule.
 
     ``call`` runs the cached model once on representative inputs. The cache's own schedule is
-    saved and restored: for the count, step 0 is made full and step 1 a forecast.
+    saved and restored: for the count, step 0 is made full and step 1 a forecast. With
+    ``schedule=adaptive`` the forecast call runs the probe and decides "forecast" (threshold infinite),
+    so its count includes the probe; the computed steps are not known before sampling: the report holds
+    the bound (``budget``, else every step) until the app replaces it with what ran (:meth:`observed`).
     """
     full_step = count_flops(call) if cache is None else None
     if cache is None:
@@ -94,14 +105,26 @@ def count_schedule(call: Callable[[], object], cache: ForecastCache | None, num_
     config = cache.config
     saved_num_steps = cache.num_steps
     # offload=False: the count may run on the meta device, where there is nothing to copy to the host.
-    cache.config = dataclasses.replace(config, interval=max(config.interval, 2), first_enhance=0,
-                                       last_full_steps=0, enabled=True, step_distance="index", offload=False)
+    adaptive = config.schedule == "adaptive"
+    counting = dataclasses.replace(config, interval=max(config.interval, 2), first_enhance=0, last_full_steps=0,
+                                   enabled=True, step_distance="index", offload=False)
+    if not adaptive:  # the schedule of the count is the interval rule's: step 0 full, step 1 forecast
+        counting = dataclasses.replace(counting, schedule="interval", budget=0, calibration=None)
+    else:
+        counting = dataclasses.replace(counting, threshold=math.inf, budget=0)
+    saved_policy = cache.policy
+    cache.config = counting
+    cache.policy = AdaptivePolicy(counting) if adaptive else None
     cache.reset(num_steps=None)
     try:
         full_step = count_flops(call)
         forecast_step = count_flops(call)
     finally:
-        cache.config = config
+        cache.config, cache.policy = config, saved_policy
         cache.reset(num_steps=saved_num_steps)
-    n_full = len(full_steps(num_steps, config)) if config.enabled else num_steps
-    return FlopsReport(num_steps, n_full, calls_per_step, full_step, forecast_step)
+    if not config.enabled:
+        return FlopsReport(num_steps, num_steps, calls_per_step, full_step, forecast_step)
+    if adaptive:
+        bound = min(config.budget, num_steps) if config.budget else num_steps
+        return FlopsReport(num_steps, bound, calls_per_step, full_step, forecast_step, data_dependent=True)
+    return FlopsReport(num_steps, len(full_steps(num_steps, config)), calls_per_step, full_step, forecast_step)

@@ -61,6 +61,7 @@ def apply(
     timestep_fn: TimestepFn | None = None,
     skip_all: bool = False,
     verbose: bool = False,
+    probe: str | None = None,
 ) -> ForecastCache:
     """Put a forecasting cache on ``target`` (a model, or a diffusers pipeline: its ``.transformer``) and return it.
 
@@ -82,6 +83,8 @@ def apply(
         skip_all: the bound a cache is measured against: described blocks return their inputs on forecast
             steps and nothing is recorded (wrong outputs, for timing only).
         verbose: print what was wrapped (also available as ``taylorseer.summary(target)``).
+        probe: exact name of the module ``schedule="adaptive"`` checks on every step, used when ``config.probe``
+            is not set; default: the first cached block in the model's module order. Ignored by other schedules.
     """
     model, pipeline = _resolve(target)
     if hasattr(model, _ATTR):
@@ -121,6 +124,8 @@ def apply(
     _refuse_double_wraps(installs, named)
     if not installs:
         raise ValueError("nothing to cache: give modules=[...], blocks={...} or a preset")
+    probe_module = _probe_module(named, config, probe or _first_block(
+        named, list(specs) + [n for n, _, _ in special], [n for n, _ in plain]))
 
     for module, forward in installs:
         _wrap_forward(attachment, module, forward)
@@ -134,6 +139,8 @@ def apply(
         cache.begin_step(timestep, _batch_size(args, kwargs), timestep_ref=raw)
 
     attachment.handles.append(model.register_forward_pre_hook(begin_step, with_kwargs=True))
+    if probe_module is not None:  # schedule=adaptive: the probe's output decides the rest of the step
+        attachment.handles.append(probe_module.register_forward_hook(lambda _m, _i, out: cache.observe_probe(out)))
     attachment.diffusers_relay = _register_diffusers_relay(model, cache)
     if pipeline is not None and callable(getattr(pipeline, "progress_bar", None)):
         _install_call_boundaries(attachment, pipeline)
@@ -275,6 +282,30 @@ def _refuse_double_wraps(installs: list[tuple[torch.nn.Module, Callable]], named
             raise ValueError(f"{names.get(id(module), type(module).__name__)!r} is cached twice (by a preset or block "
                              f"description and by modules/overrides): give it once")
         seen.add(id(module))
+
+
+def _first_block(named: dict[str, torch.nn.Module], blocks: list[str], plain: list[str]) -> str | None:
+    """The default probe: the block that holds the model's first cached work, a described or overridden block
+    or the parent of a plain cached module (``transformer_blocks.0`` for ``transformer_blocks.0.attn``)."""
+    candidates = blocks + [n.rsplit(".", 1)[0] if "." in n else n for n in plain]
+    if not candidates:
+        return None
+    order = {name: i for i, name in enumerate(named)}
+    return min(candidates, key=lambda n: order.get(n, len(order)))
+
+
+def _probe_module(named: dict[str, torch.nn.Module], config: CacheConfig, default: str | None):
+    """The module whose output the adaptive schedule checks (None for the other schedules)."""
+    if config.schedule != "adaptive" or not config.enabled:
+        return None
+    name = config.probe or default
+    if not name:
+        raise ValueError("cache.schedule=adaptive needs a probe module: set cache.probe=<module name> (the model's "
+                         "first block, e.g. blocks.0)")
+    if name not in named or not name:
+        close = [n for n in named if n and n.split(".")[0] == name.split(".")[0]][:8] or [n for n in named if n][:8]
+        raise ValueError(f"cache.probe={name!r} is not a module of this model; names look like {close}")
+    return named[name]
 
 
 def _wrap_forward(attachment: _Attachment, module: torch.nn.Module, new_forward: Callable) -> None:

@@ -192,6 +192,11 @@ def sampling_metrics(config, flops, items: list[dict], device=None, keep_items: 
         out.update(uncached_latency_s=uncached_s / len(compared), wall_speedup=uncached_s / cached_s,
                    psnr_vs_uncached=sum(r["psnr"] for r in compared) / len(compared),
                    ssim_vs_uncached=sum(r["ssim"] for r in compared) / len(compared), num_compared=len(compared))
+    if flops is not None and getattr(config, "schedule", "interval") == "adaptive":
+        # A data-dependent schedule: its FLOPs are those of the computed steps the records say ran.
+        counts = [_mean_full_steps(r["full_steps"]) for r in items if r.get("full_steps") is not None]
+        if counts:
+            flops = flops.observed(sum(counts) / len(counts))
     if flops is not None:
         out.update(
             num_steps=flops.num_steps,
@@ -203,11 +208,24 @@ def sampling_metrics(config, flops, items: list[dict], device=None, keep_items: 
             flops_full_step=flops.full_step_flops,
             flops_forecast_step=flops.forecast_step_flops,
             flops_convention="torch FlopCounterMode: 2 FLOPs per multiply-add, per item",
+            flops_data_dependent=flops.data_dependent,
         )
+    if getattr(config, "schedule", "interval") == "calibrated" and config.enabled:
+        from .calibration import flops_of
+
+        # Paid once per calibration file, not per item: reported beside the per-item figures.
+        out["flops_calibration"] = flops_of(config.calibration)
     if keep_items:
         out["items"] = items
     out.update(extra)
     return out
+
+
+def _mean_full_steps(value) -> float:
+    """A record's computed steps: a count, or {context: count} (cond/uncond calls) averaged."""
+    if isinstance(value, dict):
+        return sum(value.values()) / max(len(value), 1)
+    return float(value)
 
 
 def _in_multirun() -> bool:

@@ -56,7 +56,7 @@ def test_tag():
         ("first_enhance", -2, "cache.first_enhance=-2"),
         ("factor_dtype", "int8", "cache.factor_dtype='int8' is invalid"),
         ("step_distance", "sigma", "expected one of ['index', 'timestep']"),
-        ("forecaster", "hermite", "cache.forecaster='hermite'"),
+        ("forecaster", "spline", "cache.forecaster='spline'"),
     ],
 )
 def test_bad_values_name_the_field(field, value, fragment):

@@ -135,12 +135,13 @@ def test_full_size_hunyuan_video_cache_with_8bit_factors():
 def test_full_size_flux_dev_cache_on_meta():
     from taylorseer_flux.flops import FLUX_DEV_TRANSFORMER, flux_cache_bytes
 
-    # default: double blocks store attn (4096 image + 512 text tokens) and ff (4096), single blocks 4096
-    tokens = 19 * (4096 + 512 + 4096) + 38 * 4096
+    # default (the flux preset, text stream not forecast): double blocks store the image outputs of attn and
+    # ff (4096 tokens each), single blocks their image part (4096)
+    tokens = 19 * (4096 + 4096) + 38 * 4096
     config = CacheConfig(interval=6, max_order=1, first_enhance=3, factor_dtype="bfloat16")
-    assert flux_cache_bytes(FLUX_DEV_TRANSFORMER, config) == 2 * tokens * 3072 * 2 == 3_944_742_912
+    assert flux_cache_bytes(FLUX_DEV_TRANSFORMER, config) == 2 * tokens * 3072 * 2 == 3_825_205_248
     f8 = CacheConfig(interval=6, max_order=1, first_enhance=3, factor_dtype="bfloat16", factor_store="float8")
-    assert flux_cache_bytes(FLUX_DEV_TRANSFORMER, f8) == 2 * tokens * (3072 + 4) == 1_974_939_648
+    assert flux_cache_bytes(FLUX_DEV_TRANSFORMER, f8) == 2 * tokens * (3072 + 4) == 1_915_092_992
     assert stored_nbytes((1, 4096, 3072), 2, "float8") == 2 * 4096 * (3072 + 4)
 
 
@@ -157,8 +158,11 @@ def test_the_flux_app_names_the_store_in_its_run_folder(tmp_path):
                  "num_steps=12", "cache.factor_store=float8"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose(config_name="sample_flux", overrides=overrides)
+    from taylorseer_flux.sample import run_dir
+
     metrics = main(cfg)
-    run = tmp_path / "flux" / "flux-dev-N6-O1-W3-f8-12steps-32x32-seed0"
+    run = run_dir(cfg)
+    assert run.parent == tmp_path / "flux" and "-N6-O1-W3-f8-12steps-32x32-" in run.name
     assert run.is_dir() and any(run.glob("*.png"))
     assert metrics["cache_bytes"] > 0 and metrics["run_config"]["cache"]["factor_store"] == "float8"
 

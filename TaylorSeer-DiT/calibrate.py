@@ -1,0 +1,83 @@
+"""Calibrate a DiT sampler for ``cache.schedule=calibrated`` (see :mod:`taylorseer.calibration`).
+
+    bash scripts/calibrate.sh dit model=digits num_steps=50 cfg_scale=2.0
+    bash scripts/sample_dit.sh model=digits cfg_scale=2.0 cache.schedule=calibrated cache.budget=10 \\
+        cache.calibration=runs/calibrations/dit-DiT-Digits-ddim50-cfg2-seed1.json
+
+Two uncached sampling runs of ``samples`` samples (sample ``i``: class and noise as ``sample_dit_ddp`` makes
+index ``i`` of seed ``seed``): the first records the cached modules' trajectory sketch, the second perturbs
+sample ``i`` at step ``i mod num_steps`` to measure each step's sensitivity. Their FLOPs are in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from taylorseer import CacheConfig, calibration, runs
+from taylorseer.settings import Setting
+
+from .diffusion import GaussianDiffusion
+from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, validate
+from .sample_ddp import class_label
+from .sampling import CACHED_MODULES, count_flops, sample, sample_seed, to_images
+
+TAG = "calibrate_dit"
+CONFIG_NAME = "calibrate_dit"
+SCHEMA = {**SAMPLING_SCHEMA, "class_labels": Setting("list"), "compare_uncached": Setting("bool"),
+          "grid_nrow": Setting("int", minimum=1), "samples": Setting("int", minimum=1),
+          "sketch_size": Setting("int", minimum=64), "epsilon": Setting("float", minimum=1e-6, maximum=1.0),
+          "out": Setting("str", nullable=True)}
+
+
+def out_path(cfg: DictConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    spacing = "" if cfg.spacing == "even" else f"-{cfg.spacing}spaced"
+    name = (f"dit-{cfg.model.name.replace('/', '-')}-{cfg.sampler}{cfg.num_steps}{spacing}-cfg{cfg.cfg_scale:g}"
+            f"-seed{cfg.seed}.json")
+    return Path(cfg.out_root) / "calibrations" / name
+
+
+def main(cfg: DictConfig) -> Path:
+    validate(cfg, SCHEMA, TAG, check_labels=False)
+    if cfg.samples % cfg.num_steps:
+        raise ValueError(f"samples={cfg.samples}: expected a multiple of num_steps={cfg.num_steps} (sample i measures "
+                         f"step i mod num_steps), e.g. samples={2 * cfg.num_steps}")
+    device = runs.resolve_device(cfg.device)
+    dtype = runs.resolve_dtype(cfg.dtype, device)
+    out = out_path(cfg)
+    model, vae = load_model(cfg, device, dtype)
+    diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler, spacing=cfg.spacing)
+    recorder = calibration.Recorder(model, CACHED_MODULES, cfg.num_steps, cfg.samples, sketch_size=cfg.sketch_size,
+                                    epsilon=cfg.epsilon, seed=cfg.seed, timestep_fn=lambda args, kwargs: args[1])
+    reference, perturbed = [], []
+    starts = range(0, cfg.samples, cfg.batch_size)
+    for start in tqdm(starts, disable=not cfg.progress or len(starts) < 2, desc="calibration batches"):
+        index = list(range(start, min(start + cfg.batch_size, cfg.samples)))
+        seeds = [sample_seed(cfg.seed, i) for i in index]
+        labels = torch.tensor([class_label(cfg.seed, i, cfg.model.num_classes) for i in index])
+        for mode, outputs in (("record", reference), ("perturb", perturbed)):
+            with recorder.attached(mode, offset=start, batch=len(index)):
+                outputs.append(to_images(sample(model, diffusion, labels, cfg.cfg_scale, seeds), vae).cpu())
+    flops = count_flops(model, CacheConfig(enabled=False), cfg.num_steps, cfg.cfg_scale)
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("cache", "hydra")}
+    summary = calibration.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
+                                flops.flops_uncached * cfg.samples, {"app": "dit", **settings})
+    print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
+          f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} samples)")
+    return out
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
+@runs.clear_errors(TAG)
+def _cli(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    _cli()

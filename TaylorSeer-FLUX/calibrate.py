@@ -1,0 +1,92 @@
+"""Calibrate a FLUX sampler for ``cache.schedule=calibrated`` (see :mod:`taylorseer.calibration`).
+
+    bash scripts/calibrate.sh flux model=digits_flux
+    bash scripts/sample_flux.sh model=digits_flux cache.schedule=calibrated cache.budget=10 \\
+        cache.calibration=runs/calibrations/flux-flux-digits-50steps-16x16-seed1.json
+
+Two uncached runs of ``samples`` images (image ``i``: prompt ``i mod len(prompts)``, seed ``seed + i``): the
+first records the cached modules' trajectory sketch, the second perturbs image ``i`` at step ``i mod num_steps``
+to measure each step's sensitivity. Their FLOPs are in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from taylorseer import CacheConfig, calibration, runs
+from taylorseer.settings import Setting
+
+from . import sample as sample_app
+from .pipeline import generate, load_flux
+
+TAG = "calibrate_flux"
+CONFIG_NAME = "calibrate_flux"
+MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "single_transformer_blocks.*.proj_out")
+EXTRA = {"samples": Setting("int", minimum=1), "sketch_size": Setting("int", minimum=64),
+         "epsilon": Setting("float", minimum=1e-6, maximum=1.0), "out": Setting("str", nullable=True)}
+
+
+def out_path(cfg: DictConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    name = f"flux-{cfg.model.short_name}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}-seed{cfg.seed}.json"
+    return Path(cfg.out_root) / "calibrations" / name
+
+
+def main(cfg: DictConfig) -> Path:
+    sample_app.resolve_model_path(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    extra = {k: plain.pop(k) for k in EXTRA}  # the rest is sample_flux's settings, checked by its own schema
+    for key, setting in EXTRA.items():
+        why = setting.problem(extra[key])
+        if why:
+            raise ValueError(f"{key}={extra[key]!r} is invalid: {why}")
+    _, prompts = sample_app.validate(OmegaConf.create(plain))
+    if cfg.samples % cfg.num_steps:
+        raise ValueError(f"samples={cfg.samples}: expected a multiple of num_steps={cfg.num_steps} (image i measures "
+                         f"step i mod num_steps), e.g. samples={2 * cfg.num_steps}")
+    device = runs.resolve_device(cfg.device)
+    dtype = runs.resolve_dtype(cfg.dtype, device)
+    out = out_path(cfg)
+    pipe = load_flux(cfg.model.path, pipeline=cfg.model.pipeline, dtype=dtype, device=device,
+                     cpu_offload=cfg.cpu_offload, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
+    recorder = calibration.Recorder(pipe.transformer, MODULES, cfg.num_steps, cfg.samples,
+                                    sketch_size=cfg.sketch_size, epsilon=cfg.epsilon, seed=cfg.seed,
+                                    calls_per_step=2 if cfg.true_cfg_scale > 1 else 1,
+                                    timestep_fn=lambda args, kwargs: kwargs.get("timestep"))
+    call = dict(num_steps=cfg.num_steps, height=cfg.height, width=cfg.width, guidance_scale=cfg.guidance_scale,
+                true_cfg_scale=cfg.true_cfg_scale, negative_prompt=cfg.negative_prompt,
+                max_sequence_length=cfg.max_sequence_length, device=device, output_type="pt")
+    reference, perturbed = [], []
+    starts = range(0, cfg.samples, cfg.batch_size)
+    for start in tqdm(starts, disable=not cfg.progress or len(starts) < 2, desc="calibration batches"):
+        index = list(range(start, min(start + cfg.batch_size, cfg.samples)))
+        batch_prompts = [prompts[i % len(prompts)] for i in index]
+        seeds = [cfg.seed + i for i in index]
+        for mode, outputs in (("record", reference), ("perturb", perturbed)):
+            with recorder.attached(mode, offset=start, batch=len(index)):
+                images = generate(pipe, batch_prompts, seeds, **call).images
+            outputs.append(torch.stack([torch.as_tensor(im) for im in images]).float().cpu())
+    config, vae_scale = dict(pipe.transformer.config), pipe.vae_scale_factor
+    flops = sample_app.count_flops(cfg, CacheConfig(enabled=False), config, vae_scale, {})
+    settings_used = {k: v for k, v in plain.items() if k not in ("cache", "hydra")}
+    summary = calibration.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
+                                flops.flops_uncached * cfg.samples, {"app": "flux", **settings_used})
+    print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
+          f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} images)")
+    return out
+
+
+@hydra.main(config_path=sample_app.CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
+@runs.clear_errors(TAG)
+def _cli(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,253 @@
+"""A calibration file: what ``schedule: calibrated`` places its K computed steps from.
+
+Made from two uncached sampling runs of the same B samples (B a multiple of the number of steps n):
+
+1. **Trajectory.** Hooks on the cached modules keep, at every step, a fixed random subset of each module's
+   output coordinates (a sketch; ``sketch_size`` numbers in all, split over the modules' output tensors),
+   each tensor's sketch divided by its RMS over the run so that every module counts alike. Forecasters are
+   linear in the features, so forecasting the sketch gives the sketch of the forecast
+   (:mod:`taylorseer.placement` relies on this).
+2. **Sensitivity.** The same samples again, sample i with every cached module's output perturbed at step
+   ``i mod n`` only, by ``epsilon`` times the output's RMS times Gaussian noise. The squared change of each
+   final sample, over epsilon^2, measures how much a relative feature error at that step reaches the
+   output: ``w_s = mean_{i mod n = s} ||x_i' - x_i||^2 / epsilon^2`` (one run measures every step, one
+   sample per step per n samples). Its cost: B more sampling calls, counted with the first run's. The raw
+   values are noisy; the file keeps them and the curve the placement reads (:func:`sensitivity_curve`).
+
+Both runs are counted in FLOPs (``flops`` in the file: the two uncached runs' total) and the apps report it
+beside the FLOPs of every calibrated run. The file is JSON: the settings it was made with, the per-step
+timesteps, ``sensitivity`` and ``trajectory`` (n rows of ``sketch_size`` numbers, 5 significant digits).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import runs
+
+FORMAT = "taylorseer.calibration/1"
+
+
+@dataclass
+class Calibration:
+    """A loaded calibration file."""
+
+    num_steps: int
+    trajectory: torch.Tensor  # (num_steps, sketch) float64
+    sensitivity: torch.Tensor  # (num_steps,) float64, >= 0
+    timesteps: list[float] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def positions(self, step_distance: str) -> list[float]:
+        """The forecaster's axis, as the cache builds it: step indices, or the model's timesteps."""
+        if step_distance == "index":
+            return [float(s) for s in range(self.num_steps)]
+        if not self.timesteps:
+            raise ValueError("cache.step_distance=timestep but the calibration recorded no timesteps: calibrate again")
+        return [float(t) for t in self.timesteps]
+
+
+def load(path: str | Path) -> Calibration:
+    """Read a calibration file; a file of another kind fails with what it is."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cache.calibration={str(path)!r} cannot be read as a calibration file: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"cache.calibration={str(path)!r} is not a calibration file (format "
+                         f"{data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT!r})")
+    trajectory = torch.tensor(data["trajectory"], dtype=torch.float64)
+    sensitivity = torch.tensor(data["sensitivity"], dtype=torch.float64)
+    meta = {k: v for k, v in data.items() if k not in ("trajectory", "sensitivity", "sensitivity_raw", "timesteps")}
+    return Calibration(int(data["num_steps"]), trajectory, sensitivity, data.get("timesteps"), meta)
+
+
+def flops_of(path: str | Path | None) -> int | None:
+    """FLOPs the calibration file's runs cost (None without a file)."""
+    if not path:
+        return None
+    return int(load(path).meta.get("flops", {}).get("total", 0)) or None
+
+
+class Recorder:
+    """Records the sketch trajectory, or perturbs one step per sample, on the named modules of a model.
+
+    Args:
+        model: the denoiser (uncached); each call is one sampling step (``calls_per_step`` calls with true CFG).
+        modules: fnmatch patterns of the modules the cache forecasts (their outputs are what is sketched).
+        num_steps: sampling steps per call of the sampler.
+        samples: samples of the whole calibration (a multiple of ``num_steps``; sample i measures step
+            ``i mod num_steps``). They may be sampled in several calls (``attached(mode, offset, batch)``).
+        sketch_size: numbers kept per step in all, split over the modules' output tensors (>= 8 each).
+        epsilon: relative size of the perturbation.
+        timestep_fn: (args, kwargs) -> the call's timestep, recorded for ``step_distance: timestep``.
+    """
+
+    def __init__(self, model: torch.nn.Module, modules: Iterable[str], num_steps: int, samples: int,
+                 sketch_size: int = 1024, epsilon: float = 0.05, seed: int = 0, calls_per_step: int = 1,
+                 timestep_fn: Callable | None = None):
+        if samples < num_steps or samples % num_steps:
+            raise ValueError(f"calibration samples={samples}: expected a multiple of the {num_steps} sampling steps "
+                             f"(each sample measures the sensitivity of one step), e.g. samples={2 * num_steps}")
+        named = dict(model.named_modules())
+        self.names = sorted({n for p in modules for n in named if n and fnmatch.fnmatchcase(n, p)})
+        if not self.names:
+            raise ValueError(f"no module matches {list(modules)}")
+        self.model, self.modules = model, [named[n] for n in self.names]
+        self.num_steps, self.samples, self.sketch_size = num_steps, samples, sketch_size
+        self.epsilon, self.seed, self.calls_per_step = epsilon, seed, calls_per_step
+        self.timestep_fn = timestep_fn
+        self.calls, self.offset, self.batch = 0, 0, None
+        self.mode = "record"
+        self.rows: list[dict[str, torch.Tensor]] = [{} for _ in range(num_steps)]
+        self.timesteps: list[float | None] = [None] * num_steps
+        self._index: dict[str, torch.Tensor] = {}
+
+    @property
+    def step(self) -> int:
+        return (self.calls // self.calls_per_step) % self.num_steps
+
+    @contextmanager
+    def attached(self, mode: str, offset: int = 0, batch: int | None = None) -> Iterator[None]:
+        """``record`` (first run) or ``perturb`` (second run) while the block runs one sampling call of the
+        samples ``offset .. offset + batch - 1``. Row r of a model input is sample ``offset + r mod batch``
+        (a CFG batch holds each sample twice). The trajectory is recorded from the first call only."""
+        self.mode, self.calls, self.offset, self.batch = mode, 0, offset, batch
+        handles = [self.model.register_forward_pre_hook(self._count, with_kwargs=True)]
+        handles += [m.register_forward_hook(self._hook(n)) for n, m in zip(self.names, self.modules, strict=True)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _count(self, _module, args, kwargs):
+        step = self.step
+        if self.mode == "record" and self.timestep_fn is not None:
+            t = self.timestep_fn(args, kwargs)
+            self.timesteps[step] = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else t
+        self._current = step  # the step every module hook of this call sees
+        self.calls += 1
+
+    def _hook(self, name: str):
+        def hook(_module, _inputs, output):
+            tensors = output if isinstance(output, tuple) else (output,)
+            if self.mode == "record":
+                for k, tensor in enumerate(tensors):
+                    if isinstance(tensor, torch.Tensor):
+                        self._record(f"{name}#{k}", tensor)
+                return None
+            out = tuple(self._perturb(f"{name}#{k}", t) if isinstance(t, torch.Tensor) else t
+                        for k, t in enumerate(tensors))
+            return out if isinstance(output, tuple) else out[0]
+
+        return hook
+
+    def _record(self, key: str, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().flatten()
+        if key not in self._index:
+            per_tensor = max(8, self.sketch_size // len(self.names))
+            g = torch.Generator().manual_seed(self.seed + len(self._index))
+            self._index[key] = torch.randperm(flat.numel(), generator=g)[:per_tensor].to(flat.device)
+        row = self.rows[self._current]
+        # Several calls per step (true CFG): the sketch keeps the conditional call's values.
+        row.setdefault(key, flat[self._index[key]].double().cpu())
+
+    def _perturb(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        batch = self.batch or tensor.shape[0]
+        rows = [r for r in range(tensor.shape[0]) if (self.offset + r % batch) % self.num_steps == self._current]
+        if not rows:
+            return tensor
+        salt = zlib.crc32(key.encode()) % 1000  # per module: a stable digest, not Python's salted hash()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._current * 1009 + salt)
+        noise = torch.randn(tensor[rows].shape, generator=g, dtype=torch.float32).to(tensor.device, tensor.dtype)
+        scale = self.epsilon * tensor.float().pow(2).mean().sqrt().to(tensor.dtype)
+        out = tensor.clone()
+        out[rows] = out[rows] + scale * noise
+        return out
+
+    def trajectory(self) -> torch.Tensor:
+        """(num_steps, sketch) with each tensor's columns divided by their RMS over the run."""
+        keys = sorted(self.rows[0])
+        missing = [s for s in range(self.num_steps) if sorted(self.rows[s]) != keys]
+        if missing:
+            raise RuntimeError(f"the calibration run did not record every module at steps {missing[:5]}: was the "
+                               f"sampling call {self.num_steps} steps long?")
+        columns = []
+        for key in keys:
+            block = torch.stack([self.rows[s][key] for s in range(self.num_steps)])
+            columns.append(block / block.pow(2).mean().sqrt().clamp_min(1e-30))
+        return torch.cat(columns, dim=1)
+
+    def sensitivity(self, reference: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+        """Per step: mean squared change of the final samples perturbed at that step, over epsilon^2 (raw: a few
+        samples per step, so it varies from sample to sample; :func:`smooth` makes the curve the placement reads)."""
+        change = (perturbed.double() - reference.double()).flatten(1).pow(2).mean(dim=1)
+        per_step = torch.zeros(self.num_steps, dtype=torch.float64)
+        count = torch.zeros(self.num_steps, dtype=torch.float64)
+        for i, value in enumerate(change):
+            per_step[i % self.num_steps] += value
+            count[i % self.num_steps] += 1
+        return per_step / count.clamp_min(1) / self.epsilon**2
+
+
+def smooth(values: torch.Tensor, degree: int = 3) -> torch.Tensor:
+    """The sensitivity curve the placement reads: a cubic in the step fraction fitted to log(raw) by least squares.
+
+    Each raw value comes from samples/num_steps samples whose own sensitivities differ up to 10x (digit to
+    digit; measured), while the true curve changes slowly from step to step (with 20 samples per step it is
+    smooth and U-shaped, README.schedules.md). Four parameters fitted to every sample keep that shape and
+    average the sample noise away; a local window would keep too much of it.
+    """
+    n = len(values)
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    basis = torch.stack([x**k for k in range(degree + 1)], dim=1)
+    logs = values.double().clamp_min(1e-30).log().unsqueeze(1)
+    coefficients = torch.linalg.lstsq(basis, logs).solution
+    return (basis @ coefficients).squeeze(1).exp()
+
+
+def sensitivity_curve(raw: torch.Tensor) -> torch.Tensor:
+    """What the placement reads: :func:`smooth` over every step but the last, and the last step's own mean.
+
+    The last step maps straight to the output, so its weight is set by the sampler's final coefficient
+    and jumps away from the trend of the others: DDIM's last eps is scaled by sqrt(1 - abar_0) = 0.01
+    (measured on the digits DiT: 0.75x the mean where the trend says 6x), Euler's last velocity by the
+    last sigma (the digits FLUX model: 4.9x where the trend says 1.6x). A smooth curve through it would
+    get it wrong either way."""
+    return torch.cat([smooth(raw[:-1]), raw[-1:].double()]) if len(raw) > 4 else smooth(raw)
+
+
+def write(path: str | Path, recorder: Recorder, reference: torch.Tensor, perturbed: torch.Tensor,
+          flops_per_run: int | None, settings: dict) -> dict:
+    """Save the calibration file (atomically) and return its summary (without the trajectory)."""
+    trajectory = recorder.trajectory()
+    raw = recorder.sensitivity(reference, perturbed)
+    sensitivity = sensitivity_curve(raw)
+    timesteps = recorder.timesteps if all(t is not None for t in recorder.timesteps) else None
+    summary = {
+        "format": FORMAT,
+        "num_steps": recorder.num_steps,
+        "samples": recorder.samples,
+        "sketch_size": int(trajectory.shape[1]),
+        "modules": len(recorder.names),
+        "epsilon": recorder.epsilon,
+        "flops": {"per_run": flops_per_run, "runs": 2,
+                  "total": None if flops_per_run is None else 2 * int(flops_per_run),
+                  "convention": "torch FlopCounterMode, 2 FLOPs per multiply-add; both uncached runs of all samples"},
+        "settings": settings,
+    }
+    data = dict(summary, timesteps=timesteps, sensitivity=[float(f"{v:.6g}") for v in sensitivity.tolist()],
+                sensitivity_raw=[float(f"{v:.6g}") for v in raw.tolist()],
+                trajectory=[[float(f"{v:.5g}") for v in row] for row in trajectory.tolist()])
+    runs.write_text(path, json.dumps(data, separators=(",", ":")) + "\n")
+    return summary
