@@ -304,7 +304,7 @@ class ForecastCache:
         states = self._factors_of(name)
         for s in states:
             record_forecast(s.tensors, s.out_dtype)  # counted inside fused.count_traffic() only
-        outs = [self._predict(s).to(s.out_dtype) for s in states]
+        outs = [_detached(self._predict(s).to(s.out_dtype), s.tensors) for s in states]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _predict(self, state: Factors) -> torch.Tensor:
@@ -382,6 +382,14 @@ def _went_on(first, last, now) -> bool:
 def _went_back(first, last, now) -> bool:
     d = _direction(first, last, now)
     return d is not None and d < 0
+
+
+def _detached(out: torch.Tensor, factors: list) -> torch.Tensor:
+    """A forecast that is a stored factor itself (order 0: FORA, or the first steps after the warm-up) is
+    copied: the caller may keep or modify it in place, and the cache updates its factors in place later."""
+    if any(isinstance(f, torch.Tensor) and f.data_ptr() == out.data_ptr() for f in factors):
+        return out.clone()
+    return out
 
 
 def relative_l1(predicted, actual) -> float:

@@ -192,3 +192,32 @@ def test_flops_count_with_offload_works_on_the_meta_device():
     report = count_schedule(lambda: model(x, t, y), cache, num_steps=12)
     assert report.full_step_flops > report.forecast_step_flops > 0
     assert cache.config.offload  # the cache's own setting is back
+
+
+def test_a_forecast_the_caller_keeps_is_not_changed_by_later_steps():
+    """Order 0 (FORA, or the first steps after the warm-up) forecasts a stored factor as it is: the cache must
+    hand out a copy, since it updates its factors in place at the next full step."""
+
+    class Branch(torch.nn.Module):
+        def forward(self, x, t):
+            return x + 0.3 * t
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branch = Branch()
+
+        def forward(self, x, timestep):
+            return self.branch(x, timestep)
+
+    for order in (0, 1):
+        model = Model()
+        taylorseer.apply(model, CacheConfig(interval=3, max_order=order, first_enhance=1), modules=["branch"],
+                         num_steps=7)
+        x = torch.zeros(2, 4)
+        kept = [model(x, torch.tensor(float(s))) for s in range(7)]
+        # steps 0, 3, 6 computed; 1, 2 forecast from step 0 alone (reuse), 4, 5 reuse (O=0) or extrapolate (O=1)
+        expected = [0.0, 0.0, 0.0, 0.9, 0.9 if order == 0 else 1.2, 0.9 if order == 0 else 1.5, 1.8]
+        assert [round(float(k[0, 0]), 4) for k in kept] == expected
+        kept[1].add_(100.0)  # the caller's in-place change stays the caller's
+        assert float(model(x, torch.tensor(0.0))[0, 0]) == 0.0 and float(kept[2][0, 0]) == 0.0

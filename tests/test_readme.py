@@ -77,6 +77,7 @@ PLANS = [
     # the main jobs
     Plan(r"bash scripts/demo.sh.*", append="num_samples=20 batch_size=20 intervals=[4] orders=[1] progress=false"),
     Plan(r"bash scripts/sample_dit.sh model=digits.*", append="progress=false"),
+    Plan(r"bash scripts/sample_flux.sh model=digits_flux.*", append="progress=false warmup=false num_steps=20"),
     Plan(r"bash scripts/sample_dit.sh.*", append=TINY_DIT + " progress=false"),
     Plan(r"NPROC=8 bash scripts/sample_dit_ddp.sh.*", replace=(("NPROC=8", "NPROC=2"),),
          append=TINY_DIT + " num_samples=6 batch_size=2 num_steps=6 progress=false"),
@@ -89,10 +90,15 @@ PLANS = [
     Plan(r"NPROC=8 bash scripts/sample_hunyuan_video.sh.*", replace=(("NPROC=8", "NPROC=2"),), append=TINY_HV),
     Plan(r"bash scripts/sample_hunyuan_video.sh.*", append=TINY_HV),
     Plan(r"python -m taylorseer_hunyuan_video.estimate .*"),
+    # schedule policies and the 8-bit store (the calibration is written into the working folder, then read)
+    Plan(r"bash scripts/calibrate.sh dit .*", append="samples=50 batch_size=50 progress=false"),
+    Plan(r"python -m taylorseer_eval.store_fidelity --full-size"),
+    Plan(r"python -m taylorseer_eval.store_fidelity", append="--models flux-pipeline --no-progress"),
     Plan(r"bash scripts/count_flops.sh.*"),
     # tables: the digits sweep for real (smaller); the GPU tables up to what needs a GPU cluster: every point
     # composed through the app's config and a table of not-yet-run points
     Plan(r"bash scripts/sweep.sh digits --stage table"),
+    Plan(r"bash scripts/sweep.sh (digits_schedules|digits_flux_schedules)", append="--stage table"),
     Plan(r"bash scripts/sweep.sh digits", append="num_samples=30 batch_size=30"),
     Plan(r"(\w+=\S+ )?bash scripts/sweep.sh (dit_fid50k|flux_drawbench|hunyuan_vbench) .*", append="--stage table"),
     # metrics: every one on a run folder the commands above made, up to the weights this machine cannot fetch
