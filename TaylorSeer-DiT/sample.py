@@ -30,7 +30,7 @@ from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
 from .checkpoints import find_checkpoint, load_dit, load_vae
 from .diffusion import SPACINGS, GaussianDiffusion
-from .sampling import attach_cache, count_flops, sample, sample_seed, to_images
+from .sampling import attach_cache, count_flops, sample, sample_seed, to_images, warm_up
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_dit"
@@ -58,6 +58,7 @@ SAMPLING_SCHEMA = {
     "batch_size": Setting("int", minimum=1),
     "attention_backend": Setting("str", choices=("sdpa", "flash", "xformers")),
     "compile": Setting("bool"),
+    "warmup": Setting("bool"),
 }
 SCHEMA = {
     **SAMPLING_SCHEMA,
@@ -160,6 +161,8 @@ def main(cfg: DictConfig) -> dict:
         todo = [i for i in range(len(labels)) if i not in done]
         attach(model, cache_config, cfg)
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
+        if todo and cfg.warmup:
+            warm_up(model, diffusion, cfg.cfg_scale)
         runs.reset_peak_memory(device)
         batches = [todo[k:k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
         for batch in tqdm(batches, disable=not cfg.progress or len(batches) < 2, desc="batches"):

@@ -31,7 +31,7 @@ from taylorseer.settings import Setting
 
 from .diffusion import GaussianDiffusion
 from .sample import CONFIG_DIR, SAMPLING_SCHEMA, attach, load_model, run_identity, run_name, validate, weights_identity
-from .sampling import count_flops, sample, sample_seed, to_images
+from .sampling import count_flops, sample, sample_seed, to_images, warm_up
 
 TAG = "sample_dit_ddp"
 CONFIG_NAME = "sample_dit_ddp"  # configs/sample_dit_ddp.yaml
@@ -84,6 +84,8 @@ def main(cfg: DictConfig) -> Path:
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
         if session.is_main:
             print(f"[{TAG}] {cfg.num_samples} samples, {len(todo)} to make on {world} rank(s) -> {sample_dir}")
+        if mine and cfg.warmup:
+            warm_up(model, diffusion, cfg.cfg_scale)
         batches = [mine[k:k + cfg.batch_size] for k in range(0, len(mine), cfg.batch_size)]
         for b, batch in enumerate(tqdm(batches, disable=not session.is_main or not cfg.progress, desc="batches")):
             seeds = [sample_seed(cfg.seed, i) for i in batch]

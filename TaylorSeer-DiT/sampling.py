@@ -33,6 +33,14 @@ def attach_cache(model: DiT, config: CacheConfig, num_steps: int) -> ForecastCac
     return taylorseer.apply(model, config, preset="dit", num_steps=num_steps)
 
 
+def warm_up(model: DiT, diffusion: GaussianDiffusion, cfg_scale: float) -> None:
+    """One untimed sample (class 0, seed 0) with the run's sampler and cache: a process's first call pays
+    one-off costs (allocator growth, kernel selection; on a CPU the fused forecast kernel of each order is
+    generated and compiled at its first forecast step) that would otherwise land in the first batch's
+    latency. The cache is reset by the next call, so nothing of it carries over."""
+    sample(model, diffusion, torch.zeros(1, dtype=torch.long), cfg_scale, 0)
+
+
 def initial_noise(model: DiT, n: int, generator, device) -> torch.Tensor:
     shape = (n, model.in_channels, model.input_size, model.input_size)
     return draw_noise(shape, generator, device, torch.float32)

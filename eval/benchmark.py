@@ -21,6 +21,7 @@ one, the bytes the cache held, and peak accelerator memory (CUDA). ``--markdown`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -35,6 +36,7 @@ import torch
 
 import taylorseer
 from taylorseer import fused
+from taylorseer.store import FACTOR_STORES
 
 from .bench_families import FAMILIES, Family
 
@@ -78,15 +80,21 @@ class Row:
 
 
 def standard_variants(family: Family, orders=(0, 1, 2), kernels=(None,), diffusers: bool = True,
-                      attention: str = "sdpa", compiled: bool = False) -> list[Variant]:
-    """uncached, ours at each order (and forecast kernel), ideal, diffusers' hook."""
+                      attention: str = "sdpa", compiled: bool = False, stores=("dense",)) -> list[Variant]:
+    """uncached, ours at each order (and forecast kernel and factor store), ideal, diffusers' hook."""
     tag = (" compiled" if compiled else "") + ("" if attention == "sdpa" else f" {attention}")
     out = [Variant("uncached" + tag, None, compiled=compiled, attention=attention)]
-    for kernel in kernels:
-        for order in orders:
-            name = f"ours O={order}" + (f" [{kernel}]" if kernel else "") + tag
-            out.append(Variant(name, lambda m, s, o=order: family.attach(m, family.config(o), s), taylorseer.remove,
-                               compiled=compiled, attention=attention, kernel=kernel))
+    for store in stores:
+        for kernel in kernels:
+            for order in orders:
+                name = (f"ours O={order}" + (f" [{kernel}]" if kernel else "")
+                        + ("" if store == "dense" else f" {store}") + tag)
+
+                def attach(m, s, o=order, st=store):
+                    return family.attach(m, dataclasses.replace(family.config(o), factor_store=st), s)
+
+                out.append(Variant(name, attach, taylorseer.remove, compiled=compiled, attention=attention,
+                                   kernel=kernel))
     out.append(Variant("ideal" + tag, lambda m, s: family.attach_ideal(m, family.config(1), s), taylorseer.remove,
                        compiled=compiled, attention=attention))
     if diffusers and family.diffusers_config is not None:
@@ -327,6 +335,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--orders", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--kernels", nargs="+", default=None, choices=list(fused.KERNELS),
                         help="forecast kernels to compare for our variants (default: the process setting, auto)")
+    parser.add_argument("--stores", nargs="+", default=["dense"], choices=list(FACTOR_STORES),
+                        help="factor stores (cache.factor_store) to compare for our variants (default: dense)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round, 8 steps: checks that it all runs")
@@ -344,7 +354,7 @@ def main(argv=None) -> dict:
     rows: list[Row] = []
     for name in args.models:
         family = FAMILIES[name]
-        variants = standard_variants(family, orders=args.orders, kernels=args.kernels or (None,))
+        variants = standard_variants(family, orders=args.orders, kernels=args.kernels or (None,), stores=args.stores)
         rows += run_family(family, variants, size=args.size, device=args.device, steps=args.steps,
                            rounds=args.rounds)
     title = (f"{args.steps} steps, {args.device} ({setup['threads']} threads), median of {args.rounds} alternating "
