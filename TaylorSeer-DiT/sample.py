@@ -162,7 +162,7 @@ def main(cfg: DictConfig) -> dict:
         attach(model, cache_config, cfg)
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
         if todo and cfg.warmup:
-            warm_up(model, diffusion, cfg.cfg_scale)
+            warm_up(model, diffusion, cfg.cfg_scale, min(len(todo), cfg.batch_size))
         runs.reset_peak_memory(device)
         batches = [todo[k:k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
         for batch in tqdm(batches, disable=not cfg.progress or len(batches) < 2, desc="batches"):

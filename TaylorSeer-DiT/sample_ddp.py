@@ -84,9 +84,9 @@ def main(cfg: DictConfig) -> Path:
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
         if session.is_main:
             print(f"[{TAG}] {cfg.num_samples} samples, {len(todo)} to make on {world} rank(s) -> {sample_dir}")
-        if mine and cfg.warmup:
-            warm_up(model, diffusion, cfg.cfg_scale)
         batches = [mine[k:k + cfg.batch_size] for k in range(0, len(mine), cfg.batch_size)]
+        if batches and cfg.warmup:
+            warm_up(model, diffusion, cfg.cfg_scale, len(batches[0]))
         for b, batch in enumerate(tqdm(batches, disable=not session.is_main or not cfg.progress, desc="batches")):
             seeds = [sample_seed(cfg.seed, i) for i in batch]
             labels = torch.tensor([class_label(cfg.seed, i, cfg.model.num_classes) for i in batch])

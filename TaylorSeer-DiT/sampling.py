@@ -33,12 +33,32 @@ def attach_cache(model: DiT, config: CacheConfig, num_steps: int) -> ForecastCac
     return taylorseer.apply(model, config, preset="dit", num_steps=num_steps)
 
 
-def warm_up(model: DiT, diffusion: GaussianDiffusion, cfg_scale: float) -> None:
-    """One untimed sample (class 0, seed 0) with the run's sampler and cache: a process's first call pays
-    one-off costs (allocator growth, kernel selection; on a CPU the fused forecast kernel of each order is
-    generated and compiled at its first forecast step) that would otherwise land in the first batch's
-    latency. The cache is reset by the next call, so nothing of it carries over."""
-    sample(model, diffusion, torch.zeros(1, dtype=torch.long), cfg_scale, 0)
+class _WarmedUp(Exception):
+    pass
+
+
+def warm_up(model: DiT, diffusion: GaussianDiffusion, cfg_scale: float, batch: int) -> None:
+    """An untimed call (class 0, seed 0) with the run's sampler, cache and batch size: a process's first call
+    pays one-off costs (allocator growth, kernel selection; on a CPU the fused forecast kernel of each
+    arity is generated and compiled at its first use, and chosen by tensor size, hence the real batch).
+    With the interval schedule it stops once every factor exists and forecast steps have used them all
+    (warm-up + (O + 2) N steps); other schedules run the whole call. The cache is reset afterwards."""
+    cache = taylorseer.get_cache(model)
+    stop = diffusion.num_steps
+    if cache is not None and cache.config.enabled and cache.config.schedule == "interval":
+        config = cache.config
+        stop = min(stop, config.first_enhance + (config.max_order + 2) * config.interval)
+
+    def stop_early(step, _x):
+        if step + 1 >= stop:
+            raise _WarmedUp
+
+    try:
+        sample(model, diffusion, torch.zeros(batch, dtype=torch.long), cfg_scale, 0, callback=stop_early)
+    except _WarmedUp:
+        pass
+    if cache is not None:
+        cache.reset()
 
 
 def initial_noise(model: DiT, n: int, generator, device) -> torch.Tensor:

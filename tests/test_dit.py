@@ -297,3 +297,17 @@ def test_compile_and_attention_backend_settings_of_the_app(tmp_path, capsys):
         sample_app.main(_compose("sample_dit", base + ["run_name=flash", "attention_backend=flash"]))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "dit" / "flash").exists()  # refused before anything was written
+
+
+def test_the_untimed_warm_up_changes_no_sample(tmp_path):
+    """warmup=true (default) runs one untimed batch first, stopped once every forecast kernel has run; the
+    samples are those of warmup=false byte for byte, and the cache holds nothing of it."""
+    from taylorseer_dit import sample_ddp
+
+    base = ["model=digits", f"out_root={tmp_path}", "progress=false", "num_steps=12", "num_samples=6",
+            "batch_size=3", "cache.interval=3", "cache.max_order=2"]
+    sample_ddp.main(_compose("sample_dit_ddp", base + ["run_name=warm", "warmup=true"]))
+    sample_ddp.main(_compose("sample_dit_ddp", base + ["run_name=cold", "warmup=false"]))
+    for i in range(6):
+        name = f"samples/{i:06d}.png"
+        assert (tmp_path / "dit_fid" / "warm" / name).read_bytes() == (tmp_path / "dit_fid" / "cold" / name).read_bytes()
