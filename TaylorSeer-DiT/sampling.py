@@ -16,6 +16,7 @@ import torch
 
 import taylorseer
 from taylorseer import CacheConfig, FlopsReport, ForecastCache
+from taylorseer.schedule import warm_up_steps
 
 from .checkpoints import LATENT_SCALE
 from .diffusion import GaussianDiffusion, StepCallback, draw_noise
@@ -44,10 +45,7 @@ def warm_up(model: DiT, diffusion: GaussianDiffusion, cfg_scale: float, batch: i
     With the interval schedule it stops once every factor exists and forecast steps have used them all
     (warm-up + (O + 2) N steps); other schedules run the whole call. The cache is reset afterwards."""
     cache = taylorseer.get_cache(model)
-    stop = diffusion.num_steps
-    if cache is not None and cache.config.enabled and cache.config.schedule == "interval":
-        config = cache.config
-        stop = min(stop, config.first_enhance + (config.max_order + 2) * config.interval)
+    stop = diffusion.num_steps if cache is None else warm_up_steps(cache.config, diffusion.num_steps)
 
     def stop_early(step, _x):
         if step + 1 >= stop:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from taylorseer import CacheConfig, distributed, runfolder, runs, settings
 from taylorseer.attention import set_attention_backend
 from taylorseer.diffusers_io import read_prompts, weights_fingerprint
+from taylorseer.schedule import warm_up_steps
 from taylorseer.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
@@ -197,8 +198,14 @@ def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, session
 
     shapes = _ShapeCapture(pipe.transformer)
     if mine and cfg.warmup:
-        # Untimed: the first call of a process pays for kernel selection and allocator growth.
-        generate(pipe, [mine[0][1]], [cfg.seed], **{**call, "num_steps": min(2, cfg.num_steps)}, output_type="latent")
+        # Untimed: the first call of a process pays for kernel selection and allocator growth. On a CPU the fused
+        # forecast kernels are also compiled at their first use (chosen by tensor size: the run's batch), so
+        # there the warm-up runs until every forecast kernel has run (interval rule; 2 steps otherwise).
+        steps = min(2, cfg.num_steps)
+        if device.type == "cpu" and cache_config.schedule == "interval":
+            steps = warm_up_steps(cache_config, cfg.num_steps)
+        n = min(cfg.batch_size, len(mine))
+        generate(pipe, [mine[0][1]] * n, [cfg.seed] * n, **{**call, "num_steps": steps}, output_type="latent")
     runs.reset_peak_memory(device)
     flops = None
     bar = tqdm(total=len(mine), disable=not cfg.progress or not mine or not session.is_main,

@@ -1,6 +1,7 @@
 """A sweep's run folders as the paper's table: one row per point, failed points marked, never dropped.
 
-Columns: method (the experiment's block), N, O, steps, full steps, TFLOPs per output, FLOPs compression,
+Columns: method (the experiment's block), N, O, steps, full steps, TFLOPs per output, FLOPs compression (against
+the reference run's FLOPs when the experiment has one, so a run with fewer sampling steps shows its saving),
 latency per output and wall speedup against the reference block (the uncached run, same machine and
 sweep), every metric the experiment lists (``<metric>.<number>`` inside ``metrics.json["eval"]``), and
 the status: ``ok``, ``incomplete k/n`` (a run killed or still going: its numbers cover what is there),
@@ -71,6 +72,9 @@ def rows_of(exp, dirs: dict, errors: dict | None = None) -> list[dict]:
         for row in rows:
             if ref and ref.get("latency_s") and row.get("latency_s"):
                 row["wall_speedup"] = ref["latency_s"] / row["latency_s"]
+            if ref and ref.get("tflops") and row.get("tflops"):
+                # against the reference run, so that fewer sampling steps count as the saving they are
+                row["compression"] = ref["tflops"] / row["tflops"]
     return rows
 
 

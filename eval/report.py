@@ -12,6 +12,8 @@ from taylorseer.runs import atomic_write, write_text
 
 def _fmt(value, digits: int) -> str:
     if isinstance(value, float):
+        if value != 0 and abs(value) < 1:  # small values keep 3 significant digits (TFLOPs of a tiny model, errors)
+            return f"{value:.{max(digits, 3)}g}"
         return f"{value:.{digits}f}"
     return "" if value is None else str(value)
 

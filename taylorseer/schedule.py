@@ -41,6 +41,15 @@ def is_full_step(step: int, config: CacheConfig, num_steps: int | None = None) -
     return step in planned_steps(num_steps, config)
 
 
+def warm_up_steps(config: CacheConfig, num_steps: int) -> int:
+    """Steps after which a sampling call has run every forecast kernel it will run: with the interval rule, all
+    O+1 factors exist after the warm-up and O+1 more full steps, and forecast steps follow each of them
+    (warm-up + (O+2) N, at most num_steps); other schedules: the whole call. For untimed warm-up calls."""
+    if config.schedule != "interval" or not config.enabled:
+        return num_steps
+    return min(num_steps, config.first_enhance + (config.max_order + 2) * config.interval)
+
+
 def full_steps(num_steps: int, config: CacheConfig) -> list[int]:
     """Indices of the computed steps of a sampling run of ``num_steps`` steps (a static schedule)."""
     if num_steps < 1:

@@ -310,4 +310,5 @@ def test_the_untimed_warm_up_changes_no_sample(tmp_path):
     sample_ddp.main(_compose("sample_dit_ddp", base + ["run_name=cold", "warmup=false"]))
     for i in range(6):
         name = f"samples/{i:06d}.png"
-        assert (tmp_path / "dit_fid" / "warm" / name).read_bytes() == (tmp_path / "dit_fid" / "cold" / name).read_bytes()
+        warm, cold = (tmp_path / "dit_fid" / run / name for run in ("warm", "cold"))
+        assert warm.read_bytes() == cold.read_bytes()
