@@ -26,7 +26,6 @@ kill; ``assets/digits_flux.json`` records the architecture, the training config 
 from __future__ import annotations
 
 import copy
-import math
 import re
 import string
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from taylorseer.training import ema_update, warmup_cosine_lr
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PIPELINE_DIR = ASSETS / "digits_flux"
@@ -160,13 +161,6 @@ class TrainConfig:
     out: str = str(PIPELINE_DIR)
 
 
-def lr_at(step: int, total: int, lr: float, warmup: int, min_lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def train(cfg: TrainConfig) -> dict:
     """Both stages, resumable: ``<out>.resume.pt`` holds the stage, step, weights, optimiser and generator."""
     from tqdm.auto import tqdm
@@ -199,7 +193,7 @@ def train(cfg: TrainConfig) -> dict:
             start, losses = state["step"], state["losses"]
         for step in tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="train digits VAE"):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, 100, cfg.vae_lr / 100)
+                group["lr"] = warmup_cosine_lr(step, cfg.vae_steps, cfg.vae_lr, 100, cfg.vae_lr / 100)
             x = images[torch.randint(len(images), (cfg.vae_batch_size,), generator=g)]
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
@@ -252,7 +246,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train digits FLUX")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr)
+            group["lr"] = warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr)
         idx = torch.randint(len(x_all), (cfg.batch_size,), generator=g)
         x0, y = x_all[idx], labels[idx]
         noise = torch.randn(x0.shape, generator=g)
@@ -265,9 +259,7 @@ def train(cfg: TrainConfig) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - cfg.ema)
+        ema_update(ema, model, cfg.ema)
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")

@@ -3,28 +3,11 @@ and the weighted-terms form the fused gated add reads."""
 
 import pytest
 import torch
+from step_model import StepFeature
 
 import taylorseer
 from taylorseer import CacheConfig
 from taylorseer.forecast import scaled_hermite
-
-
-class StepFeature(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.branch = _Branch(f)
-
-    def forward(self, x, t):
-        return self.branch(x, t)
-
-
-class _Branch(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, x, t):
-        return x * 0 + self.f(float(t))
 
 
 def run(f, config, num_steps=21):

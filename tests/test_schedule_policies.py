@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from step_model import StepFeature
 
 import taylorseer
 from taylorseer import CacheConfig, calibration, full_steps, is_full_step
@@ -14,27 +15,6 @@ from taylorseer.placement import estimated_error, optimise, warped
 from taylorseer.policies import PROBE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class StepFeature(torch.nn.Module):
-    """Root model; child ``branch`` returns f(t) with t read from the input (one call = one step)."""
-
-    def __init__(self, f):
-        super().__init__()
-        self.branch = _Branch(f)
-
-    def forward(self, x, t):
-        return self.branch(x, t)
-
-
-class _Branch(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f, self.steps = f, []
-
-    def forward(self, x, t):
-        self.steps.append(int(t))
-        return x * 0 + self.f(float(t))
 
 
 def run(f, config, num_steps=50, probe="branch"):

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from step_model import StepFeature as Trajectory
 
 import taylorseer
 from taylorseer import CacheConfig
@@ -160,26 +161,6 @@ def test_8bit_gated_add_moves_fewer_bytes_than_dense_fp32_with_the_fused_kernel(
 
 
 # ----------------------------------------------------------------------------- through the real cache
-class Trajectory(torch.nn.Module):
-    """Root model whose child ``branch`` returns ``f(step)``, a (B, T, C) tensor."""
-
-    def __init__(self, f):
-        super().__init__()
-        self.branch = _Branch(f)
-
-    def forward(self, x, t):
-        return self.branch(x, t)
-
-
-class _Branch(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, x, t):
-        return self.f(float(t)) + x
-
-
 def _run(f, config, steps=16):
     model = Trajectory(f)
     cache = taylorseer.apply(model, config, modules=["branch"], num_steps=steps)
