@@ -130,11 +130,11 @@ def flux_pipeline_sampler(folder: Path) -> Sampler:
     pipe = load_flux(str(save_tiny_flux(folder / "flux")), dtype=torch.float32, device="cpu")
     pipe.set_progress_bar_config(disable=True)
 
-    def run(config):
+    def run(config=None, steps=50):
         if config is not None:
-            apply_flux_cache(pipe.transformer, config, 50)
+            apply_flux_cache(pipe.transformer, config, steps)
         try:
-            out = generate(pipe, ["a photo of the cat"], [0], num_steps=50, height=IMAGE_SIZE, width=IMAGE_SIZE,
+            out = generate(pipe, ["a photo of the cat"], [0], num_steps=steps, height=IMAGE_SIZE, width=IMAGE_SIZE,
                            max_sequence_length=TEXT_TOKENS, output_type="latent")
         finally:
             taylorseer.remove(pipe.transformer)
@@ -153,11 +153,11 @@ def hunyuan_pipeline_sampler(folder: Path) -> Sampler:
     pipe = load_hunyuan_video(str(save_tiny_pipeline(folder / "hunyuan")), dtype=torch.float32, flow_shift=7.0)
     pipe.set_progress_bar_config(disable=True)
 
-    def run(config):
+    def run(config=None, steps=50):
         if config is not None:
-            attach(pipe.transformer, config, 50, single_attention=False)
+            attach(pipe.transformer, config, steps, single_attention=False)
         try:
-            video = generate(pipe, "a cat walks on the beach", 42, num_steps=50, output_type="latent", height=32,
+            video = generate(pipe, "a cat walks on the beach", 42, num_steps=steps, output_type="latent", height=32,
                              width=32, num_frames=5, max_sequence_length=16, guidance_scale=6.0)
         finally:
             taylorseer.remove(pipe.transformer)

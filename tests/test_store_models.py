@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import taylorseer
 from taylorseer import CacheConfig
 from taylorseer.store import stored_nbytes
 
@@ -28,25 +27,11 @@ def rel(x, ref):
 # ------------------------------------------------------------------------------------------------- FLUX
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    from tiny_flux import IMAGE_SIZE, TEXT_TOKENS, save_tiny_flux
+    """run(config=None, steps=50) -> (final latents, cache bytes) of the tiny FLUX pipeline (the store fidelity
+    script's own sampler, so the figures in the README and these checks run the same code)."""
+    from taylorseer_eval.store_fidelity import flux_pipeline_sampler
 
-    from taylorseer_flux.cache import apply_flux_cache
-    from taylorseer_flux.pipeline import generate, load_flux
-
-    pipe = load_flux(str(save_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))), dtype=torch.float32, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-
-    def run(config=None):
-        if config is not None:
-            apply_flux_cache(pipe.transformer, config, 50)
-        try:
-            out = generate(pipe, ["a photo of the cat"], [0], num_steps=50, height=IMAGE_SIZE, width=IMAGE_SIZE,
-                           max_sequence_length=TEXT_TOKENS, output_type="latent")
-        finally:
-            taylorseer.remove(pipe.transformer)
-        return torch.stack(out.images), out.cache_bytes
-
-    return run
+    return flux_pipeline_sampler(tmp_path_factory.mktemp("tiny_flux"))
 
 
 def test_flux_pipeline_with_8bit_factors(flux):
@@ -68,26 +53,9 @@ def test_flux_pipeline_with_8bit_factors(flux):
 # ---------------------------------------------------------------------------------------------- Hunyuan
 @pytest.fixture(scope="module")
 def hunyuan(tmp_path_factory):
-    from tiny_hunyuan import save_tiny_pipeline
+    from taylorseer_eval.store_fidelity import hunyuan_pipeline_sampler
 
-    from taylorseer_hunyuan_video.cache import attach
-    from taylorseer_hunyuan_video.pipeline import generate, load_hunyuan_video
-
-    folder = save_tiny_pipeline(tmp_path_factory.mktemp("tiny_hunyuan"))
-    pipe = load_hunyuan_video(str(folder), dtype=torch.float32, flow_shift=7.0)
-    pipe.set_progress_bar_config(disable=True)
-
-    def run(config=None, steps=50):
-        if config is not None:
-            attach(pipe.transformer, config, steps, single_attention=False)
-        try:
-            video = generate(pipe, "a cat walks on the beach", 42, num_steps=steps, output_type="latent",
-                             height=32, width=32, num_frames=5, max_sequence_length=16, guidance_scale=6.0)
-        finally:
-            taylorseer.remove(pipe.transformer)
-        return video.frames, video.stats.cache_bytes
-
-    return run
+    return hunyuan_pipeline_sampler(tmp_path_factory.mktemp("tiny_hunyuan"))
 
 
 def test_hunyuan_pipeline_with_8bit_factors(hunyuan):

@@ -13,7 +13,7 @@ def test_warmup_then_cosine_to_the_floor():
     assert lr[0] == pytest.approx(1e-5) and lr[99] == pytest.approx(1e-3)  # linear warm-up, peak at its end
     assert lr[100] == pytest.approx(1e-3) and lr[1000] == pytest.approx(1e-5)
     assert lr[550] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # half-way down the cosine
-    assert all(a >= b for a, b in zip(lr[100:], lr[101:]))
+    assert all(a >= b for a, b in zip(lr[100:], lr[101:], strict=False))
     assert not math.isnan(warmup_cosine_lr(5, total=5, lr=1.0, warmup=5, min_lr=0.0))
 
 
