@@ -197,11 +197,7 @@ def main(cfg: DictConfig) -> dict:
         metrics = _metrics(cfg, cache_config, flops, done, device, dtype)
         runs.write_metrics(out_dir, metrics)
     print(f"[{TAG}] {len(todo)} new, {len(done)} images in {out_dir}")
-    summary = (f"[{TAG}] {cache_config.tag}: {metrics['full_steps']}/{metrics['num_steps']} full steps, FLOPs "
-               f"compression {metrics['compression']:.2f}x, {metrics['latency_s']:.3f} s/image, cache "
-               f"{metrics['cache_bytes'] / 2**20:.1f} MiB")
-    if "wall_speedup" in metrics:
-        summary += f", wall speedup {metrics['wall_speedup']:.2f}x, PSNR {metrics['psnr_vs_uncached']:.2f} dB"
+    summary = runs.summary_line(TAG, cache_config.tag, metrics, cfg.num_steps)
     print(summary)
     return metrics
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig, distributed, runfolder, runs, settings
 from taylorseer.attention import set_attention_backend
-from taylorseer.diffusers_io import read_prompts, weights_fingerprint
+from taylorseer.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
 from taylorseer.schedule import warm_up_steps
 from taylorseer.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
@@ -80,11 +80,9 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
 
 def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
-    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
-    tag = cache_config.tag + ("-diffusers" if cfg.cache_impl == "diffusers" and cache_config.enabled else "")
-    prompts = read_prompts(OmegaConf.to_container(cfg, resolve=True)["prompt"], cfg.prompt_file)
+    tag, label = run_folder_parts(cfg)
     name = cfg.run_name or (f"{cfg.model.short_name}-{tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}"
-                            f"-seed{cfg.seed}-{runs.prompts_label(prompts, cfg.prompt_file)}")
+                            f"-seed{cfg.seed}-{label}")
     return Path(cfg.out_root) / "flux" / name
 
 
@@ -251,12 +249,7 @@ def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, session
                        complete=len(done) == len(items))
     runs.write_metrics(out_dir, metrics)
     print(f"[{TAG}] {len(todo)} new, {len(done)} images in {out_dir}")
-    summary = (f"[{TAG}] {cache_config.tag}: {metrics.get('full_steps', '?')}/{cfg.num_steps} full steps, FLOPs "
-               f"compression {metrics.get('compression', float('nan')):.2f}x, {metrics['latency_s']:.3f} s/image, "
-               f"cache {metrics['cache_bytes'] / 2**20:.1f} MiB")
-    if "wall_speedup" in metrics:
-        summary += (f", wall speedup {metrics['wall_speedup']:.2f}x, PSNR {metrics['psnr_vs_uncached']:.2f} dB, "
-                    f"SSIM {metrics['ssim_vs_uncached']:.4f}")
+    summary = runs.summary_line(TAG, cache_config.tag, metrics, cfg.num_steps)
     print(summary)
     return metrics
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import taylorseer
 from taylorseer import CacheConfig, distributed, runfolder, runs, settings
 from taylorseer.attention import set_attention_backend
-from taylorseer.diffusers_io import read_prompts, weights_fingerprint
+from taylorseer.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
 from taylorseer.settings import Setting
 
 from .cache import cached_module_names
@@ -73,11 +73,8 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
 
 def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
-    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
-    tag = cache_config.tag + ("-diffusers" if cfg.cache_impl == "diffusers" and cache_config.enabled else "")
-    prompts = read_prompts(OmegaConf.to_container(cfg, resolve=True)["prompt"], cfg.prompt_file)
-    name = cfg.run_name or (f"{tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}x{cfg.num_frames}"
-                            f"-{runs.prompts_label(prompts, cfg.prompt_file)}")
+    tag, label = run_folder_parts(cfg)
+    name = cfg.run_name or f"{tag}-{cfg.num_steps}steps-{cfg.height}x{cfg.width}x{cfg.num_frames}-{label}"
     return Path(cfg.out_root) / "hunyuan_video" / name
 
 

@@ -95,3 +95,17 @@ def read_prompts(prompt: str | list[str] | None = None, prompt_file: str | None 
     if not all(p.strip() for p in prompts):
         raise ValueError(f"empty prompt in {prompts!r}")
     return prompts
+
+
+def run_folder_parts(cfg) -> tuple[str, str]:
+    """What a diffusers app's default run folder name carries besides sizes: the cache tag (``-diffusers`` for
+    diffusers' own hook) and the prompts' label (prompt file stem or first prompt, and a digest of the text)."""
+    from omegaconf import OmegaConf
+
+    from .config import CacheConfig
+    from .runs import prompts_label
+
+    cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
+    tag = cache_config.tag + ("-diffusers" if cfg.cache_impl == "diffusers" and cache_config.enabled else "")
+    prompts = read_prompts(OmegaConf.to_container(cfg, resolve=True)["prompt"], cfg.prompt_file)
+    return tag, prompts_label(prompts, cfg.prompt_file)

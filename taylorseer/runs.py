@@ -269,3 +269,15 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
         return wrapper
 
     return wrap
+
+
+def summary_line(app: str, tag: str, metrics: dict, num_steps: int, unit: str = "image") -> str:
+    """The one line an app prints at the end of a run (its metrics.json in brief)."""
+    line = (f"[{app}] {tag}: {metrics.get('full_steps', '?')}/{num_steps} full steps, FLOPs compression "
+            f"{metrics.get('compression', float('nan')):.2f}x, {metrics['latency_s']:.3f} s/{unit}, cache "
+            f"{metrics['cache_bytes'] / 2**20:.1f} MiB")
+    if "wall_speedup" in metrics:
+        line += f", wall speedup {metrics['wall_speedup']:.2f}x, PSNR {metrics['psnr_vs_uncached']:.2f} dB"
+        if "ssim_vs_uncached" in metrics:
+            line += f", SSIM {metrics['ssim_vs_uncached']:.4f}"
+    return line
