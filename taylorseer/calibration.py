@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import runs
+from .config import calibration_path
 
 FORMAT = "taylorseer.calibration/1"
 
@@ -57,7 +58,7 @@ class Calibration:
 
 def load(path: str | Path) -> Calibration:
     """Read a calibration file; a file of another kind fails with what it is."""
-    path = Path(path).expanduser()
+    path = calibration_path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:

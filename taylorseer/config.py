@@ -126,7 +126,7 @@ class CacheConfig:
             if not self.calibration:
                 raise ValueError("cache.schedule=calibrated needs cache.calibration=<file>: write one with "
                                  "`bash scripts/calibrate.sh` (one uncached run of the model)")
-            if not Path(self.calibration).expanduser().is_file():
+            if not calibration_path(self.calibration).is_file():
                 raise ValueError(f"cache.calibration={self.calibration!r}: no such file; write it with "
                                  f"`bash scripts/calibrate.sh ... out={self.calibration}`")
         elif self.calibration is not None:
@@ -194,6 +194,15 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"cache.{name}={value!r} is invalid: expected one of {list(choices)}")
 
 
+def calibration_path(path: str | Path) -> Path:
+    """Where a calibration file is: as given (from the working directory), or, for a relative path that is not
+    there, the repository's (the bundled ``assets/calibrations/...`` from any directory, as the experiments
+    name them)."""
+    given = Path(str(path)).expanduser()
+    in_repo = Path(__file__).resolve().parents[1] / given
+    return in_repo if not given.is_absolute() and not given.exists() and in_repo.is_file() else given
+
+
 def _file_digest(path: str | None) -> str:
     """6 hex digits of a file's content: run names change when the calibration behind them does."""
-    return hashlib.sha256(Path(str(path)).expanduser().read_bytes()).hexdigest()[:6]
+    return hashlib.sha256(calibration_path(path).read_bytes()).hexdigest()[:6]

@@ -107,7 +107,7 @@ def count_schedule(call: Callable[[], object], cache: ForecastCache | None, num_
     # offload=False: the count may run on the meta device, where there is nothing to copy to the host.
     adaptive = config.schedule == "adaptive"
     counting = dataclasses.replace(config, interval=max(config.interval, 2), first_enhance=0, last_full_steps=0,
-                                   enabled=True, step_distance="index", offload=False)
+                                   enabled=True, step_distance="index", offload=False, prefetch=False)
     if not adaptive:  # the schedule of the count is the interval rule's: step 0 full, step 1 forecast
         counting = dataclasses.replace(counting, schedule="interval", budget=0, calibration=None)
     else:
