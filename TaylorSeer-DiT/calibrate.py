@@ -1,4 +1,4 @@
-"""Calibrate a DiT sampler for ``cache.schedule=calibrated`` (see :mod:`taylorseer.calibration`).
+"""Calibrate a DiT sampler for ``cache.schedule=calibrated`` (see :mod:`taylorseer.core.calibration`).
 
     bash scripts/calibrate.sh dit model=digits num_steps=50 cfg_scale=2.0
     bash scripts/sample_dit.sh model=digits cfg_scale=2.0 cache.schedule=calibrated cache.budget=10 \\
@@ -18,8 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from taylorseer import CacheConfig, calibration, runs
-from taylorseer.settings import Setting
+from taylorseer import CacheConfig
+from taylorseer.harness import calibrate, runs
+from taylorseer.harness.settings import Setting
 
 from .diffusion import GaussianDiffusion
 from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, validate
@@ -53,7 +54,7 @@ def main(cfg: DictConfig) -> Path:
     out = out_path(cfg)
     model, vae = load_model(cfg, device, dtype)
     diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler, spacing=cfg.spacing)
-    recorder = calibration.Recorder(model, CACHED_MODULES, cfg.num_steps, cfg.samples, sketch_size=cfg.sketch_size,
+    recorder = calibrate.Recorder(model, CACHED_MODULES, cfg.num_steps, cfg.samples, sketch_size=cfg.sketch_size,
                                     epsilon=cfg.epsilon, seed=cfg.seed, timestep_fn=lambda args, kwargs: args[1])
     reference, perturbed = [], []
     starts = range(0, cfg.samples, cfg.batch_size)
@@ -66,7 +67,7 @@ def main(cfg: DictConfig) -> Path:
                 outputs.append(to_images(sample(model, diffusion, labels, cfg.cfg_scale, seeds), vae).cpu())
     flops = count_flops(model, CacheConfig(enabled=False), cfg.num_steps, cfg.cfg_scale)
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("cache", "hydra")}
-    summary = calibration.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
+    summary = calibrate.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
                                 flops.flops_uncached * cfg.samples, {"app": "dit", **settings})
     print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
           f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} samples)")

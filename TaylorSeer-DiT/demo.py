@@ -23,8 +23,9 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import taylorseer
-from taylorseer import CacheConfig, runs, settings
-from taylorseer.settings import Setting
+from taylorseer import CacheConfig
+from taylorseer.harness import runs, settings
+from taylorseer.harness.settings import Setting
 from taylorseer_eval.fid import frechet_distance
 from taylorseer_eval.fidelity import finite_mean, psnr
 from taylorseer_eval.report import markdown_table, quality_vs_speedup_plot, write_csv

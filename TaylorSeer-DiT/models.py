@@ -191,9 +191,9 @@ class DiT(nn.Module):
     def set_attention_backend(self, name: str) -> None:
         """Attention kernel of every block: "sdpa" (PyTorch, default), "flash" (flash-attn) or "xformers".
 
-        Use :func:`taylorseer.attention.set_attention_backend` to have it probed on the device first.
+        Use :func:`taylorseer.perf.attention.set_attention_backend` to have it probed on the device first.
         """
-        from taylorseer.attention import attention_fn
+        from taylorseer.perf.attention import attention_fn
 
         fn = attention_fn(name)
         for block in self.blocks:

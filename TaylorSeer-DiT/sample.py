@@ -23,9 +23,10 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 import taylorseer
-from taylorseer import CacheConfig, runfolder, runs, settings
-from taylorseer.attention import set_attention_backend
-from taylorseer.settings import Setting
+from taylorseer import CacheConfig
+from taylorseer.harness import runfolder, runs, settings
+from taylorseer.harness.settings import Setting
+from taylorseer.perf.attention import set_attention_backend
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
 from .checkpoints import find_checkpoint, load_dit, load_vae

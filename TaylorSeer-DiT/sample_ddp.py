@@ -1,7 +1,7 @@
 """Many samples for FID, data-parallel over ranks (torchrun), resumable, packed into an ADM ``.npz``.
 
     NPROC=8 bash scripts/sample_dit_ddp.sh num_samples=50000 cache.interval=4   # one process per GPU
-    python -m taylorseer.launch --nproc_per_node 8 -m taylorseer_dit.sample_ddp num_samples=50000  # the same
+    python -m taylorseer.harness.launch --nproc_per_node 8 -m taylorseer_dit.sample_ddp num_samples=50000  # the same
     srun --ntasks-per-node 8 --gpus-per-node 8 python -m taylorseer_dit.sample_ddp ...             # Slurm tasks
 
 Sample ``i`` (0 <= i < num_samples) is a function of ``(seed, i)`` alone: its class is drawn from a
@@ -26,8 +26,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import taylorseer
-from taylorseer import CacheConfig, distributed, runfolder, runs
-from taylorseer.settings import Setting
+from taylorseer import CacheConfig
+from taylorseer.harness import distributed, runfolder, runs
+from taylorseer.harness.settings import Setting
 
 from .diffusion import GaussianDiffusion
 from .sample import CONFIG_DIR, SAMPLING_SCHEMA, attach, load_model, run_identity, run_name, validate, weights_identity

@@ -16,7 +16,7 @@ import torch
 
 import taylorseer
 from taylorseer import CacheConfig, FlopsReport, ForecastCache
-from taylorseer.schedule import warm_up_steps
+from taylorseer.core.schedule import warm_up_steps
 
 from .checkpoints import LATENT_SCALE
 from .diffusion import GaussianDiffusion, StepCallback, draw_noise

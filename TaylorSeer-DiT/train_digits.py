@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from taylorseer import runs
-from taylorseer.training import ema_update, warmup_cosine_lr
+from taylorseer.harness import runs
+from taylorseer.harness.training import ema_update, warmup_cosine_lr
 
 from .diffusion import GaussianDiffusion
 from .digits import DIT_CHECKPOINT, load_split, train_classifier

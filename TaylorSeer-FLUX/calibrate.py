@@ -1,4 +1,4 @@
-"""Calibrate a FLUX sampler for ``cache.schedule=calibrated`` (see :mod:`taylorseer.calibration`).
+"""Calibrate a FLUX sampler for ``cache.schedule=calibrated`` (see :mod:`taylorseer.core.calibration`).
 
     bash scripts/calibrate.sh flux model=digits_flux
     bash scripts/sample_flux.sh model=digits_flux cache.schedule=calibrated cache.budget=10 \\
@@ -18,8 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from taylorseer import CacheConfig, calibration, runs
-from taylorseer.settings import Setting
+from taylorseer import CacheConfig
+from taylorseer.harness import calibrate, runs
+from taylorseer.harness.settings import Setting
 
 from . import sample as sample_app
 from .pipeline import generate, load_flux
@@ -55,7 +56,7 @@ def main(cfg: DictConfig) -> Path:
     out = out_path(cfg)
     pipe = load_flux(cfg.model.path, pipeline=cfg.model.pipeline, dtype=dtype, device=device,
                      cpu_offload=cfg.cpu_offload, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
-    recorder = calibration.Recorder(pipe.transformer, MODULES, cfg.num_steps, cfg.samples,
+    recorder = calibrate.Recorder(pipe.transformer, MODULES, cfg.num_steps, cfg.samples,
                                     sketch_size=cfg.sketch_size, epsilon=cfg.epsilon, seed=cfg.seed,
                                     calls_per_step=2 if cfg.true_cfg_scale > 1 else 1,
                                     timestep_fn=lambda args, kwargs: kwargs.get("timestep"))
@@ -75,7 +76,7 @@ def main(cfg: DictConfig) -> Path:
     config, vae_scale = dict(pipe.transformer.config), pipe.vae_scale_factor
     flops = sample_app.count_flops(cfg, CacheConfig(enabled=False), config, vae_scale, {})
     settings_used = {k: v for k, v in plain.items() if k not in ("cache", "hydra")}
-    summary = calibration.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
+    summary = calibrate.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
                                 flops.flops_uncached * cfg.samples, {"app": "flux", **settings_used})
     print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
           f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} images)")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from taylorseer.training import ema_update, warmup_cosine_lr
+from taylorseer.harness.training import ema_update, warmup_cosine_lr
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PIPELINE_DIR = ASSETS / "digits_flux"
@@ -165,7 +165,7 @@ def train(cfg: TrainConfig) -> dict:
     """Both stages, resumable: ``<out>.resume.pt`` holds the stage, step, weights, optimiser and generator."""
     from tqdm.auto import tqdm
 
-    from taylorseer import runs
+    from taylorseer.harness import runs
     from taylorseer_dit.digits import load_split
 
     out = Path(cfg.out)
@@ -288,7 +288,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    from taylorseer import runs
+    from taylorseer.harness import runs
 
     runs.atomic_write(path, lambda p: torch.save(state, p))
 

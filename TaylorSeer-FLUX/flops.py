@@ -79,7 +79,7 @@ def flux_cache_bytes(transformer_config: dict, cache_config: CacheConfig, *, hei
                      text_tokens: int = 512, forecast_text: bool = False) -> int:
     """Bytes of one image's factors at order ``cache_config.max_order`` once filled (one context; true CFG
     doubles it), counted on the meta device with the cache attached as for sampling."""
-    from taylorseer.store import count_cache_bytes
+    from taylorseer.attach.hooks import count_cache_bytes
 
     from .cache import apply_flux_cache
 
@@ -120,7 +120,7 @@ def count_flux_flops(
     cache = None
     if cache_config is not None and cache_config.enabled:
         if impl == "diffusers":
-            from taylorseer.peers import count_diffusers_schedule
+            from taylorseer.perf.peers import count_diffusers_schedule
 
             return count_diffusers_schedule(model, call, cache_config, num_steps, calls_per_step)
         cache = apply_flux_cache(model, cache_config, forecast_text=forecast_text)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 import taylorseer
-from taylorseer import CacheConfig, ForecastCache, peers
-from taylorseer.diffusers_io import load_pipeline
-from taylorseer.runs import timed
+from taylorseer import CacheConfig, ForecastCache
+from taylorseer.harness.diffusers_io import load_pipeline
+from taylorseer.harness.runs import timed
+from taylorseer.perf import peers
 
 from .cache import apply_flux_cache
 
@@ -35,7 +36,7 @@ def load_flux(source: str, *, pipeline: str = "FluxPipeline", dtype: torch.dtype
               vae_slicing: bool = False):
     """``<pipeline>.from_pretrained(source)`` on ``device``, with diffusers' memory options.
 
-    Raises :class:`taylorseer.diffusers_io.WeightsNotFoundError` (what was looked for and how to get it)
+    Raises :class:`taylorseer.harness.diffusers_io.WeightsNotFoundError` (what was looked for and how to get it)
     when the weights cannot be loaded.
     """
     import diffusers
@@ -66,7 +67,7 @@ def flux_configs(source: str) -> tuple[dict, int]:
 
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    from taylorseer.diffusers_io import WeightsNotFoundError
+    from taylorseer.harness.diffusers_io import WeightsNotFoundError
 
     where = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else source
     try:

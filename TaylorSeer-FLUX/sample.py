@@ -27,11 +27,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from taylorseer import CacheConfig, distributed, runfolder, runs, settings
-from taylorseer.attention import set_attention_backend
-from taylorseer.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
-from taylorseer.schedule import warm_up_steps
-from taylorseer.settings import Setting
+from taylorseer import CacheConfig
+from taylorseer.core.schedule import warm_up_steps
+from taylorseer.harness import distributed, runfolder, runs, settings
+from taylorseer.harness.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
+from taylorseer.harness.settings import Setting
+from taylorseer.perf.attention import set_attention_backend
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
 from .flops import count_flux_flops

@@ -25,7 +25,7 @@ from diffusers import HunyuanVideoTransformer3DModel
 
 import taylorseer
 from taylorseer import CacheConfig, FlopsReport
-from taylorseer.store import FACTOR_STORES, stored_nbytes
+from taylorseer.core.store import FACTOR_STORES, stored_nbytes
 
 from .cache import attach, cached_module_names
 
@@ -120,7 +120,7 @@ def count_run_flops(cache_config: CacheConfig, shape: VideoShape = VideoShape(),
             model(**inputs)
 
     if impl == "diffusers" and cache_config.enabled:
-        from taylorseer.peers import count_diffusers_schedule
+        from taylorseer.perf.peers import count_diffusers_schedule
 
         return count_diffusers_schedule(model, call, cache_config, num_steps, calls_per_step)
     cache = attach(model, cache_config, num_steps, single_attention) if cache_config.enabled else None
@@ -134,13 +134,13 @@ def count_run_flops(cache_config: CacheConfig, shape: VideoShape = VideoShape(),
 class CacheEstimate:
     max_order: int
     factor_dtype: str
-    factor_store: str  # "dense" or an 8-bit store (taylorseer.store), with factor_scale
+    factor_store: str  # "dense" or an 8-bit store (taylorseer.core.store), with factor_scale
     factor_scale: str
     num_modules: int  # cached modules (a double block's attention counts once, with two output tensors)
     num_tensors: int  # cached tensors
     elements_per_order: int  # elements of one factor of every cached tensor
     nbytes: int  # measured from the cache after O+1 full steps on the meta device
-    formula_nbytes: int  # (O + 1) x stored bytes of each recorded output shape (taylorseer.store.stored_nbytes)
+    formula_nbytes: int  # (O + 1) x stored bytes of each recorded output shape (taylorseer.core.store.stored_nbytes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"gib": self.nbytes / 2**30, "gb": self.nbytes / 1e9}

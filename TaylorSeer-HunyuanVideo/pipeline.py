@@ -14,9 +14,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
 
 import taylorseer
-from taylorseer import CacheConfig, ForecastCache, peers
-from taylorseer.diffusers_io import WeightsNotFoundError, load_pipeline
-from taylorseer.runs import timed
+from taylorseer import CacheConfig, ForecastCache
+from taylorseer.harness.diffusers_io import WeightsNotFoundError, load_pipeline
+from taylorseer.harness.runs import timed
+from taylorseer.perf import peers
 
 from .cache import attach
 from .runner import CallStats, StepProbe
@@ -37,7 +38,7 @@ def load_hunyuan_video(source: str = HUB_ID, *, dtype: torch.dtype = torch.bfloa
                        vae_tiling: bool = False) -> HunyuanVideoPipeline:
     """``HunyuanVideoPipeline.from_pretrained(source)`` on the CPU, with the flow shift set.
 
-    Raises :class:`taylorseer.diffusers_io.WeightsNotFoundError` (where it looked, how to get the
+    Raises :class:`taylorseer.harness.diffusers_io.WeightsNotFoundError` (where it looked, how to get the
     weights) when it cannot load. Call :func:`place` after attaching the cache.
     """
     try:

@@ -3,7 +3,8 @@
 * :func:`plan_items`      prompts x videos-per-prompt -> items with seed ``seed + index`` and file names
 * :class:`StepProbe`      per pipeline call: denoising time, most cache bytes, the schedule as it ran
 
-Resume and metrics live in the core (``taylorseer.runfolder.Records``, ``taylorseer.runs.sampling_metrics``).
+Resume and metrics live in the core (``taylorseer.harness.runfolder.Records``,
+``taylorseer.harness.runs.sampling_metrics``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from taylorseer import ForecastCache
-from taylorseer.cache import CallSummary
-from taylorseer.runs import synchronize
+from taylorseer.core.cache import CallSummary
+from taylorseer.harness.runs import synchronize
 
 
 @dataclass(frozen=True)

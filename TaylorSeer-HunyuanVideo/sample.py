@@ -26,10 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import taylorseer
-from taylorseer import CacheConfig, distributed, runfolder, runs, settings
-from taylorseer.attention import set_attention_backend
-from taylorseer.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
-from taylorseer.settings import Setting
+from taylorseer import CacheConfig
+from taylorseer.harness import distributed, runfolder, runs, settings
+from taylorseer.harness.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
+from taylorseer.harness.settings import Setting
+from taylorseer.perf.attention import set_attention_backend
 
 from .cache import cached_module_names
 from .estimate import VideoShape, count_run_flops

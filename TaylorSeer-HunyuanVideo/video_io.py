@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from taylorseer.runs import atomic_write
+from taylorseer.harness.runs import atomic_write
 
 MAX_NAME_BYTES = 255  # ext4/xfs/NTFS limit for one file name
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")

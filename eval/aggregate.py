@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from taylorseer import runs
+from taylorseer.harness import runs
 
 from .report import markdown_table, quality_vs_speedup_plot, write_csv
 

@@ -67,7 +67,7 @@ def _gates_random(model: torch.nn.Module) -> None:
 
 # ------------------------------------------------------------------------------------------------ DiT
 def _preset_ideal(model, config, steps):
-    from taylorseer.families import apply_ideal
+    from taylorseer.attach.families import apply_ideal
 
     return apply_ideal(model, config, steps)  # the preset's blocks skipped on forecast steps
 
@@ -204,9 +204,9 @@ register(Family("hunyuan_video", 5, 1, _hunyuan_build, _hunyuan_attach, _preset_
 
 # ----------------------------------------------------- other diffusers DiTs: the presets' families (issue 13)
 def _preset_family(name: str, interval: int, warmup: int, what: str) -> Family:
-    """A family of ``taylorseer.families`` (Wan, SD3.5, PixArt-Sigma, CogVideoX): its random mid-size model,
+    """A family of ``taylorseer.attach.families`` (Wan, SD3.5, PixArt-Sigma, CogVideoX): its random mid-size model,
     its Euler loop, the preset (``ours``) and the preset's blocks skipped (``ideal``)."""
-    from taylorseer import families
+    from taylorseer.attach import families
 
     def build(size, device, dtype):
         case = families.bench_case(name, "smoke" if size == "smoke" else "mid", device, dtype)

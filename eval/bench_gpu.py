@@ -65,7 +65,7 @@ def main(argv=None) -> list[Row]:
     except ImportError:
         raise SystemExit("bench_gpu needs diffusers (pip install diffusers, or a wheel: pip install --no-deps "
                          "diffusers-*.whl); nothing else beyond torch") from None
-    from taylorseer.attention import available_backends
+    from taylorseer.perf.attention import available_backends
 
     from .bench_families import FAMILIES
 

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import taylorseer
-from taylorseer import fused
-from taylorseer.store import FACTOR_STORES
+from taylorseer.core import kernels as fused
+from taylorseer.core.store import FACTOR_STORES
 
 from .bench_families import FAMILIES, Family
 
@@ -185,8 +185,8 @@ def _estimate(rows: dict[str, Row], name: str) -> float:
 
 
 def _run_variant(model, sample, v: Variant, row: Row, timer: StepTimer, steps: int, device) -> torch.Tensor:
-    from taylorseer.attention import set_attention_backend
-    from taylorseer.compile import compile as ts_compile
+    from taylorseer.perf.attention import set_attention_backend
+    from taylorseer.perf.compile import compile as ts_compile
 
     if v.attention != "sdpa":
         set_attention_backend(model, v.attention)
@@ -231,8 +231,8 @@ def _run_variant(model, sample, v: Variant, row: Row, timer: StepTimer, steps: i
 
 
 def _cleanup(model, v: Variant | None = None) -> None:
-    from taylorseer.attention import set_attention_backend
-    from taylorseer.compile import uncompile
+    from taylorseer.perf.attention import set_attention_backend
+    from taylorseer.perf.compile import uncompile
 
     uncompile(model)
     if v is not None and v.detach is not None:

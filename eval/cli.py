@@ -23,7 +23,7 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from taylorseer.runs import clear_errors, record_eval
+from taylorseer.harness.runs import clear_errors, record_eval
 
 from .external import RunnerFailed
 from .report import markdown_table
@@ -179,7 +179,7 @@ def run_metric(args: argparse.Namespace) -> list[dict]:
 
 
 def _vbench(path: str, args: argparse.Namespace) -> dict:
-    from taylorseer.runs import read_json
+    from taylorseer.harness.runs import read_json
 
     from .vbench_eval import DIMENSIONS, compute_vbench, total_score
 

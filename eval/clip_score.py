@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from taylorseer.diffusers_io import WeightsNotFoundError
+from taylorseer.harness.diffusers_io import WeightsNotFoundError
 
 from .media import load_image
 from .rundir import RunFolder

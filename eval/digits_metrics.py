@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from taylorseer.runfolder import Records
+from taylorseer.harness.runfolder import Records
 
 from .fid import frechet_distance
 from .fidelity import finite_mean, psnr

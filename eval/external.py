@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from taylorseer.diffusers_io import WeightsNotFoundError
+from taylorseer.harness.diffusers_io import WeightsNotFoundError
 
 RUNNERS = Path(__file__).resolve().parent / "runners"
 REPO = Path(__file__).resolve().parents[1]

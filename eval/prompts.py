@@ -17,7 +17,7 @@ import csv
 import hashlib
 from pathlib import Path
 
-from taylorseer.runs import write_text
+from taylorseer.harness.runs import write_text
 
 DRAWBENCH_SIZE = 200
 PROMPT_COLUMNS = ("prompts", "prompt", "Prompts", "Prompt", "text")

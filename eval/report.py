@@ -7,7 +7,7 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from taylorseer.runs import atomic_write, write_text
+from taylorseer.harness.runs import atomic_write, write_text
 
 
 def _fmt(value, digits: int) -> str:

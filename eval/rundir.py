@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from taylorseer.runs import read_json
+from taylorseer.harness.runs import read_json
 
 from .media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
@@ -67,7 +67,7 @@ def open_run(path: str | Path, media: str = "image") -> RunFolder:
     records = metrics.get("items")
     if not records and (path / "records").is_dir():
         # Runs too large to list their items in metrics.json (DiT FID: 50,000 samples) keep them in records/.
-        from taylorseer.runfolder import Records
+        from taylorseer.harness.runfolder import Records
 
         records = [r for _, r in sorted(Records(path).done(lambda r: [r["file"]]).items(), key=lambda kv: str(kv[0]))]
     if records:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from taylorseer.runs import atomic_write, read_json
+from taylorseer.harness.runs import atomic_write, read_json
 
 from .media import IMAGE_SUFFIXES, NpzImages, file_batches
 from .rundir import SKIP, NotARunFolderError, open_run
@@ -123,7 +123,7 @@ def cached_reference(source: ImageSource, tag: str, compute: Callable[[], dict[s
 
 
 def resolve_device(name: str) -> torch.device:
-    from taylorseer.runs import resolve_device as core
+    from taylorseer.harness.runs import resolve_device as core
 
     return core(name)
 
@@ -135,7 +135,7 @@ def first_line(err: BaseException) -> str:
 
 def torch_hub_weights_error(what: str, filename: str, url: str, err: BaseException, alternative: str = ""):
     """The one-line error for weights that torch.hub could not fetch into ``$TORCH_HOME/hub/checkpoints``."""
-    from taylorseer.diffusers_io import WeightsNotFoundError
+    from taylorseer.harness.diffusers_io import WeightsNotFoundError
 
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     return WeightsNotFoundError(

@@ -214,7 +214,7 @@ def forecast_step_traffic(model: torch.nn.Module, call: Callable[[], object], ke
     meta device (``fused.count_traffic``: the chain's passes, or the fused kernel's one pass)."""
     import dataclasses
 
-    from taylorseer.fused import count_traffic, forecast_kernel
+    from taylorseer.core.kernels import count_traffic, forecast_kernel
 
     cache = taylorseer.get_cache(model)
     config = cache.config
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def write(rows):
         if args.markdown:
-            from taylorseer.runs import write_text
+            from taylorseer.harness.runs import write_text
 
             write_text(args.markdown, tables(rows))
 

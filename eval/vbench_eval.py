@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from taylorseer.runs import write_text
+from taylorseer.harness.runs import write_text
 
 from .external import REPO, call_runner
 from .rundir import RunFolder

@@ -4,4 +4,4 @@
 #   bash scripts/discover.sh WanTransformer3DModel | /path/to/pipeline_or_transformer_folder | module:Class [--json]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-python -m taylorseer.discover "$@"
+python -m taylorseer.attach.discover "$@"

@@ -9,6 +9,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [ "${NPROC:-1}" -gt 1 ]; then
-  exec python -m taylorseer.launch --standalone --nproc_per_node "$NPROC" -m taylorseer_flux.sample "$@"
+  exec python -m taylorseer.harness.launch --standalone --nproc_per_node "$NPROC" -m taylorseer_flux.sample "$@"
 fi
 python -m taylorseer_flux.sample "$@"

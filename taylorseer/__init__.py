@@ -5,21 +5,21 @@ Public API:
     apply / remove         attach to / detach from an unmodified model or pipeline (family preset from its class,
                            or block descriptions / module patterns for any other model)
     get_cache, summary     the ForecastCache attached to a model (reset, contexts, bytes, history); what was wrapped
-    BlockSpec, Branch, LinearGate, TableGate   describe a block's residual branches (taylorseer.blocks)
+    BlockSpec, Branch, LinearGate, TableGate   describe a block's residual branches (taylorseer.attach.blocks)
     presets                the family presets (dit, flux, hunyuan_video, wan, sd3, pixart, cogvideox)
     full_steps, compression, is_full_step      the schedule
     count_flops, count_schedule                FLOPs with torch's FlopCounterMode
     compile / uncompile    regional torch.compile that keeps the cache out of the graphs
 """
 
-from . import presets
-from .blocks import BlockSpec, Branch, LinearGate, TableGate
-from .cache import ForecastCache
-from .compile import compile, uncompile  # noqa: A004 - taylorseer.compile(model), as documented
-from .config import CacheConfig
-from .flops import FlopsReport, count_flops, count_schedule
-from .hooks import apply, get_cache, remove, summary
-from .schedule import compression, full_steps, is_full_step
+from .attach import presets
+from .attach.blocks import BlockSpec, Branch, LinearGate, TableGate
+from .attach.hooks import apply, get_cache, remove, summary
+from .core.cache import ForecastCache
+from .core.config import CacheConfig
+from .core.schedule import compression, full_steps, is_full_step
+from .perf.compile import compile, uncompile  # noqa: A004 - taylorseer.compile(model), as documented
+from .perf.flops import FlopsReport, count_flops, count_schedule
 
 __all__ = [
     "CacheConfig",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 import taylorseer
-from taylorseer.blockops import gated_add, modulation_chunk
+from taylorseer.attach.spec import modulation_chunk
+from taylorseer.core.kernels import gated_add
 
 
 def _clip_fp16(x):

@@ -2,7 +2,7 @@
 
     python tests/slurm_probe.py --out report.json [--items 10] [--mode ok|setting-error|crash|late] [--device cpu]
 
-``ok``: joins the ranks through :func:`taylorseer.distributed.init`, takes its shard of ``--items``,
+``ok``: joins the ranks through :func:`taylorseer.harness.distributed.init`, takes its shard of ``--items``,
 checks the group really works (an all-reduce of the shard sizes), gathers every rank's view to rank 0,
 which writes ``--out`` (atomically). ``setting-error``: fails the way an app's bad setting does, one line
 from rank 0 only and exit status 2. ``crash``: rank ``--bad-rank`` raises (a bug: traceback, exit 1).
@@ -22,7 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from taylorseer import distributed, runs  # noqa: E402
+from taylorseer.harness import (
+    distributed,  # noqa: E402
+    runs,  # noqa: E402
+)
 
 
 def main(argv=None) -> int:

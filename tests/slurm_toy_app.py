@@ -3,7 +3,7 @@
     python tests/slurm_toy_app.py --multirun hydra/launcher=slurm a=1,2 b=1,2 num_items=8
 
 Each run "samples" ``num_items`` items into its run folder ``<out_root>/toy/a<a>-b<b>/`` data-parallel over
-the ranks :mod:`taylorseer.distributed` finds (a job's Slurm tasks, torchrun's processes, or one):
+the ranks :mod:`taylorseer.harness.distributed` finds (a job's Slurm tasks, torchrun's processes, or one):
 every rank makes its shard, skipping items already there (resume after a kill or a requeue), each
 item written atomically, and each item made is also appended to ``made.log`` (item, rank, attempt) so
 a test can count how often an item was made. Rank 0 alone writes the shared ``summary.json`` once
@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from taylorseer import distributed, runs  # noqa: E402
+from taylorseer.harness import distributed, runs  # noqa: E402
 
 ConfigStore.instance().store(name="toy", node={
     "defaults": ["base", "_self_"],

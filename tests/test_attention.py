@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from taylorseer import attention
-from taylorseer.attention import AttentionBackendError, check_attention_backend, set_attention_backend
+from taylorseer.perf import attention
+from taylorseer.perf.attention import AttentionBackendError, check_attention_backend, set_attention_backend
 from taylorseer_dit.models import DiT_models
 
 

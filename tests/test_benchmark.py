@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from taylorseer import fused
+from taylorseer.core import kernels as fused
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ import tiny_pipelines as tiny
 import torch
 
 import taylorseer
-from taylorseer import CacheConfig, families
+from taylorseer import CacheConfig
+from taylorseer.attach import families
 from taylorseer_dit.models import DiT_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,7 +152,7 @@ def test_apply_errors_name_the_fix(pipes):
     model = tiny_dit()
     with pytest.raises(TypeError, match="expected a torch.nn.Module or a diffusers pipeline"):
         taylorseer.apply(object(), CONFIG)
-    with pytest.raises(ValueError, match=r"no TaylorSeer preset for Mlp.*python -m taylorseer.discover Mlp"):
+    with pytest.raises(ValueError, match=r"no TaylorSeer preset for Mlp.*python -m taylorseer.attach.discover Mlp"):
         taylorseer.apply(model.blocks[0].mlp, CONFIG)
     with pytest.raises(ValueError, match="either a preset or an explicit description"):
         taylorseer.apply(model, CONFIG, preset="dit", modules=["blocks.*.attn"])

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import taylorseer
-from taylorseer import CacheConfig, fused
-from taylorseer.compile import compile as ts_compile
-from taylorseer.compile import graph_count, repeated_blocks, uncompile
+from taylorseer import CacheConfig
+from taylorseer.core import kernels as fused
+from taylorseer.perf.compile import compile as ts_compile
+from taylorseer.perf.compile import graph_count, repeated_blocks, uncompile
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -1,4 +1,4 @@
-"""FLUX and HunyuanVideo data-parallel on 2 gloo processes (taylorseer.launch = torchrun's machinery): the
+"""FLUX and HunyuanVideo data-parallel on 2 gloo processes (taylorseer.harness.launch = torchrun's machinery): the
 same outputs as one process, every output made exactly once, and a run killed half-way completes on rerun."""
 
 import json
@@ -23,8 +23,8 @@ PROMPTS = ["a photo of the cat", "a dog on a skateboard", "the cat sleeps", "a r
 def _cmd(module: str, nproc: int, *overrides: str) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", module, *overrides]
-    return [sys.executable, "-m", "taylorseer.launch", "--standalone", "--nproc_per_node", str(nproc), "-m", module,
-            *overrides]
+    return [sys.executable, "-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", module, *overrides]
 
 
 def _records(run: Path, key: str) -> list:

@@ -1,4 +1,4 @@
-"""Discovery (taylorseer.discover), describing an unknown model, and the guards of apply()."""
+"""Discovery (taylorseer.attach.discover), describing an unknown model, and the guards of apply()."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import taylorseer
-from taylorseer import BlockSpec, Branch, CacheConfig, LinearGate, families, presets
-from taylorseer.discover import discover, format_report, load_meta, main
-from taylorseer.opcount import count_ops
+from taylorseer import BlockSpec, Branch, CacheConfig, LinearGate, presets
+from taylorseer.attach import families
+from taylorseer.attach.discover import discover, format_report, load_meta, main
+from taylorseer.perf.opcount import count_ops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +230,7 @@ def test_cli_on_a_folder_a_class_and_bad_input(tmp_path, capsys):
 
 
 def test_script_runs_an_unknown_class_static_only():
-    result = subprocess.run([sys.executable, "-m", "taylorseer.discover", "LTXVideoTransformer3DModel"],
+    result = subprocess.run([sys.executable, "-m", "taylorseer.attach.discover", "LTXVideoTransformer3DModel"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "LTXVideoTransformer3DModel (no preset)" in result.stdout

@@ -1,4 +1,4 @@
-"""taylorseer.distributed: rank/world/device from torchrun, Slurm and submitit environments, shard, and
+"""taylorseer.harness.distributed: rank/world/device from torchrun, Slurm and submitit environments, shard, and
 real 2-process gloo groups (torchrun, and the Slurm path with faked Slurm variables), all bounded."""
 
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from taylorseer import distributed
-from taylorseer.distributed import DistEnv, DistributedSetupError, detect, first_host, shard, tasks_on_node
+from taylorseer.harness import distributed
+from taylorseer.harness.distributed import DistEnv, DistributedSetupError, detect, first_host, shard, tasks_on_node
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = str(REPO / "tests" / "slurm_probe.py")

@@ -1,4 +1,4 @@
-"""python -m taylorseer.launch: torchrun's machinery, a failed rank reported in one line, exit status kept;
+"""python -m taylorseer.harness.launch: torchrun's machinery, a failed rank reported in one line, exit status kept;
 and a Hydra sweep run in-process under it (every run data-parallel over the same ranks)."""
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from taylorseer.launch import describe_failure
+from taylorseer.harness.launch import describe_failure
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = str(REPO / "tests" / "slurm_probe.py")
@@ -28,9 +28,10 @@ def _env() -> dict:
 
 
 def launch(*args: str, log_dir: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``python -m taylorseer.launch --nproc_per_node 2 <args>`` (logs in ``log_dir``, else the launcher's default)."""
+    """``python -m taylorseer.harness.launch --nproc_per_node 2 <args>`` (logs in ``log_dir``, else the launcher's
+    default)."""
     logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
-    cmd = [sys.executable, "-m", "taylorseer.launch", "--standalone", "--nproc_per_node", "2", *logs, *args]
+    cmd = [sys.executable, "-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node", "2", *logs, *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -109,7 +110,7 @@ def test_describe_failure_without_logs(tmp_path):
 
 
 def test_sweep_in_process_under_the_launcher(tmp_path):
-    """Hydra's basic launcher under `taylorseer.launch`: every run of the sweep joins the same 2 ranks (the
+    """Hydra's basic launcher under `taylorseer.harness.launch`: every run of the sweep joins the same 2 ranks (the
     process group is made once per process and reused)."""
     result = launch(TOY, "--multirun", f"out_root={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                     "a=1,2", "num_items=5", log_dir=tmp_path / "logs", timeout=300)

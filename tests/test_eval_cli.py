@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from taylorseer.runs import read_json, write_metrics
+from taylorseer.harness.runs import read_json, write_metrics
 from taylorseer_eval import cli
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from taylorseer.diffusers_io import WeightsNotFoundError
+from taylorseer.harness.diffusers_io import WeightsNotFoundError
 from taylorseer_eval import external
 from taylorseer_eval.imagereward import compute_imagereward
 from taylorseer_eval.rundir import open_run

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from taylorseer.diffusers_io import WeightsNotFoundError
+from taylorseer.harness.diffusers_io import WeightsNotFoundError
 from taylorseer_eval import fid
 from taylorseer_eval.media import NpzImages
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from taylorseer.diffusers_io import WeightsNotFoundError
+from taylorseer.harness.diffusers_io import WeightsNotFoundError
 from taylorseer_eval import inception_metrics as im
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from taylorseer.diffusers_io import WeightsNotFoundError
+from taylorseer.harness.diffusers_io import WeightsNotFoundError
 from taylorseer_eval import perceptual
 from taylorseer_eval.paired import compute_paired
 from taylorseer_eval.rundir import open_run

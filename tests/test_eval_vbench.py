@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from taylorseer.diffusers_io import read_prompts
+from taylorseer.harness.diffusers_io import read_prompts
 from taylorseer_eval import vbench_eval as vb
 
 ROOT = Path(__file__).resolve().parents[1]

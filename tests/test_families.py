@@ -12,9 +12,10 @@ import tiny_pipelines as tiny
 import torch
 
 import taylorseer
-from taylorseer import CacheConfig, families
-from taylorseer.flops import count_flops
-from taylorseer.opcount import count_ops
+from taylorseer import CacheConfig
+from taylorseer.attach import families
+from taylorseer.perf.flops import count_flops
+from taylorseer.perf.opcount import count_ops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = list(tiny.CALLS)
@@ -123,7 +124,7 @@ FORBIDDEN = ("native_layer_norm", "layer_norm", "rms_norm", "_scaled_dot_product
 
 def _gated_add_kernels(shape) -> int:
     """Kernels of one gated add of two factors on a tensor of ``shape``, by whatever kernel gated_add picks here."""
-    from taylorseer.blockops import gated_add
+    from taylorseer.core.kernels import gated_add
 
     x, f = torch.randn(shape), torch.randn(shape)
     gate = torch.randn(shape[0], 1, shape[-1])

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 
 import taylorseer  # noqa: E402
 from taylorseer import CacheConfig  # noqa: E402
-from taylorseer.diffusers_io import WeightsNotFoundError  # noqa: E402
+from taylorseer.harness.diffusers_io import WeightsNotFoundError  # noqa: E402
 from taylorseer_flux.cache import DOUBLE_MODULES, apply_flux_cache  # noqa: E402
 from taylorseer_flux.flops import count_flux_flops, transformer_inputs  # noqa: E402
 from taylorseer_flux.pipeline import generate, load_flux  # noqa: E402
@@ -440,7 +440,7 @@ def test_diffusers_hook_baseline_runs_in_the_same_app(tiny_dir, tmp_path):
     # The peer baseline of the tables: diffusers' own TaylorSeerCacheConfig with the same N, O, warm-up.
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
-    from taylorseer.peers import diffusers_full_steps
+    from taylorseer.perf.peers import diffusers_full_steps
     from taylorseer_flux.sample import main
 
     assert diffusers_full_steps(50, PAPER) == [0, 1, 2] + list(range(4, 50, 6))  # 11 of 50 (ours: 10)
@@ -453,7 +453,7 @@ def test_diffusers_hook_baseline_runs_in_the_same_app(tiny_dir, tmp_path):
     assert 1 < metrics["compression"] < ours["compression"]
     # The schedule we count is the one the hook runs: attention processors run on exactly those steps.
     pipe = load_flux(str(tiny_dir), dtype=torch.float32, device="cpu")
-    from taylorseer import peers
+    from taylorseer.perf import peers
 
     steps, seen = [], set()
     attentions = [m for m in pipe.transformer.modules() if isinstance(m, FluxAttention)]

@@ -96,7 +96,7 @@ def test_factors_are_owned_buffers_and_counted():
 
 @pytest.mark.parametrize("forecaster", ["taylor", "newton"])
 def test_weighted_terms_and_gated_add_equal_the_forecast(forecaster):
-    from taylorseer.blockops import gated_add
+    from taylorseer.core.kernels import gated_add
 
     model = StepFeature(lambda s: 0.1 * s**3 - s)
     cache = taylorseer.apply(model, CacheConfig(interval=3, max_order=2, first_enhance=2, forecaster=forecaster),

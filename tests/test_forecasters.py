@@ -7,7 +7,7 @@ from step_model import StepFeature
 
 import taylorseer
 from taylorseer import CacheConfig
-from taylorseer.forecast import scaled_hermite
+from taylorseer.core.forecast import scaled_hermite
 
 
 def run(f, config, num_steps=21):
@@ -58,7 +58,7 @@ def test_hermite_order_two_on_a_quadratic_is_the_damped_upstream_forecast():
 
 @pytest.mark.parametrize("forecaster", ["hermite", "feedback"])
 def test_weighted_terms_and_gated_add_equal_the_forecast(forecaster):
-    from taylorseer.blockops import gated_add
+    from taylorseer.core.kernels import gated_add
 
     model = StepFeature(lambda s: 0.1 * s**3 - s)
     cache = taylorseer.apply(model, CacheConfig(interval=3, max_order=2, first_enhance=2, forecaster=forecaster),

@@ -16,8 +16,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import taylorseer
-from taylorseer import CacheConfig, fused
-from taylorseer.blockops import gated_add
+from taylorseer import CacheConfig
+from taylorseer.core import kernels as fused
+from taylorseer.core.kernels import gated_add
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cxx = pytest.mark.skipif(not fused._has_cxx(), reason="inductor's CPU kernels need a C++ compiler")
@@ -149,7 +150,7 @@ def test_triton_kernel_in_the_interpreter(tmp_path):
     # Triton's interpreter runs the real kernel on CPU tensors (the GPU script runs it on the device).
     code = textwrap.dedent("""
         import torch
-        from taylorseer import fused
+        from taylorseer.core import kernels as fused
         g = torch.Generator().manual_seed(0)
         for n, sliced in [(1, False), (2, False), (3, True), (5, False)]:
             res = torch.randn(2, 12, 40, generator=g)

@@ -15,7 +15,7 @@ from tiny_hunyuan import TRANSFORMER_CONFIG, save_tiny_pipeline
 
 import taylorseer
 from taylorseer import CacheConfig, count_flops
-from taylorseer.diffusers_io import WeightsNotFoundError
+from taylorseer.harness.diffusers_io import WeightsNotFoundError
 from taylorseer_hunyuan_video import sample
 from taylorseer_hunyuan_video.cache import attach, cached_module_names
 from taylorseer_hunyuan_video.estimate import VideoShape, dummy_inputs, estimate_cache, meta_transformer

@@ -10,7 +10,7 @@ import torch
 
 import taylorseer
 from taylorseer import CacheConfig
-from taylorseer.offload import Copies
+from taylorseer.core.offload import Copies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +50,7 @@ class CloneCopies(Copies):
 
 
 def _clone(f):
-    from taylorseer.store import ScaledFactor
+    from taylorseer.core.store import ScaledFactor
 
     if isinstance(f, ScaledFactor):
         return ScaledFactor(f.data.clone(), f.scale.clone(), f.dtype)
@@ -103,7 +103,7 @@ def test_the_module_order_is_learned_and_each_next_module_prefetched():
 
 def test_stale_copies_are_never_used():
     # A copy requested before the module's next update holds the old factors: it must be dropped.
-    from taylorseer.offload import Prefetcher
+    from taylorseer.core.offload import Prefetcher
 
     class Broken(Prefetcher):  # what a prefetcher that kept and trusted every pending copy would give
         def _drop(self, track, names):
@@ -148,7 +148,7 @@ def test_prefetch_needs_offload():
 
 
 def test_prefetch_and_offload_do_not_change_a_run_folders_identity():
-    from taylorseer.runfolder import identity
+    from taylorseer.harness.runfolder import identity
 
     base = {"cache": CacheConfig().to_dict()}
     moved = {"cache": CacheConfig(offload=True, prefetch=True).to_dict()}

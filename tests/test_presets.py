@@ -1,7 +1,7 @@
 """FLUX, HunyuanVideo and DiT as presets of the block descriptions: the same outputs bit for bit and the same
 ops on a forecast step as the hand-written attachments they replaced (tests/reference_attachments.py).
 
-Ops are counted with a TorchDispatchMode (taylorseer.opcount): every aten op of one forecast call, by name.
+Ops are counted with a TorchDispatchMode (taylorseer.perf.opcount): every aten op of one forecast call, by name.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import reference_attachments as ref
 import torch
 
 import taylorseer
-from taylorseer import CacheConfig, families, presets
-from taylorseer.opcount import count_ops
+from taylorseer import CacheConfig, presets
+from taylorseer.attach import families
+from taylorseer.perf.opcount import count_ops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 30

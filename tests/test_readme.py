@@ -112,7 +112,8 @@ PLANS = [
     Plan(r"bash scripts/eval.sh prompts vbench .*", error="setup_eval_envs.sh vbench"),
     Plan(r"bash scripts/eval.sh prompts drawbench .*", error="does not exist (download DrawBench first"),
     # multi-GPU and Slurm: two gloo ranks; a Slurm sweep composed (--cfg hydra) where no cluster is given
-    Plan(r"python -m taylorseer.launch --nproc_per_node 8 .*", replace=(("--nproc_per_node 8", "--nproc_per_node 2"),),
+    Plan(r"python -m taylorseer.harness.launch --nproc_per_node 8 .*",
+         replace=(("--nproc_per_node 8", "--nproc_per_node 2"),),
          append=TINY_DIT + " num_samples=4 batch_size=2 num_steps=6 progress=false"),
     Plan(r"python -m taylorseer_dit.sample_ddp --multirun hydra/launcher=slurm .*",
          replace=(("--multirun", "--cfg hydra"), ("cache.interval=3,4,5", "cache.interval=3"),
@@ -120,7 +121,7 @@ PLANS = [
     # presets, performance
     Plan(r"bash scripts/discover.sh /data/.*", error="is neither a folder nor a diffusers class"),
     Plan(r"bash scripts/discover.sh .*"),
-    Plan(r"python -m taylorseer.discover my_package.*", error="No module named 'my_package'"),
+    Plan(r"python -m taylorseer.attach.discover my_package.*", error="No module named 'my_package'"),
     Plan(r"bash scripts/benchmark.sh.*", append="--smoke"),
     Plan(r"bash scripts/bench_gpu.sh --dry-run .*"),
     Plan(r"bash scripts/bench_gpu.sh .*", append="--dry-run"),

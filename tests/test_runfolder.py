@@ -5,9 +5,9 @@ import multiprocessing
 
 import pytest
 
-from taylorseer import runfolder, settings
-from taylorseer.runfolder import Records, RunFolder, RunFolderError
-from taylorseer.settings import Setting, SettingsError
+from taylorseer.harness import runfolder, settings
+from taylorseer.harness.runfolder import Records, RunFolder, RunFolderError
+from taylorseer.harness.settings import Setting, SettingsError
 
 CONFIG = {"out_root": "runs", "progress": True, "batch_size": 8, "seed": 0, "num_steps": 50, "device": "auto",
           "cache": {"interval": 6, "max_order": 1, "offload": False}, "prompt_file": "a.txt"}

@@ -10,9 +10,11 @@ import torch
 from step_model import StepFeature
 
 import taylorseer
-from taylorseer import CacheConfig, calibration, full_steps, is_full_step
-from taylorseer.placement import estimated_error, optimise, warped
-from taylorseer.policies import PROBE
+from taylorseer import CacheConfig, full_steps, is_full_step
+from taylorseer.core import calibration
+from taylorseer.core.placement import estimated_error, optimise, warped
+from taylorseer.core.policies import PROBE
+from taylorseer.harness import calibrate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,7 +158,7 @@ class _Sampler(torch.nn.Module):
 
 def test_recorder_sketches_the_trajectory_and_measures_each_step(tmp_path):
     model, steps, samples = _Sampler(), 5, 10
-    recorder = calibration.Recorder(model, ["branch"], steps, samples, sketch_size=64, epsilon=0.1, seed=3,
+    recorder = calibrate.Recorder(model, ["branch"], steps, samples, sketch_size=64, epsilon=0.1, seed=3,
                                     timestep_fn=lambda args, kwargs: args[1])
 
     def sample(x):
@@ -178,23 +180,23 @@ def test_recorder_sketches_the_trajectory_and_measures_each_step(tmp_path):
     sensitivity = recorder.sensitivity(reference, perturbed)
     assert sensitivity.shape == (steps,) and bool((sensitivity > 0).all())
     assert recorder.timesteps == [0.0, 1.0, 2.0, 3.0, 4.0]
-    summary = calibration.write(tmp_path / "c.json", recorder, reference, perturbed, 123, {"app": "test"})
+    summary = calibrate.write(tmp_path / "c.json", recorder, reference, perturbed, 123, {"app": "test"})
     assert summary["flops"]["total"] == 246 and summary["num_steps"] == steps
     loaded = calibration.load(tmp_path / "c.json")
     assert torch.allclose(loaded.trajectory, trajectory, rtol=5e-5, atol=0)  # 5 significant digits in the file
     assert loaded.positions("timestep") == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert calibration.flops_of(tmp_path / "c.json") == 246
     with pytest.raises(ValueError, match="expected a multiple of the 5 sampling steps"):
-        calibration.Recorder(model, ["branch"], steps, 7)
+        calibrate.Recorder(model, ["branch"], steps, 7)
 
 
 def test_smoothing_keeps_a_smooth_curve_and_damps_noise():
     x = torch.linspace(0, 1, 50, dtype=torch.float64)
     truth = torch.exp(1.0 - 3 * x + 4 * x**2)  # U-shaped in log space, like the measured curves
-    assert torch.allclose(calibration.smooth(truth), truth, rtol=1e-9)
+    assert torch.allclose(calibrate.smooth(truth), truth, rtol=1e-9)
     noisy = truth * torch.exp(torch.randn(50, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     error_raw = (noisy.log() - truth.log()).abs().mean()
-    assert (calibration.smooth(noisy).log() - truth.log()).abs().mean() < 0.4 * error_raw
+    assert (calibrate.smooth(noisy).log() - truth.log()).abs().mean() < 0.4 * error_raw
 
 
 # ---------------------------------------------------------------------------------------------- adaptive
@@ -293,8 +295,8 @@ def test_flops_of_adaptive_count_the_probe_and_the_steps_that_ran():
 
 
 def test_sampling_metrics_use_the_observed_steps_and_report_the_calibration(tmp_path):
-    from taylorseer import runs
-    from taylorseer.flops import FlopsReport
+    from taylorseer.harness import runs
+    from taylorseer.perf.flops import FlopsReport
 
     report = FlopsReport(50, 10, 1, 100, 10, data_dependent=True)
     config = CacheConfig(schedule="adaptive", budget=10)
@@ -318,8 +320,8 @@ def _compose(overrides):
 
 
 def test_dit_app_reports_what_the_schedule_really_did(tmp_path):
-    from taylorseer import runs
-    from taylorseer.runfolder import Records
+    from taylorseer.harness import runs
+    from taylorseer.harness.runfolder import Records
     from taylorseer_dit import sample_ddp
 
     common = ["model=digits", "num_samples=10", "batch_size=5", "num_steps=50", "cfg_scale=2.0", "progress=false",

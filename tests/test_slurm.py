@@ -60,7 +60,7 @@ def test_launcher_configs_compose_with_commented_values():
             cfg = compose("base", overrides=[f"hydra/launcher={name}", *extra], return_hydra_config=True)
             launcher = cfg.hydra.launcher
             assert launcher._target_.endswith(f"{name.capitalize()}Launcher")
-            assert cfg.hydra.callbacks.sweep_failures._target_ == "taylorseer.slurm_launcher.SweepFailures"
+            assert cfg.hydra.callbacks.sweep_failures._target_ == "taylorseer.harness.slurm_launcher.SweepFailures"
             assert launcher.submitit_folder.endswith("/.submitit/%j")
             if name == "slurm":
                 assert (launcher.partition, launcher.account, launcher.gpus_per_node, launcher.tasks_per_node,
@@ -83,7 +83,7 @@ def test_skip_reason_says_how_to_enable_slurm():
 
 
 def test_srun_step_of_two_tasks_forms_a_gloo_group(slurm_cluster, tmp_path):
-    """A plain Slurm step (no submitit): taylorseer.distributed reads srun's variables."""
+    """A plain Slurm step (no submitit): taylorseer.harness.distributed reads srun's variables."""
     out = tmp_path / "report.json"
     start = time.monotonic()
     slurm_cluster.run("srun", "-n2", "-t", "5", sys.executable, PROBE, "--out", str(out), "--items", "6",

@@ -12,10 +12,9 @@ from step_model import StepFeature as Trajectory
 
 import taylorseer
 from taylorseer import CacheConfig
-from taylorseer.blockops import gated_add
-from taylorseer.forecast import combine
-from taylorseer.fused import count_traffic, forecast_kernel
-from taylorseer.store import dense, quantize, stored_nbytes
+from taylorseer.core.forecast import combine
+from taylorseer.core.kernels import count_traffic, forecast_kernel, gated_add
+from taylorseer.core.store import dense, quantize, stored_nbytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from taylorseer import CacheConfig
-from taylorseer.store import stored_nbytes
+from taylorseer.core.store import stored_nbytes
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from taylorseer.training import ema_update, warmup_cosine_lr
+from taylorseer.harness.training import ema_update, warmup_cosine_lr
 
 
 def test_warmup_then_cosine_to_the_floor():

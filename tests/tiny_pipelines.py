@@ -3,7 +3,7 @@
 Same classes as the released pipelines (transformer, VAE, text encoders, tokenizers, scheduler), only small;
 the tests save each with ``save_pretrained`` and load it back with ``from_pretrained``, the path real weights
 take. Tokenizers come from the in-memory vocabularies of ``tiny_flux``. Transformers are the ``smoke`` sizes of
-:mod:`taylorseer.families` (2-3 blocks, hidden 32).
+:mod:`taylorseer.attach.families` (2-3 blocks, hidden 32).
 
     SD3 is built as SD3.5 Medium is: block 0 has the second (dual) attention, the last block is
     context_pre_only. Its third text encoder (T5) is left out, as diffusers allows.
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tiny_flux import _clip_tokenizer, _t5_tokenizer
 
-from taylorseer import families
+from taylorseer.attach import families
 
 TEXT = 16
 # name -> (pipeline class, call keyword arguments besides the prompt and the step count)

@@ -16,7 +16,7 @@ Kernels (``TAYLORSEER_FORECAST_KERNEL`` or :func:`set_forecast_kernel` chooses; 
     triton    a hand-written Triton kernel (CUDA): the weights are float kernel arguments (Triton does
               not specialise on float values) and the launch skips dynamo's guards.
 
-8-bit factors (:class:`taylorseer.store.ScaledFactor`, ``factor_store: float8``) are dequantised on the fly:
+8-bit factors (:class:`taylorseer.core.store.ScaledFactor`, ``factor_store: float8``) are dequantised on the fly:
 the inductor kernel reads the 8-bit data and the scale inside its one pass (``w_i * gate * (q_i * s_i)``);
 the chain dequantises each factor to the dense factor dtype first (two more passes per factor); the
 hand-written Triton kernel takes dense factors only, so 8-bit ones go through the chain there.
@@ -319,7 +319,7 @@ def record_forecast(factors, out_dtype: torch.dtype) -> None:
     """Count a materialised forecast (``ForecastCache.forecast``: a cached module whose output is returned, not
     folded into a gated add), then its cast to ``out_dtype``. Dense factors: one add per factor after the
     first (read both, write one; then read the sum and a factor, write the sum). 8-bit factors
-    (:func:`taylorseer.store.forecast_from`): the first dequantised, each further one cast (read 1 byte,
+    (:func:`taylorseer.core.store.forecast_from`): the first dequantised, each further one cast (read 1 byte,
     write the dense dtype) and ``addcmul_``-ed into the sum with its scale (read the sum, the cast and the
     scale, write the sum)."""
     if _Traffic.records is None or not factors:
@@ -335,7 +335,7 @@ def record_forecast(factors, out_dtype: torch.dtype) -> None:
     _Traffic.records.append(TrafficRecord("forecast", k, moved))
 
 
-def fused_gated_add(residual, gate, terms, out=None):
+def gated_add(residual, gate, terms, out=None):
     """Dispatch ``residual + gate * sum c_i F_i`` to the kernel chosen for ``residual``'s device."""
     if not terms:
         return out

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import CacheConfig
+from ..core.config import CacheConfig
+from ..perf.flops import count_flops
+from ..perf.opcount import count_ops
+from . import presets
+from .hooks import apply, remove
 
 # (transformer class, config per size, spatial size per size, text tokens per size)
 _WAN = {
@@ -199,15 +203,12 @@ def family_of(model: torch.nn.Module) -> str | None:
 def apply_ideal(model: torch.nn.Module, config: CacheConfig, num_steps: int | None = None):
     """The bound a cache is measured against: the family preset's blocks return their inputs on forecast steps
     (same schedule and hook machinery, no forecast work; wrong outputs, for timing only)."""
-    from .hooks import apply
 
     return apply(model, config, num_steps=num_steps, skip_all=True)
 
 
 def apply_preset(model: torch.nn.Module, config: CacheConfig, num_steps: int | None = None, **options):
     """This project's cache on ``model`` through its family preset (what the benchmark's ``ours`` rows run)."""
-    from . import presets
-    from .hooks import apply
 
     found = presets.find(model)
     if found is None:
@@ -241,10 +242,7 @@ def sample(case: BenchCase, steps: int = 50) -> torch.Tensor:
 
 def forecast_costs(name: str, size: str = "mid", config: CacheConfig | None = None) -> dict[str, dict]:
     """Counted cost of one forecast step of the family's benchmark model (meta device: shapes only), per variant:
-    kernels, bytes moved and FLOPs (taylorseer.opcount, FlopCounterMode); ``full`` is a computed step."""
-    from .flops import count_flops
-    from .hooks import apply, remove
-    from .opcount import count_ops
+    kernels, bytes moved and FLOPs (taylorseer.perf.opcount, FlopCounterMode); ``full`` is a computed step."""
 
     config = config or CacheConfig(interval=5, max_order=1, first_enhance=1)
     case = bench_case(name, size, device="meta")
@@ -271,7 +269,7 @@ def forecast_costs(name: str, size: str = "mid", config: CacheConfig | None = No
 
 
 def main(argv=None) -> dict:
-    """``python -m taylorseer.families``: the counted forecast-step costs of every family's benchmark model."""
+    """``python -m taylorseer.attach.families``: the counted forecast-step costs of every family's benchmark model."""
     import argparse
     import json
 

@@ -12,7 +12,7 @@ warp denser at the end: the i-th of the m free steps (i = 1..m) lands at
 rounded, collisions pushed apart. p = 1 is a uniform spread; p = 1.5 fits the calibrated optima of the
 bundled digits DiT within one or two steps (e.g. K=10 of 50: 0, 8, 16, 22, 29, 34, 40, 44, 47, 49).
 
-**Calibrated.** A calibration file (:mod:`taylorseer.calibration`) holds, for every step of one uncached
+**Calibrated.** A calibration file (:mod:`taylorseer.core.calibration`) holds, for every step of one uncached
 run, a random sketch ``X_s`` of every cached module's output (a fixed random subset of coordinates, each
 module scaled to unit RMS) and the measured sensitivity ``w_s`` of the final sample to a feature error at
 step s. Every forecaster here is linear in the features with weights that depend on the positions only,
@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from .calibration import load
 from .config import CacheConfig
 from .forecast import Factors, make_forecaster
 
@@ -62,8 +63,6 @@ def rule_based(num_steps: int, budget: int, fixed: list[int], config: CacheConfi
 
 def calibrated(num_steps: int, budget: int, fixed: list[int], config: CacheConfig) -> list[int]:
     """The ``calibrated`` schedule: the K steps of least estimated error E on the calibration's trajectory."""
-    from .calibration import load
-
     calibration = load(config.calibration)
     if calibration.num_steps != num_steps:
         raise ValueError(f"cache.calibration={config.calibration!r} was measured over {calibration.num_steps} "

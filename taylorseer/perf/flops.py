@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
-from .cache import ForecastCache
-from .policies import AdaptivePolicy
-from .schedule import full_steps
+from ..core.cache import ForecastCache
+from ..core.policies import AdaptivePolicy
+from ..core.schedule import full_steps
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -10,9 +10,9 @@ import json
 import os
 from pathlib import Path
 
-
-class WeightsNotFoundError(RuntimeError):
-    """The model weights could not be loaded; the message says where we looked and what to do."""
+from ..core.config import CacheConfig
+from .runfolder import folder_fingerprint, prompts_label
+from .runs import WeightsNotFoundError  # noqa: F401 - re-exported: the apps catch it from here
 
 
 def load_pipeline(pipeline_cls, source: str, accept: tuple[str, ...] = (), **kwargs):
@@ -57,8 +57,6 @@ def load_pipeline(pipeline_cls, source: str, accept: tuple[str, ...] = (), **kwa
 def weights_fingerprint(source: str) -> str:
     """What identifies the weights behind ``source`` in a run folder's identity: a fingerprint of the local
     folder, or of the hub snapshot it was loaded from (cached locally after loading), else the hub id."""
-    from .runfolder import folder_fingerprint
-
     path = Path(source).expanduser()
     if path.is_dir():
         return folder_fingerprint(path)
@@ -102,8 +100,6 @@ def run_folder_parts(cfg) -> tuple[str, str]:
     diffusers' own hook) and the prompts' label (prompt file stem or first prompt, and a digest of the text)."""
     from omegaconf import OmegaConf
 
-    from .config import CacheConfig
-    from .runs import prompts_label
 
     cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
     tag = cache_config.tag + ("-diffusers" if cfg.cache_impl == "diffusers" and cache_config.enabled else "")

@@ -4,7 +4,7 @@
     images = pipe(prompt).images                      # each denoiser call is one step (per cache context)
     remove(pipe)                                      # the model is exactly what it was
 
-What is cached comes from, in order: ``blocks`` (block descriptions, :mod:`taylorseer.blocks`), ``modules``
+What is cached comes from, in order: ``blocks`` (block descriptions, :mod:`taylorseer.attach.blocks`), ``modules``
 (fnmatch patterns of plain cached modules: computed + recorded on full steps, forecast otherwise),
 ``overrides`` (pattern -> forward factory), or else the family preset of the model's class
 (:mod:`taylorseer.presets`). A described block gets a short forward on forecast steps (gates, then the
@@ -12,7 +12,7 @@ forecast folded into the residual add); its branch modules record on full steps.
 
 Call boundaries: given a pipeline, every denoising loop it runs is one sampling call (fresh state, its
 step count from the pipeline); diffusers models also relay ``cache_context(name, step_index=...)`` and the
-end-of-call reset. See :meth:`taylorseer.cache.ForecastCache.begin_step` for what happens without them.
+end-of-call reset. See :meth:`taylorseer.core.cache.ForecastCache.begin_step` for what happens without them.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.cache import ForecastCache
+from ..core.config import CacheConfig
 from . import presets as preset_registry
 from .attachment import AttachSummary, children_hint
 from .blocks import BlockSpec, build_block, check_inputs
-from .cache import ForecastCache
-from .config import CacheConfig
 
 _ATTR = "_taylorseer_attachment"
 _DIFFUSERS_HOOK = "taylorseer_context_relay"
@@ -222,7 +222,8 @@ def _choose_preset(model, preset, explicit: bool) -> preset_registry.Preset | No
         raise ValueError(
             f"no TaylorSeer preset for {type(model).__name__}; presets exist for {supported}. Describe its blocks "
             f"(blocks={{'<block list>': BlockSpec(...)}}) or list plain modules (modules=['<blocks>.*.attn', ...]); "
-            f"`python -m taylorseer.discover {type(model).__name__}` lists the candidates. {children_hint(model)}")
+            f"`python -m taylorseer.attach.discover {type(model).__name__}` lists the candidates. "
+            f"{children_hint(model)}")
     return found
 
 
@@ -421,3 +422,26 @@ def _register_diffusers_relay(model: torch.nn.Module, cache: ForecastCache) -> b
 
     HookRegistry.check_if_exists_or_initialize(model).register_hook(_RelayHook(), _DIFFUSERS_HOOK)
     return True
+
+
+def count_cache_bytes(model: torch.nn.Module, attach, call, config) -> int:
+    """Bytes ``model``'s cache holds once all O+1 factors of every cached tensor are filled (one context).
+
+    ``attach(config)`` puts the model's cache on ``model``; ``call()`` runs one model call. On the ``meta``
+    device a full-size model costs no memory and no time, and the factors' byte counts are the real ones.
+    Every step is computed here (interval 1, derivatives from the first step), so O+1 calls fill every
+    order; the cache is taken off ``model`` afterwards.
+    """
+    import dataclasses
+
+    fill = dataclasses.replace(config, interval=1, first_enhance=1, last_full_steps=0, enabled=True)
+    attach(fill)
+    try:
+        cache = get_cache(model)
+        cache.reset(num_steps=fill.max_order + 1)
+        with torch.no_grad():
+            for _ in range(fill.max_order + 1):
+                call()
+        return cache.nbytes()
+    finally:
+        remove(model)

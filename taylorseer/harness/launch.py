@@ -1,7 +1,7 @@
 """torchrun, with a failed rank reported in one line instead of torch's ChildFailedError traceback.
 
-    python -m taylorseer.launch --nproc_per_node 8 -m taylorseer_dit.sample_ddp num_samples=50000
-    python -m taylorseer.launch --nnodes 2 --rdzv-backend c10d --rdzv-endpoint host:29500 -m ... # any torchrun option
+    python -m taylorseer.harness.launch --nproc_per_node 8 -m taylorseer_dit.sample_ddp num_samples=50000
+    python -m taylorseer.harness.launch --nnodes 2 --rdzv-backend c10d --rdzv-endpoint host:29500 -m ...  # torchrun's
 
 Everything runs through ``torch.distributed.run``'s own parser and elastic agent (no process spawning
 here). Only two defaults differ from plain torchrun, and an explicit option wins over each:

@@ -56,7 +56,7 @@ class Factors:
     device: torch.device | None = None  # where the module ran (factors may live elsewhere: offload)
 
     def nbytes(self) -> int:
-        # ``.nbytes`` of a tensor, or of an 8-bit factor (data + scale: taylorseer.store.ScaledFactor)
+        # ``.nbytes`` of a tensor, or of an 8-bit factor (data + scale: taylorseer.core.store.ScaledFactor)
         return sum(t.nbytes for t in self.tensors)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runs import write_json
+from .runs import slug, write_json
 
 # Settings that cannot change an output, for every app. Settings that resolve to something else are
 # denied here and their resolved value is put into the identity by the app (see ``identity``).
@@ -191,7 +191,7 @@ class RunFolder:
 
 def claim(path: str | Path, ident: dict, session) -> RunFolder | None:
     """:meth:`RunFolder.open` for data-parallel runs: rank 0 checks the identity and holds the lock, every
-    rank of ``session`` (a :class:`taylorseer.distributed.Session`) learns the outcome, so a refusal stops
+    rank of ``session`` (a :class:`taylorseer.harness.distributed.Session`) learns the outcome, so a refusal stops
     them all with the same one line. Returns the folder on rank 0, None elsewhere."""
     folder, error = None, None
     if session.is_main:
@@ -270,3 +270,10 @@ def _read_lines(path: Path) -> Iterator[dict]:
                 continue  # the last line of a writer killed mid-write
             if isinstance(record, dict):
                 yield record
+
+
+def prompts_label(prompts: list[str], prompt_file: str | None = None) -> str:
+    """The part of a default run-folder name that says which prompts: the prompt file's stem or the first
+    prompt's slug, and 6 hex digits of the prompts' text, so two prompt sets never share a default folder."""
+    label = Path(prompt_file).stem if prompt_file else slug(prompts[0], 24)
+    return f"{slug(label, 24)}-{digest(prompts)[:6]}"

@@ -1,6 +1,6 @@
 """Attention backends per run: PyTorch SDPA (default), flash-attn or xformers.
 
-    taylorseer.attention.set_attention_backend(model, "flash")   # config value attention_backend=flash
+    taylorseer.perf.attention.set_attention_backend(model, "flash")   # config value attention_backend=flash
 
 One function for every model of the project: diffusers transformers (FLUX, HunyuanVideo, any
 ``ModelMixin``) through diffusers' own ``set_attention_backend``; the DiT written here through its

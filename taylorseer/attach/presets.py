@@ -2,7 +2,7 @@
 
 ``taylorseer.apply(pipe_or_transformer, config)`` finds the preset from the transformer's class (its MRO, so
 subclasses match). Each preset is a function of the model (and options) returning ``{block name: BlockSpec}``;
-the core builds the full-step records and the forecast-step forwards from it (:mod:`taylorseer.blocks`).
+the core builds the full-step records and the forecast-step forwards from it (:mod:`taylorseer.attach.blocks`).
 
 | preset | classes | cached per block (gate) |
 | --- | --- | --- |

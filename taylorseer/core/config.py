@@ -38,7 +38,7 @@ class CacheConfig:
             ``factor_store`` it is the dtype the factors are dequantised to.
         factor_store: how factors are kept between full steps. "dense" (default) in ``factor_dtype``;
             "float8": float8_e4m3fn with an fp32 scale (about half of bf16); "float8_e5m2":
-            e4m3 for the feature and e5m2 for its differences (:mod:`taylorseer.store`).
+            e4m3 for the feature and e5m2 for its differences (:mod:`taylorseer.core.store`).
         factor_scale: what one scale of an 8-bit store covers: "token" (the channels of one token,
             default) or "channel" (the tokens of one channel of one sample). Unused when dense.
         step_distance: "index" measures distances in sampling-step indices (upstream-exact);
@@ -48,14 +48,14 @@ class CacheConfig:
             last step distance; "newton" extrapolates the Newton polynomial through the last O+1
             full steps at their real positions (exact on polynomials of degree <= O for any
             spacing).
-            "hermite" and "feedback" are the options of :mod:`taylorseer.forecast` (scaled Hermite basis;
+            "hermite" and "feedback" are the options of :mod:`taylorseer.core.forecast` (scaled Hermite basis;
             Taylor with the last full step's forecast error fed back), each documented with its equation.
         offload: keep the factors in pinned CPU memory (saves accelerator memory, costs a copy
             per forecast; for video models).
         prefetch: with ``offload``, copy on a side stream and request the next module's factors while
-            the current module runs (CUDA; :mod:`taylorseer.offload`). Same values.
+            the current module runs (CUDA; :mod:`taylorseer.core.offload`). Same values.
         enabled: False leaves every step computed and hooks inert (same output as no cache).
-        schedule: which steps are computed (:mod:`taylorseer.schedule`). "interval" is the paper's rule
+        schedule: which steps are computed (:mod:`taylorseer.core.schedule`). "interval" is the paper's rule
             (every ``interval``-th step after the warm-up; the default, unchanged). "budget" computes
             ``budget`` steps placed by a fixed rule, denser where diffusion features change fastest;
             "calibrated" places ``budget`` steps from a calibration file (one uncached run's per-step
@@ -151,7 +151,7 @@ class CacheConfig:
         elif self.schedule == "budget":
             policy = f"K{self.budget}"
         elif self.schedule == "calibrated":
-            policy = f"K{self.budget}-cal{_file_digest(self.calibration)}"
+            policy = f"K{self.budget}-cal{calibration_digest(self.calibration)}"
         else:
             policy = f"A{self.threshold:g}-N{self.interval}-K{self.budget}"
             if self.probe:
@@ -199,10 +199,10 @@ def calibration_path(path: str | Path) -> Path:
     there, the repository's (the bundled ``assets/calibrations/...`` from any directory, as the experiments
     name them)."""
     given = Path(str(path)).expanduser()
-    in_repo = Path(__file__).resolve().parents[1] / given
+    in_repo = Path(__file__).resolve().parents[2] / given
     return in_repo if not given.is_absolute() and not given.exists() and in_repo.is_file() else given
 
 
-def _file_digest(path: str | None) -> str:
+def calibration_digest(path: str | None) -> str:
     """6 hex digits of a file's content: run names change when the calibration behind them does."""
     return hashlib.sha256(calibration_path(path).read_bytes()).hexdigest()[:6]

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.calibration import flops_of
+from .distributed import is_main_process
+
 
 def slug(text: str, max_len: int = 60) -> str:
     """A file-name-safe short form of a prompt or label."""
@@ -28,13 +31,8 @@ def slug(text: str, max_len: int = 60) -> str:
     return text[:max_len] or "empty"
 
 
-def prompts_label(prompts: list[str], prompt_file: str | None = None) -> str:
-    """The part of a default run-folder name that says which prompts: the prompt file's stem or the first
-    prompt's slug, and 6 hex digits of the prompts' text, so two prompt sets never share a default folder."""
-    from .runfolder import digest
-
-    label = Path(prompt_file).stem if prompt_file else slug(prompts[0], 24)
-    return f"{slug(label, 24)}-{digest(prompts)[:6]}"
+class WeightsNotFoundError(RuntimeError):
+    """The model weights could not be loaded; the message says where we looked and what to do."""
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -211,8 +209,6 @@ def sampling_metrics(config, flops, items: list[dict], device=None, keep_items: 
             flops_data_dependent=flops.data_dependent,
         )
     if getattr(config, "schedule", "interval") == "calibrated" and config.enabled:
-        from .calibration import flops_of
-
         # Paid once per calibration file, not per item: reported beside the per-item figures.
         out["flops_calibration"] = flops_of(config.calibration)
     if keep_items:
@@ -246,8 +242,6 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
     """
     from omegaconf.errors import OmegaConfBaseException
 
-    from .diffusers_io import WeightsNotFoundError
-
     # OmegaConf's errors here are settings errors too (an interpolation to a key that is not there).
     # PermissionError: an out_root or a model folder this user cannot write or read.
     caught = (WeightsNotFoundError, ValueError, FileNotFoundError, PermissionError, OmegaConfBaseException, *also)
@@ -258,8 +252,6 @@ def clear_errors(tag: str, also: tuple[type[BaseException], ...] = ()) -> Callab
             try:
                 return fn(*args, **kwargs)
             except caught as err:
-                from .distributed import is_main_process
-
                 if is_main_process():
                     print(f"[{tag}] error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
                 if _in_multirun():

@@ -168,7 +168,7 @@ def quantize(tensor: torch.Tensor, fmt: torch.dtype, axis: str, dtype: torch.dty
 
 
 class QuantizedStore:
-    """Keeps a :class:`taylorseer.forecast.Factors` record's factors in 8 bits between full steps."""
+    """Keeps a :class:`taylorseer.core.forecast.Factors` record's factors in 8 bits between full steps."""
 
     def __init__(self, name: str, axis: str):
         if name not in FACTOR_STORES or FACTOR_STORES[name] is None:
@@ -207,29 +207,3 @@ def make_store(name: str, axis: str = "token") -> QuantizedStore | None:
     if axis not in FACTOR_SCALES:
         raise ValueError(f"unknown factor scale {axis!r}: expected one of {list(FACTOR_SCALES)}")
     return None if FACTOR_STORES[name] is None else QuantizedStore(name, axis)
-
-
-
-def count_cache_bytes(model: torch.nn.Module, attach, call, config) -> int:
-    """Bytes ``model``'s cache holds once all O+1 factors of every cached tensor are filled (one context).
-
-    ``attach(config)`` puts the model's cache on ``model``; ``call()`` runs one model call. On the ``meta``
-    device a full-size model costs no memory and no time, and the factors' byte counts are the real ones.
-    Every step is computed here (interval 1, derivatives from the first step), so O+1 calls fill every
-    order; the cache is taken off ``model`` afterwards.
-    """
-    import dataclasses
-
-    from .hooks import get_cache, remove
-
-    fill = dataclasses.replace(config, interval=1, first_enhance=1, last_full_steps=0, enabled=True)
-    attach(fill)
-    try:
-        cache = get_cache(model)
-        cache.reset(num_steps=fill.max_order + 1)
-        with torch.no_grad():
-            for _ in range(fill.max_order + 1):
-                call()
-        return cache.nbytes()
-    finally:
-        remove(model)

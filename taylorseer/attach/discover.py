@@ -1,8 +1,8 @@
 """What to cache in a transformer: its blocks, their children as ready patterns, the residual branches, the cost.
 
-    python -m taylorseer.discover WanTransformer3DModel          # a diffusers class at its default size (meta)
-    python -m taylorseer.discover /data/Wan2.1-T2V-1.3B-Diffusers  # a pipeline or transformer folder (config only)
-    python -m taylorseer.discover my_package.models:MyDiT --json
+    python -m taylorseer.attach.discover WanTransformer3DModel    # a diffusers class at its default size (meta)
+    python -m taylorseer.attach.discover /data/Wan2.1-T2V-1.3B-Diffusers  # a pipeline or transformer folder
+    python -m taylorseer.attach.discover my_package.models:MyDiT --json
 
 For every list of blocks it prints block 0's children with their share of the block's parameters, and,
 where the model can be run (a known family's inputs, or ``discover(model, inputs)`` in Python), traces
@@ -27,13 +27,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..core.config import CacheConfig
+from ..perf.flops import count_flops
+from ..perf.opcount import count_ops
 from . import families, presets
 from .attachment import block_lists
 from .blocks import BlockSpec, Branch, LinearGate, TableGate
-from .config import CacheConfig
-from .flops import count_flops
+from .hooks import apply, remove
 from .hooks import get_cache as taylorseer_cache
-from .opcount import count_ops
 
 _CARRY = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "expand", "slice", "select", "clone",
           "contiguous", "_to_copy", "to", "alias", "detach", "flatten", "unflatten", "transpose", "t", "permute"}
@@ -346,7 +347,7 @@ def discover(model: torch.nn.Module, inputs: dict | None = None, family: str | N
     """Blocks, children, branch marks and forecast-step costs of ``model`` (see the module docstring).
 
     ``inputs``: keyword arguments of one call (on the model's device; ``meta`` works). Known families get
-    theirs from :func:`taylorseer.families.inputs`.
+    theirs from :func:`taylorseer.attach.families.inputs`.
     """
     found = presets.find(model)
     family = family or families.family_of(model)
@@ -404,7 +405,6 @@ def _trace_list(model, path: str, blocks, item: BlockList, call) -> None:
 def _costs(model, inputs, lists: list[BlockList], found) -> dict[str, dict]:
     """A forecast step against a full step (FLOPs, bytes, kernels) with the preset, the traced description,
     the marked branches as plain modules, and every block skipped."""
-    from .hooks import apply, remove
 
     config = CacheConfig(interval=2, max_order=1, first_enhance=1)  # step 0 full, step 1 a forecast
     variants = {}
@@ -466,7 +466,7 @@ def format_report(report: Discovery) -> str:
             which = "every block" if len(item.descriptions) == 1 else f"blocks {_ranges(indices)}"
             lines.append(f"  description ({which}):\n    " + text.replace("\n", "\n    "))
     if report.costs:
-        lines.append("\na forecast step against a full step (FlopCounterMode; bytes and kernels: taylorseer.opcount):")
+        lines.append("\na forecast step against a full step (FlopCounterMode; bytes and kernels: perf.opcount):")
         for label, cost in report.costs.items():
             if "error" in cost:
                 lines.append(f"  {label:<28} cannot attach: {cost['error']}")
@@ -527,7 +527,7 @@ def load_meta(source: str) -> torch.nn.Module:
 
 
 def main(argv=None) -> Discovery:
-    parser = argparse.ArgumentParser(prog="python -m taylorseer.discover", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m taylorseer.attach.discover", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="diffusers class name, module:Class, or a pipeline/transformer folder")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.config import CacheConfig
 from .runfolder import flatten
 
 
@@ -108,7 +109,6 @@ def check_app(cfg, schema: Mapping[str, Setting], app: str, family: str, config_
     Returns (the resolved config as a plain dict, the :class:`taylorseer.CacheConfig` or None without one)."""
     from omegaconf import OmegaConf
 
-    from .config import CacheConfig
 
     check_model_family(OmegaConf.to_container(cfg.model, resolve=True), family, app, config_dir)
     plain = OmegaConf.to_container(cfg, resolve=True)

@@ -6,8 +6,8 @@ computed. That is the same as the closed form below: full steps are N apart coun
 step. Example (FLUX, N=6, warm-up 3, 50 steps): 0, 1, 2, 8, 14, ..., 44 -> 10 full steps, 4.99x.
 
 ``budget`` and ``calibrated`` compute exactly K = ``budget`` steps (warm-up included), placed before
-sampling starts (:mod:`taylorseer.placement`): by a fixed rule, or from a calibration file that holds
-one uncached run's feature trajectory. ``adaptive`` decides online (:mod:`taylorseer.policies`); only its
+sampling starts (:mod:`taylorseer.core.placement`): by a fixed rule, or from a calibration file that holds
+one uncached run's feature trajectory. ``adaptive`` decides online (:mod:`taylorseer.core.policies`); only its
 fixed part (warm-up, forced last steps) is known in advance, so :func:`full_steps` refuses it: its
 computed steps are what the cache's history says.
 """
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 
-from .config import CacheConfig, _file_digest
+from . import placement
+from .config import CacheConfig, calibration_digest
 
 
 def is_full_step(step: int, config: CacheConfig, num_steps: int | None = None) -> bool:
@@ -70,14 +71,12 @@ def planned_steps(num_steps: int, config: CacheConfig) -> frozenset[int]:
 
     Planned once per process and settings (a calibrated placement takes seconds); the calibration file's
     content is part of the key, so a rewritten file is planned again."""
-    digest = _file_digest(config.calibration) if config.schedule == "calibrated" else None
+    digest = calibration_digest(config.calibration) if config.schedule == "calibrated" else None
     return _planned(num_steps, config, digest)
 
 
 @functools.lru_cache(maxsize=64)
 def _planned(num_steps: int, config: CacheConfig, _digest: str | None) -> frozenset[int]:
-    from . import placement
-
     fixed = sorted({s for s in range(min(config.first_enhance, num_steps))} | {0}
                    | ({s for s in range(num_steps - config.last_full_steps, num_steps)} if config.last_full_steps
                       else set()))

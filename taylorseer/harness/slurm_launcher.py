@@ -9,7 +9,7 @@ switched on (``configs/hydra/callbacks/sweep_failures.yaml``). It runs inside ea
   launching process's stack and no word of where the job ran. Here the job formats its own traceback,
   and the error the sweep raises reads ``job <id> (<overrides>) failed: <error> -- log: <its .err
   file>`` followed by that traceback. The same line goes into the job's log. With K tasks (K
-  data-parallel ranks of one run, :mod:`taylorseer.distributed`) Hydra reads task 0's outcome only,
+  data-parallel ranks of one run, :mod:`taylorseer.harness.distributed`) Hydra reads task 0's outcome only,
   and a rank that failed first makes the others fail in their next collective, so the line also names
   the pattern of every task's log.
 * **A failed job leaves a record**, ``job_failed.json`` in its Hydra job folder

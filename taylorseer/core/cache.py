@@ -25,7 +25,7 @@ import torch
 
 from .config import CacheConfig
 from .forecast import Factors, make_forecaster
-from .fused import record_forecast
+from .kernels import record_forecast
 from .offload import Prefetcher
 from .policies import PROBE, AdaptivePolicy
 from .schedule import is_full_step
@@ -317,9 +317,9 @@ class ForecastCache:
     def terms(self, name: str) -> list[list[tuple[float, torch.Tensor]]]:
         """The forecast of ``name`` as weighted factors, one list per output tensor: forecast =
         sum of weight * factor. Lets a block fold the forecast into its gated residual add
-        (:func:`taylorseer.blockops.gated_add`) instead of materialising it. Factors come in the
+        (:func:`taylorseer.core.kernels.gated_add`) instead of materialising it. Factors come in the
         factor dtype, on the module's device; with an 8-bit store they are
-        :class:`taylorseer.store.ScaledFactor` (gated_add reads them; any torch op dequantises them)."""
+        :class:`taylorseer.core.store.ScaledFactor` (gated_add reads them; any torch op dequantises them)."""
         position = self._ctx.position
         return [list(zip(self.forecaster.weights(s.positions, position, len(s.tensors)), s.tensors, strict=True))
                 for s in self._factors_of(name)]
@@ -336,7 +336,7 @@ class ForecastCache:
 
     def _fetch(self, name: str, states: list[Factors], kind: str) -> list[list]:
         """Offloaded factors of ``name`` on the module's device, one list per output tensor; with
-        ``prefetch`` through the side stream, the next module's requested ahead (:mod:`taylorseer.offload`)."""
+        ``prefetch`` through the side stream, the next module's requested ahead (:mod:`taylorseer.core.offload`)."""
         if self.prefetcher is None:
             return [[t.to(s.device, non_blocking=True) for t in s.tensors] for s in states]
         return self.prefetcher.take(self.context_name, kind, name, states, self._ctx.states.get)

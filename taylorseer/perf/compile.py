@@ -18,7 +18,7 @@ cache's own code is kept out of the graphs:
   does real work (attention, norms with modulation, MLPs), except bare ``torch.nn`` leaves (a lone
   Linear or activation gains nothing);
 * forecast steps run the short forwards eagerly; their gated adds use the fused kernels of
-  :mod:`taylorseer.fused`, compiled separately.
+  :mod:`taylorseer.core.kernels`, compiled separately.
 
 Nothing compiled reads the step, so the number of compilations depends on the block classes and
 shapes, never on the number of steps (counted in ``tests/test_compile.py``).
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import ForecastCache
+from ..core.cache import ForecastCache
 
 _ATTR = "_taylorseer_compiled"
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import CacheConfig
+from ..core.config import CacheConfig
 from .flops import FlopsReport, count_flops
 
 IMPLS = ("taylorseer", "diffusers")
