@@ -29,9 +29,9 @@ from ..core.config import CacheConfig
 from . import presets as preset_registry
 from .attachment import AttachSummary, children_hint
 from .blocks import BlockSpec, build_block, check_inputs
+from .boundaries import install_call_boundaries, register_diffusers_relay
 
 _ATTR = "_taylorseer_attachment"
-_DIFFUSERS_HOOK = "taylorseer_context_relay"
 
 TimestepFn = Callable[[tuple, dict], "torch.Tensor | float | None"]
 OverrideFactory = Callable[[torch.nn.Module, Callable, ForecastCache, str], Callable]
@@ -41,12 +41,21 @@ BlockDescription = "BlockSpec | Callable[[torch.nn.Module], BlockSpec | None]"
 @dataclass
 class _Attachment:
     cache: ForecastCache
-    wrapped: list[tuple[torch.nn.Module, object]] = field(default_factory=list)  # (module, previous forward attr)
-    handles: list = field(default_factory=list)
-    diffusers_relay: bool = False
-    pipeline: object = None
-    pipeline_previous: object = None  # the pipeline's own progress_bar attribute, if it had one
+    undo: list[Callable[[], None]] = field(default_factory=list)  # run in reverse by remove()
     summary: AttachSummary | None = None
+
+
+@dataclass
+class _Plan:
+    """What :func:`apply` will install, all matched and built before anything is wrapped (a bad description
+    leaves the model untouched)."""
+
+    preset: preset_registry.Preset | None
+    specs: dict[str, BlockSpec]
+    plain: list[tuple[str, torch.nn.Module]]
+    special: list[tuple[str, torch.nn.Module, OverrideFactory]]
+    installs: list[tuple[torch.nn.Module, Callable]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
 
 
 def apply(
@@ -91,45 +100,68 @@ def apply(
         raise RuntimeError("a TaylorSeer cache is already attached to this model; call taylorseer.remove(model) first")
     if not isinstance(config, CacheConfig):
         raise TypeError(f"config must be a taylorseer.CacheConfig, got {type(config).__name__}")
-    if isinstance(modules, str):
-        modules = [modules]  # one pattern, not its characters
-    modules = list(modules)
-    explicit = bool(modules or blocks or overrides)
-    chosen = _choose_preset(model, preset, explicit)
     if config.last_full_steps and num_steps is None and pipeline is None:
         raise ValueError(f"cache.last_full_steps={config.last_full_steps} needs the number of sampling steps: pass "
                          f"num_steps=... to taylorseer.apply, or apply it to the pipeline (which gives the count)")
     cache = ForecastCache(config, num_steps=num_steps)
-    attachment = _Attachment(cache)
-
-    # Everything is matched and built before anything is wrapped: a bad description leaves the model untouched.
     named = dict(model.named_modules())
-    specs = chosen.blocks(model) if chosen is not None else _explicit_blocks(model, named, blocks or {})
-    plain = [] if skip_all else _match(model, named, modules, refuse_nested=True)
-    special = [] if skip_all else [(name, module, factory) for pattern, factory in (overrides or {}).items()
-                                   for name, module in _match(model, named, [pattern])]
-    installs: list[tuple[torch.nn.Module, Callable]] = []
-    keys: list[str] = []
-    for name, spec in specs.items():
+    plan = _plan(model, named, cache, [modules] if isinstance(modules, str) else list(modules), blocks, preset,
+                 overrides, skip_all)
+    probe_module = _probe_module(named, config, probe or _first_block(
+        named, list(plan.specs) + [n for n, _, _ in plan.special], [n for n, _ in plan.plain]))
+
+    attachment = _Attachment(cache)
+    for module, forward in plan.installs:
+        _wrap_forward(attachment, module, forward)
+    _install_step_hooks(attachment, model, timestep_fn or _default_timestep, probe_module)
+    relay = register_diffusers_relay(model, cache)
+    if relay is not None:
+        attachment.undo.append(relay)
+    if pipeline is not None and callable(getattr(pipeline, "progress_bar", None)):
+        attachment.undo.append(install_call_boundaries(pipeline, cache))
+    elif num_steps is None and relay is None:
+        # Nothing will announce a new sampling call: watch the timestep go back to its start instead.
+        cache.watch_timesteps = True
+    attachment.summary = AttachSummary.collect(model, cache, plan.preset.name if plan.preset else None, plan.specs,
+                                               plan.keys, [n for n, _ in plan.plain],
+                                               [n for n, _, _ in plan.special], skip_all)
+    setattr(model, _ATTR, attachment)
+    if verbose:
+        print(attachment.summary.describe())
+    return cache
+
+
+def _plan(model, named: dict, cache: ForecastCache, modules: list[str], blocks, preset, overrides,
+          skip_all: bool) -> _Plan:
+    """Choose the descriptions (preset or explicit), match the patterns and build every forward to install."""
+    chosen = _choose_preset(model, preset, explicit=bool(modules or blocks or overrides))
+    plan = _Plan(
+        preset=chosen,
+        specs=chosen.blocks(model) if chosen is not None else _explicit_blocks(model, named, blocks or {}),
+        plain=[] if skip_all else _match(model, named, modules, refuse_nested=True),
+        special=[] if skip_all else [(name, module, factory) for pattern, factory in (overrides or {}).items()
+                                     for name, module in _match(model, named, [pattern])],
+    )
+    for name, spec in plan.specs.items():
         block = named[name]
         check_inputs(block, name, spec)
         built = build_block(block, name, spec, cache, skip_all=skip_all)
-        installs += built.forwards
-        keys += built.keys
-    for name, module in plain:
-        installs.append((module, functools.partial(cache.run, name, module.forward)))
-        keys.append(name)
-    for name, module, factory in special:
-        installs.append((module, factory(module, module.forward, cache, name)))
-    _refuse_double_wraps(installs, named)
-    if not installs:
+        plan.installs += built.forwards
+        plan.keys += built.keys
+    for name, module in plan.plain:
+        plan.installs.append((module, functools.partial(cache.run, name, module.forward)))
+        plan.keys.append(name)
+    for name, module, factory in plan.special:
+        plan.installs.append((module, factory(module, module.forward, cache, name)))
+    _refuse_double_wraps(plan.installs, named)
+    if not plan.installs:
         raise ValueError("nothing to cache: give modules=[...], blocks={...} or a preset")
-    probe_module = _probe_module(named, config, probe or _first_block(
-        named, list(specs) + [n for n, _, _ in special], [n for n, _ in plain]))
+    return plan
 
-    for module, forward in installs:
-        _wrap_forward(attachment, module, forward)
-    get_timestep = timestep_fn or _default_timestep
+
+def _install_step_hooks(attachment: _Attachment, model, get_timestep: TimestepFn, probe_module) -> None:
+    """Each model call begins a step; under ``schedule=adaptive`` the probe's output decides the rest of it."""
+    cache, config = attachment.cache, attachment.cache.config
 
     def begin_step(_module, args, kwargs):
         raw = get_timestep(args, kwargs)
@@ -138,45 +170,21 @@ def apply(
             timestep = raw.flatten()[0].item() if isinstance(raw, torch.Tensor) else float(raw)
         cache.begin_step(timestep, _batch_size(args, kwargs), timestep_ref=raw)
 
-    attachment.handles.append(model.register_forward_pre_hook(begin_step, with_kwargs=True))
-    if probe_module is not None:  # schedule=adaptive: the probe's output decides the rest of the step
-        attachment.handles.append(probe_module.register_forward_hook(lambda _m, _i, out: cache.observe_probe(out)))
-    attachment.diffusers_relay = _register_diffusers_relay(model, cache)
-    if pipeline is not None and callable(getattr(pipeline, "progress_bar", None)):
-        _install_call_boundaries(attachment, pipeline)
-    elif num_steps is None and not attachment.diffusers_relay:
-        # Nothing will announce a new sampling call: watch the timestep go back to its start instead.
-        cache.watch_timesteps = True
-    attachment.summary = AttachSummary.collect(model, cache, chosen.name if chosen else None, specs, keys,
-                                               [n for n, _ in plain], [n for n, _, _ in special], skip_all)
-    setattr(model, _ATTR, attachment)
-    if verbose:
-        print(attachment.summary.describe())
-    return cache
+    handles = [model.register_forward_pre_hook(begin_step, with_kwargs=True)]
+    if probe_module is not None:
+        handles.append(probe_module.register_forward_hook(lambda _m, _i, out: cache.observe_probe(out)))
+    attachment.undo += [handle.remove for handle in handles]
 
 
 def remove(target) -> None:
-    """Detach the cache: every wrapped forward is restored, the pipeline's hook too, and the state is dropped."""
+    """Detach the cache: every wrapped forward is restored, the pipeline's and diffusers' hooks too, and the state
+    is dropped."""
     model, _ = _resolve(target)
     attachment: _Attachment | None = getattr(model, _ATTR, None)
     if attachment is None:
         return
-    for module, previous in reversed(attachment.wrapped):
-        if previous is None:
-            del module.forward  # the class's forward shows through again
-        else:
-            module.forward = previous
-    for handle in attachment.handles:
-        handle.remove()
-    if attachment.diffusers_relay:
-        from diffusers.hooks import HookRegistry
-
-        HookRegistry.check_if_exists_or_initialize(model).remove_hook(_DIFFUSERS_HOOK, recurse=False)
-    if attachment.pipeline is not None:
-        if attachment.pipeline_previous is None:
-            del attachment.pipeline.progress_bar
-        else:
-            attachment.pipeline.progress_bar = attachment.pipeline_previous
+    for undo in reversed(attachment.undo):
+        undo()
     attachment.cache.reset()
     delattr(model, _ATTR)
 
@@ -310,8 +318,16 @@ def _probe_module(named: dict[str, torch.nn.Module], config: CacheConfig, defaul
 
 
 def _wrap_forward(attachment: _Attachment, module: torch.nn.Module, new_forward: Callable) -> None:
-    attachment.wrapped.append((module, module.__dict__.get("forward")))
+    previous = module.__dict__.get("forward")
     module.forward = new_forward
+
+    def undo() -> None:
+        if previous is None:
+            del module.forward  # the class's forward shows through again
+        else:
+            module.forward = previous
+
+    attachment.undo.append(undo)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -325,103 +341,6 @@ def _default_timestep(args: tuple, kwargs: dict):
         if key in kwargs:
             return kwargs[key]
     return args[1] if len(args) > 1 else None
-
-
-# ------------------------------------------------------------------------------------- call boundaries
-def _install_call_boundaries(attachment: _Attachment, pipeline) -> None:
-    """Every diffusers pipeline opens ``self.progress_bar(total=num_inference_steps)`` around its denoising loop,
-    after the scheduler's timesteps are set: that call starts a sampling call (fresh state, its step count) and
-    leaving it ends one. Wrapping the pipeline's ``progress_bar`` survives a replaced scheduler."""
-    cache = attachment.cache
-    previous = pipeline.__dict__.get("progress_bar")
-    bound = pipeline.progress_bar
-
-    def progress_bar(*args, **kwargs):
-        cache.begin_call(_loop_length(pipeline, args, kwargs))
-        return _CallBar(bound(*args, **kwargs), cache)
-
-    attachment.pipeline, attachment.pipeline_previous = pipeline, previous
-    pipeline.progress_bar = progress_bar
-
-
-def _loop_length(pipeline, args: tuple, kwargs: dict) -> int | None:
-    """Denoiser calls per context in this loop: the timesteps the loop iterates over.
-
-    ``total`` is the pipeline's ``num_inference_steps``; a second-order scheduler calls the model
-    ``len(timesteps)`` times (2N-1), and img2img loops start at the scheduler's ``begin_index``.
-    """
-    iterable = args[0] if args else kwargs.get("iterable")
-    if iterable is not None and hasattr(iterable, "__len__"):
-        return len(iterable)
-    total = kwargs.get("total", args[1] if len(args) > 1 else None)
-    scheduler = getattr(pipeline, "scheduler", None)
-    timesteps = getattr(scheduler, "timesteps", None)
-    counts = [int(total)] if total is not None else []
-    if timesteps is not None and hasattr(timesteps, "__len__"):
-        counts.append(len(timesteps) - int(getattr(scheduler, "begin_index", None) or 0))
-    return max(counts) if counts else None
-
-
-class _CallBar:
-    """The pipeline's progress bar, unchanged, that ends the sampling call when the loop leaves it."""
-
-    def __init__(self, bar, cache: ForecastCache):
-        self._bar, self._cache = bar, cache
-
-    def __enter__(self):
-        return self._bar.__enter__()
-
-    def __exit__(self, *exc):
-        try:
-            return self._bar.__exit__(*exc)
-        finally:
-            self._cache.end_call()
-
-    def __iter__(self):
-        try:
-            yield from self._bar
-        finally:
-            self._cache.end_call()
-
-    def __getattr__(self, name):
-        return getattr(self._bar, name)
-
-
-def _register_diffusers_relay(model: torch.nn.Module, cache: ForecastCache) -> bool:
-    """Relay diffusers' ``cache_context(name, step_index=..., num_inference_steps=...)`` and its end-of-pipeline
-    reset to our cache."""
-    if not hasattr(model, "cache_context"):
-        return False
-    try:
-        from diffusers.hooks import HookRegistry, ModelHook
-        from diffusers.hooks.hooks import StateManager
-    except ImportError:  # pragma: no cover - diffusers without hooks
-        return False
-
-    class _ContextRelay(StateManager):
-        def __init__(self):
-            super().__init__(object)
-
-        def set_context(self, context) -> None:
-            cache.set_context(getattr(context, "name", context), step_index=getattr(context, "step_index", None),
-                              num_steps=getattr(context, "num_inference_steps", None))
-
-        def reset(self, *args, **kwargs) -> None:
-            cache.reset()
-
-    class _RelayHook(ModelHook):
-        _is_stateful = True
-
-        def __init__(self):
-            super().__init__()
-            self.state_manager = _ContextRelay()
-
-        def reset_state(self, module):
-            self.state_manager.reset()
-            return module
-
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(_RelayHook(), _DIFFUSERS_HOOK)
-    return True
 
 
 def count_cache_bytes(model: torch.nn.Module, attach, call, config) -> int:

@@ -67,8 +67,8 @@ class _Context:
     begun: bool = False  # the current call has had a step in this context
     first_t: object = None  # the call's first timestep and the last one (references; read at a boundary only)
     last_t: object = None
-    # schedule=adaptive: the step is computed until the probe has decided (pending); what the policy counts.
-    pending: bool = False
+    # schedule=adaptive: a step is computed until the probe has decided it (undecided); what the policy counts.
+    undecided: bool = False
     last_full: int = -1
     computed: int = 0
 
@@ -88,7 +88,7 @@ class ForecastCache:
         self.last_call: CallSummary | None = None  # the call before the last reset()
         self.watch_timesteps = False  # nothing announces calls: a timestep going back starts a new one
         self._announced = False  # the current call was announced with its step count (begin_call)
-        self._pending_step: int | None = None  # diffusers' step index for the next call of the current context
+        self._announced_step: int | None = None  # diffusers' step index for the next call of the current context
         self._contexts: dict[str, _Context] = {}
 
     # ----------------------------------------------------------------------------------- life cycle
@@ -103,7 +103,7 @@ class ForecastCache:
         self.history.clear()
         self.context_name = DEFAULT_CONTEXT
         self._announced = False
-        self._pending_step = None
+        self._announced_step = None
         if num_steps is not None:
             self.num_steps = num_steps
 
@@ -124,7 +124,7 @@ class ForecastCache:
         """Select the context of the next denoiser calls. ``step_index``/``num_steps`` are diffusers'
         ``CacheContext`` fields where a pipeline gives them (Wan): the step is then the pipeline's own."""
         self.context_name = name or DEFAULT_CONTEXT
-        self._pending_step = step_index
+        self._announced_step = step_index
         if num_steps is not None:
             self.num_steps = int(num_steps)
 
@@ -150,35 +150,58 @@ class ForecastCache:
         ``batch`` is the batch size of the model's input: the factors are per sample, so a batch that
         changes within a sampling call (without a reset) is refused instead of broadcast. ``timestep_ref``
         is the model's timestep argument as given (a tensor is only read where a call boundary is in doubt).
+        Five jobs, in order: check the cache can run, move the step counter, start or check the sampling
+        call, decide full or forecast, place the step on the forecaster's axis.
         """
+        self._check_ready()
+        ctx = self._ctx
+        announced = self._advance(ctx, timestep_ref)
+        self._start_or_check_call(ctx, batch, timestep_ref, announced)
+        self._decide(ctx)
+        ctx.position = self._position(ctx, timestep)
+        self.history.append(StepRecord(self.context_name, ctx.step, ctx.full))
+        return ctx.full
+
+    def _check_ready(self) -> None:
+        """Settings that need what only the caller knows, and an adaptive step the probe never decided."""
         if self.config.last_full_steps and self.num_steps is None and self.config.enabled:
             raise ValueError(f"cache.last_full_steps={self.config.last_full_steps} needs the number of sampling "
                              f"steps: pass num_steps to taylorseer.apply, apply it to the pipeline, or call "
                              f"cache.reset(num_steps=...) before sampling")
-        ctx = self._ctx
-        if ctx.pending and self.config.enabled:
-            raise RuntimeError(f"cache.schedule=adaptive: the probe module did not run during step {ctx.step} of "
-                               f"context {self.context_name!r}, so nothing decided whether to compute it: give a "
+        if self._ctx.undecided and self.config.enabled:
+            raise RuntimeError(f"cache.schedule=adaptive: the probe module did not run during step {self._ctx.step} "
+                               f"of context {self.context_name!r}, so nothing decided whether to compute it: give a "
                                f"module of every model call as cache.probe (e.g. the first block)")
-        pending, self._pending_step = self._pending_step, None
-        if pending is not None:  # diffusers' step index
-            if 0 < pending <= ctx.step:
+
+    def _advance(self, ctx: _Context, timestep_ref) -> int | None:
+        """Move the context's step counter; returns the pipeline's own step index when it gave one.
+
+        The step is diffusers' index where the pipeline announced one (``set_context``); otherwise it counts
+        calls, and starts again at 0 for a new sampling call nobody announced (the timestep went back to its
+        start, or the count ran past ``num_steps`` with timesteps that do not go on)."""
+        announced, self._announced_step = self._announced_step, None
+        if announced is not None:
+            if 0 < announced <= ctx.step:
                 raise RuntimeError(
-                    f"the model ran twice at sampling step {pending} in cache context {self.context_name!r}: a "
+                    f"the model ran twice at sampling step {announced} in cache context {self.context_name!r}: a "
                     f"context holds one call per step. Give the extra call its own context "
                     f"(with cache.context('extra'): ...)")
-            ctx.step = -1 if pending == 0 else pending - 1
+            ctx.step = -1 if announced == 0 else announced - 1
         if ctx.step >= 0 and self.watch_timesteps and _went_back(ctx.first_t, ctx.last_t, timestep_ref):
             ctx.step = -1  # a new sampling call that nobody announced: the timestep is back at its start
         ctx.step += 1
         if self.num_steps is not None and ctx.step >= self.num_steps:
-            if self._announced or pending is not None or _went_on(ctx.first_t, ctx.last_t, timestep_ref):
+            if self._announced or announced is not None or _went_on(ctx.first_t, ctx.last_t, timestep_ref):
                 raise RuntimeError(
                     f"the sampling call ran past num_steps={self.num_steps} (step {ctx.step} of cache context "
                     f"{self.context_name!r}): the cache's step count is shorter than the call. Pass the real number "
                     f"of steps (taylorseer.apply(..., num_steps=N) or cache.reset(num_steps=N)); if the model runs "
                     f"more than once per step, give the extra calls their own context (with cache.context('x'):)")
             ctx.step = 0  # a new sampling call that nobody announced with reset()
+        return announced
+
+    def _start_or_check_call(self, ctx: _Context, batch: int | None, timestep_ref, announced) -> None:
+        """Step 0 starts the context's sampling call (no factors, this batch); later steps keep its batch."""
         if ctx.step == 0:
             ctx.states.clear()
             ctx.batch = batch
@@ -193,28 +216,32 @@ class ForecastCache:
                 f"if the model runs more than once per step (SD3's skip_guidance_layers), give the extra call its "
                 f"own context (with cache.context('extra'): ...).")
         ctx.last_t = timestep_ref
+
+    def _decide(self, ctx: _Context) -> None:
+        """Full or forecast: the schedule's answer; the adaptive policy leaves a forecast step undecided (computed
+        until the probe has run, :meth:`observe_probe`)."""
         # A context's first step in a call is computed even where the schedule would forecast (a model that
         # joins at step k > 0, e.g. Wan 2.2's low-noise transformer): there is nothing to forecast from.
         ctx.full = is_full_step(ctx.step, self.config, self.num_steps) or not ctx.begun
         ctx.begun = True
         if self.policy is not None and not ctx.full and self.config.enabled:
-            ctx.pending = True  # computed until the probe decides (observe_probe)
-        if ctx.full and not ctx.pending:
+            ctx.undecided = True
+        if ctx.full and not ctx.undecided:
             ctx.last_full, ctx.computed = ctx.step, ctx.computed + 1
-        if self.config.step_distance == "timestep":
-            if timestep is None:
-                raise ValueError("cache.step_distance='timestep' needs the model's timestep; this model gives none")
-            if ctx.step > 0 and float(timestep) == ctx.position and self.config.enabled:
-                raise ValueError(
-                    f"cache.step_distance='timestep' but the timestep did not change between steps {ctx.step - 1} and "
-                    f"{ctx.step} ({float(timestep)!r}): distances of zero make the derivatives infinite. This model "
-                    f"or sampler gives no usable timestep; use cache.step_distance=index.")
-            ctx.position = float(timestep)
-        else:
-            ctx.position = float(ctx.step)
-        ctx.full = ctx.full or ctx.pending
-        self.history.append(StepRecord(self.context_name, ctx.step, ctx.full))
-        return ctx.full
+        ctx.full = ctx.full or ctx.undecided
+
+    def _position(self, ctx: _Context, timestep: float | None) -> float:
+        """Where the step lies on the forecaster's axis: its index, or the model's timestep."""
+        if self.config.step_distance != "timestep":
+            return float(ctx.step)
+        if timestep is None:
+            raise ValueError("cache.step_distance='timestep' needs the model's timestep; this model gives none")
+        if ctx.step > 0 and float(timestep) == ctx.position and self.config.enabled:
+            raise ValueError(
+                f"cache.step_distance='timestep' but the timestep did not change between steps {ctx.step - 1} and "
+                f"{ctx.step} ({float(timestep)!r}): distances of zero make the derivatives infinite. This model "
+                f"or sampler gives no usable timestep; use cache.step_distance=index.")
+        return float(timestep)
 
     def observe_probe(self, output) -> None:
         """schedule=adaptive: the probe module's output of this step (a forward hook calls this).
@@ -227,11 +254,11 @@ class ForecastCache:
         if self.policy is None or not self.config.enabled:
             return
         ctx = self._ctx
-        if ctx.pending:
+        if ctx.undecided:
             error = relative_l1([self._predict(s) for s in self._factors_of(PROBE)],
                                 _as_tuple(output))
             ctx.full = self.policy.decide(error, ctx.step, ctx.last_full, ctx.computed)
-            ctx.pending = False
+            ctx.undecided = False
             if ctx.full:
                 ctx.last_full, ctx.computed = ctx.step, ctx.computed + 1
             record = self.history[-1]
@@ -271,7 +298,7 @@ class ForecastCache:
         Not while an adaptive step is undecided: the modules before the probe run on every step, and their
         factors are never read (they are always computed), so they are not stored for nothing."""
         ctx = self._ctx
-        if not self.config.enabled or ctx.pending:
+        if not self.config.enabled or ctx.undecided:
             return
         tensors = _as_tuple(output)
         states = ctx.states.get(name)
