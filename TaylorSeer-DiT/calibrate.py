@@ -22,10 +22,12 @@ from taylorseer import CacheConfig
 from taylorseer.harness import calibrate, runs
 from taylorseer.harness.settings import Setting
 
+from .cache import cached_module_names
 from .diffusion import GaussianDiffusion
+from .flops import count_flops
+from .pipeline import sample, sample_seed, to_images
 from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, validate
 from .sample_ddp import class_label
-from .sampling import CACHED_MODULES, count_flops, sample, sample_seed, to_images
 
 TAG = "calibrate_dit"
 CONFIG_NAME = "calibrate_dit"
@@ -54,8 +56,9 @@ def main(cfg: DictConfig) -> Path:
     out = out_path(cfg)
     model, vae = load_model(cfg, device, dtype)
     diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler, spacing=cfg.spacing)
-    recorder = calibrate.Recorder(model, CACHED_MODULES, cfg.num_steps, cfg.samples, sketch_size=cfg.sketch_size,
-                                    epsilon=cfg.epsilon, seed=cfg.seed, timestep_fn=lambda args, kwargs: args[1])
+    recorder = calibrate.Recorder(model, cached_module_names(model), cfg.num_steps, cfg.samples,
+                                  sketch_size=cfg.sketch_size, epsilon=cfg.epsilon, seed=cfg.seed,
+                                  timestep_fn=lambda args, kwargs: args[1])
     reference, perturbed = [], []
     starts = range(0, cfg.samples, cfg.batch_size)
     for start in tqdm(starts, disable=not cfg.progress or len(starts) < 2, desc="calibration batches"):

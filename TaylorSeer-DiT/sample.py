@@ -29,9 +29,10 @@ from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
-from .checkpoints import find_checkpoint, load_dit, load_vae
+from .cache import attach_cache
 from .diffusion import SPACINGS, GaussianDiffusion
-from .sampling import attach_cache, count_flops, sample, sample_seed, to_images, warm_up
+from .flops import count_flops
+from .pipeline import find_checkpoint, load_dit, load_vae, sample, sample_seed, to_images, warm_up
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_dit"

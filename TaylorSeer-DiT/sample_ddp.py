@@ -31,8 +31,9 @@ from taylorseer.harness import distributed, runfolder, runs
 from taylorseer.harness.settings import Setting
 
 from .diffusion import GaussianDiffusion
+from .flops import count_flops
+from .pipeline import sample, sample_seed, to_images, warm_up
 from .sample import CONFIG_DIR, SAMPLING_SCHEMA, attach, load_model, run_identity, run_name, validate, weights_identity
-from .sampling import count_flops, sample, sample_seed, to_images, warm_up
 
 TAG = "sample_dit_ddp"
 CONFIG_NAME = "sample_dit_ddp"  # configs/sample_dit_ddp.yaml

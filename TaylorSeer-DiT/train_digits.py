@@ -8,7 +8,7 @@ prediction with an MSE loss over 1000 linear-beta timesteps, label dropout 0.1 f
 guidance, AdamW with warm-up and cosine decay, EMA weights (those are saved). Seeded; a checkpoint
 is written every ``save_every`` steps (atomic) and training resumes from it after a kill. The JSON
 beside the weights records the architecture, the training config and the final loss, and
-``checkpoints.load_dit`` reads it, so the bundled model loads like any other checkpoint.
+``pipeline.load_dit`` reads it, so the bundled model loads like any other checkpoint.
 """
 
 from __future__ import annotations

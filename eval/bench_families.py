@@ -84,7 +84,7 @@ def _diffusers_taylorseer(interval: int, warmup: int):
 def _dit_build(size: str, device, dtype):
     from taylorseer_dit.diffusion import GaussianDiffusion
     from taylorseer_dit.models import DiT_models
-    from taylorseer_dit.sampling import sample
+    from taylorseer_dit.pipeline import sample
 
     name, latent, classes = {"smoke": ("DiT-Tiny/2", 8, 10), "mid": ("DiT-S/2", 32, 1000),
                              "full": ("DiT-XL/2", 32, 1000)}[size]
@@ -102,7 +102,7 @@ def _dit_build(size: str, device, dtype):
 
 
 def _dit_attach(model, config, steps):
-    from taylorseer_dit.sampling import attach_cache
+    from taylorseer_dit.cache import attach_cache
 
     return attach_cache(model, config, steps)
 

@@ -23,7 +23,7 @@ MODELS: dict[str, tuple[tuple[int, int, int], Callable[[CacheConfig, int], Flops
 
 def _dit(image_size: int):
     def count(config: CacheConfig, steps: int) -> FlopsReport:
-        from taylorseer_dit.sampling import meta_flops
+        from taylorseer_dit.flops import meta_flops
 
         return meta_flops(config, "DiT-XL/2", image_size, steps, cfg_scale=1.5)
 

@@ -99,10 +99,10 @@ def measure(model: str, sampler: Sampler, kind: str, stores=STORES, progress: bo
 # ------------------------------------------------------------------------------------------------ models
 def digits_sampler(num_samples: int = 100) -> Sampler:
     """The demo's sampling (same seeds: one batch seeded 0, classes i % 10), with the cache's bytes."""
-    from taylorseer_dit.checkpoints import load_dit
+    from taylorseer_dit.cache import attach_cache
     from taylorseer_dit.diffusion import GaussianDiffusion
     from taylorseer_dit.digits import DIT_CHECKPOINT
-    from taylorseer_dit.sampling import attach_cache, sample, to_images
+    from taylorseer_dit.pipeline import load_dit, sample, to_images
 
     torch.manual_seed(0)
     model = load_dit(DIT_CHECKPOINT)

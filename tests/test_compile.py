@@ -92,9 +92,10 @@ def test_uncached_model_compiles_its_blocks_whole():
 
 
 def test_dit_cached_compiled_sampling():
+    from taylorseer_dit.cache import attach_cache
     from taylorseer_dit.diffusion import GaussianDiffusion
     from taylorseer_dit.models import DiT_models
-    from taylorseer_dit.sampling import attach_cache, sample
+    from taylorseer_dit.pipeline import sample
 
     torch.manual_seed(0)
     model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10, in_channels=4).eval()

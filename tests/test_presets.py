@@ -135,9 +135,10 @@ def test_hunyuan_video_lean_option_is_close_and_cheaper(hunyuan):
 
 @pytest.mark.parametrize("order", [1, 3])
 def test_dit_preset_equals_the_hand_written_attachment(order):
+    from taylorseer_dit.cache import attach_cache
     from taylorseer_dit.diffusion import GaussianDiffusion
     from taylorseer_dit.models import DiT_models
-    from taylorseer_dit.sampling import attach_cache, sample
+    from taylorseer_dit.pipeline import sample
 
     torch.manual_seed(0)
     model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10).eval()

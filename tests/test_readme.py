@@ -147,7 +147,7 @@ def tiny(tmp_path_factory) -> dict:
     (official file name) and an SD-style VAE, a FluxPipeline, a HunyuanVideoPipeline."""
     from diffusers.models import AutoencoderKL
 
-    from taylorseer_dit import checkpoints
+    from taylorseer_dit import pipeline
     from taylorseer_dit.models import DiT_models
 
     root = tmp_path_factory.mktemp("readme")
@@ -156,7 +156,7 @@ def tiny(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=1000)
     model.initialize_weights(zero_init=False)
-    torch.save(model.state_dict(), dit / checkpoints.official_name("DiT-Tiny/2", 64))
+    torch.save(model.state_dict(), dit / pipeline.official_name("DiT-Tiny/2", 64))
     AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8
                   ).save_pretrained(dit / "vae")

@@ -270,8 +270,9 @@ def test_full_steps_refuses_adaptive():
 
 # ------------------------------------------------------------------------------------------------- FLOPs
 def test_flops_of_adaptive_count_the_probe_and_the_steps_that_ran():
+    from taylorseer_dit.cache import attach_cache
+    from taylorseer_dit.flops import count_flops
     from taylorseer_dit.models import DiT_models
-    from taylorseer_dit.sampling import attach_cache, count_flops
 
     torch.manual_seed(0)
     dit = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10).eval()
