@@ -240,9 +240,9 @@ def _save_grid(folder: Path, names: list[str], nrow: int) -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG, also=(AssertionError,))  # the scripts assert their arguments with messages
-def _cli(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     main(cfg)
 
 
 if __name__ == "__main__":
-    _cli()
+    cli()

@@ -17,7 +17,7 @@ from taylorseer.harness.diffusers_io import load_pipeline
 from taylorseer.harness.runs import timed
 from taylorseer.perf import peers
 
-from .cache import apply_flux_cache
+from .cache import attach_cache
 
 PIPELINES = ("FluxPipeline", "FluxKontextPipeline")
 
@@ -101,7 +101,7 @@ class FluxCache:
             peers.enable(transformer, self.config)
             self._diffusers_on = True
         elif self.config.enabled:
-            cache = apply_flux_cache(transformer, self.config, self.num_steps, forecast_text=self.forecast_text)
+            cache = attach_cache(transformer, self.config, self.num_steps, forecast_text=self.forecast_text)
         if self.compile:
             taylorseer.compile(transformer)
         return cache

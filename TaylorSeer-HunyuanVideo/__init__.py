@@ -5,5 +5,5 @@
     runner     the model-agnostic half of a sampling run (items/seeds, resume, probes, errors)
     video_io   mp4 writing/reading, VBench file names
     sample     the Hydra app behind scripts/sample_hunyuan_video.sh
-    estimate   FLOPs and cache size of the full-size model on the meta device
+    flops      FLOPs and cache size of the full-size model on the meta device
 """

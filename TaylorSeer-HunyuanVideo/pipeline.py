@@ -19,7 +19,7 @@ from taylorseer.harness.diffusers_io import WeightsNotFoundError, load_pipeline
 from taylorseer.harness.runs import timed
 from taylorseer.perf import peers
 
-from .cache import attach
+from .cache import attach_cache
 from .runner import CallStats, StepProbe
 
 HUB_ID = "hunyuanvideo-community/HunyuanVideo"
@@ -70,7 +70,7 @@ def place(pipe: HunyuanVideoPipeline, device: torch.device, cpu_offload: bool = 
     """Move the pipeline to ``device``, or let diffusers offload whole models to the CPU between uses.
 
     Offloading is diffusers' ``enable_model_cpu_offload`` (one model on the GPU at a time). Call it
-    after :func:`attach_cache`: accelerate then wraps the cache's hooks, and its per-call re-wrapping
+    after :func:`enable_cache`: accelerate then wraps the cache's hooks, and its per-call re-wrapping
     restores them. Sequential (per-layer) offload is not offered: it rewrites every submodule's forward.
     """
     device = torch.device(device)
@@ -83,7 +83,7 @@ def place(pipe: HunyuanVideoPipeline, device: torch.device, cpu_offload: bool = 
         pipe.to(device)
 
 
-def attach_cache(pipe: HunyuanVideoPipeline, config: CacheConfig, num_steps: int,
+def enable_cache(pipe: HunyuanVideoPipeline, config: CacheConfig, num_steps: int,
                  single_attention: bool = True, impl: str = "taylorseer") -> ForecastCache | None:
     """The forecasting cache on ``pipe.transformer`` (None when the cache is disabled: pure diffusers, or when
     ``impl="diffusers"`` puts diffusers' own TaylorSeer hook there instead, the peer baseline)."""
@@ -92,7 +92,7 @@ def attach_cache(pipe: HunyuanVideoPipeline, config: CacheConfig, num_steps: int
     if impl == "diffusers":
         peers.enable(pipe.transformer, config)
         return None
-    return attach(pipe.transformer, config, num_steps, single_attention)
+    return attach_cache(pipe.transformer, config, num_steps, single_attention)
 
 
 @dataclass

@@ -37,7 +37,7 @@ def _flux(config: CacheConfig, steps: int) -> FlopsReport:
 
 
 def _hunyuan_video(config: CacheConfig, steps: int) -> FlopsReport:
-    from taylorseer_hunyuan_video.estimate import count_run_flops
+    from taylorseer_hunyuan_video.flops import count_run_flops
 
     return count_run_flops(config, num_steps=steps, single_attention=False)
 

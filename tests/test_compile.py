@@ -49,11 +49,11 @@ def _rel(a, b):
 
 
 def test_flux_cached_compiled_equals_eager_and_compiles_once_per_class_and_shape():
-    from taylorseer_flux.cache import apply_flux_cache
+    from taylorseer_flux.cache import attach_cache
 
     model, inputs = _flux()
     config = CacheConfig(interval=3, max_order=2, first_enhance=2)
-    apply_flux_cache(model, config, 12)
+    attach_cache(model, config, 12)
     eager = _euler(model, inputs, 12)
     report = ts_compile(model)
     # The cache's parts: double blocks' attn and ff compiled inside the cache's full-step call; norms and the
