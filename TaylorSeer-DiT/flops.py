@@ -29,8 +29,8 @@ def count_flops(model: DiT, config: CacheConfig, num_steps: int, cfg_scale: floa
         return taylorseer.count_schedule(lambda: model(x, t, y), cache if config.enabled else None, num_steps)
 
 
-def meta_flops(config: CacheConfig, model: str = "DiT-XL/2", image_size: int = 256, num_steps: int = 50,
-               cfg_scale: float = 1.5) -> FlopsReport:
+def count_run_flops(config: CacheConfig, model: str = "DiT-XL/2", image_size: int = 256, num_steps: int = 50,
+                    cfg_scale: float = 1.5) -> FlopsReport:
     """FLOPs of one image's sampling run for a full-size DiT, counted on the meta device (no weights)."""
     with torch.device("meta"):
         dit = build_model(model, image_size)

@@ -89,7 +89,7 @@ def flux_cache_bytes(transformer_config: dict, cache_config: CacheConfig, *, hei
                              lambda: model(**kwargs), cache_config)
 
 
-def count_flux_flops(
+def count_run_flops(
     transformer_config: dict,
     cache_config: CacheConfig | None,
     num_steps: int,

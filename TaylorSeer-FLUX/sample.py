@@ -35,7 +35,7 @@ from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
-from .flops import count_flux_flops
+from .flops import count_run_flops
 from .pipeline import PIPELINES, FluxCache, flux_configs, generate, load_flux
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -278,10 +278,10 @@ def count_flops(cfg: DictConfig, cache_config: CacheConfig, transformer_config: 
         # No call in this run (all images there already): FluxPipeline's token counts.
         patch = 2 * vae_scale
         shapes = dict(image_tokens=(cfg.height // patch) * (cfg.width // patch), text_tokens=cfg.max_sequence_length)
-    return count_flux_flops(transformer_config, cache_config, cfg.num_steps,
-                            num_image_tokens=shapes["image_tokens"], text_tokens=shapes["text_tokens"],
-                            calls_per_step=2 if cfg.true_cfg_scale > 1 else 1, forecast_text=cfg.forecast_text,
-                            impl=cfg.cache_impl)
+    return count_run_flops(transformer_config, cache_config, cfg.num_steps,
+                           num_image_tokens=shapes["image_tokens"], text_tokens=shapes["text_tokens"],
+                           calls_per_step=2 if cfg.true_cfg_scale > 1 else 1, forecast_text=cfg.forecast_text,
+                           impl=cfg.cache_impl)
 
 
 def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, device, dtype, **more) -> dict:

@@ -17,7 +17,7 @@ import taylorseer  # noqa: E402
 from taylorseer import CacheConfig  # noqa: E402
 from taylorseer.harness.diffusers_io import WeightsNotFoundError  # noqa: E402
 from taylorseer_flux.cache import attach_cache, cached_module_names  # noqa: E402
-from taylorseer_flux.flops import count_flux_flops, transformer_inputs  # noqa: E402
+from taylorseer_flux.flops import count_run_flops, transformer_inputs  # noqa: E402
 from taylorseer_flux.pipeline import generate, load_flux  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -126,7 +126,7 @@ def test_forecast_call_flops_are_embedders_gates_and_final_layer_only():
     from diffusers import FluxTransformer2DModel
 
     image_tokens, text_tokens = 64, TEXT_TOKENS
-    report = count_flux_flops(TINY_TRANSFORMER, PAPER, STEPS, num_image_tokens=image_tokens, text_tokens=text_tokens)
+    report = count_run_flops(TINY_TRANSFORMER, PAPER, STEPS, num_image_tokens=image_tokens, text_tokens=text_tokens)
     with torch.device("meta"):
         model = FluxTransformer2DModel(**TINY_TRANSFORMER)
     expected = _linear_flops(model, {"x_embedder": image_tokens, "context_embedder": text_tokens,
@@ -276,7 +276,7 @@ def test_kontext_pipeline_from_the_same_folder(tiny_dir):
 def test_flux_dev_flops_on_meta_match_the_published_count():
     from taylorseer_flux.flops import FLUX_DEV_TRANSFORMER
 
-    report = count_flux_flops(FLUX_DEV_TRANSFORMER, PAPER, STEPS, height=1024, width=1024, text_tokens=512)
+    report = count_run_flops(FLUX_DEV_TRANSFORMER, PAPER, STEPS, height=1024, width=1024, text_tokens=512)
     assert report.full_step_flops / 1e12 == pytest.approx(74.38, abs=0.01)
     assert report.flops_uncached / 1e12 == pytest.approx(3726.87, rel=0.01)
     assert report.full_steps == 10
