@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
-from taylorseer.harness import calibrate, runs
+from taylorseer.harness import calibrate, distributed, runs
 from taylorseer.harness.settings import Setting
 
 from .cache import cached_module_names
@@ -48,10 +48,8 @@ def out_path(cfg: DictConfig) -> Path:
 
 def main(cfg: DictConfig) -> Path:
     validate(cfg, SCHEMA, TAG, check_labels=False)
-    if cfg.samples % cfg.num_steps:
-        raise ValueError(f"samples={cfg.samples}: expected a multiple of num_steps={cfg.num_steps} (sample i measures "
-                         f"step i mod num_steps), e.g. samples={2 * cfg.num_steps}")
-    device = runs.resolve_device(cfg.device)
+    calibrate.check_samples(cfg.samples, cfg.num_steps)
+    device = distributed.select_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out = out_path(cfg)
     model, vae = load_model(cfg, device, dtype)

@@ -20,6 +20,7 @@ import torch
 
 import taylorseer
 from taylorseer.core.schedule import warm_up_steps
+from taylorseer.harness.diffusers_io import dtype_keyword
 
 from .diffusion import GaussianDiffusion, StepCallback, draw_noise
 from .models import DiT, DiT_models
@@ -133,7 +134,7 @@ def load_vae(vae: str, dtype: torch.dtype = torch.float32):
 
     source = VAE_REPOS.get(vae, vae)
     try:
-        return AutoencoderKL.from_pretrained(source, torch_dtype=dtype).eval()
+        return AutoencoderKL.from_pretrained(source, **{dtype_keyword(): dtype}).eval()
     except (OSError, ValueError) as err:
         raise CheckpointNotFoundError(
             f"could not load the VAE {source!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "

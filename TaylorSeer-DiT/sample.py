@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import taylorseer
 from taylorseer import CacheConfig
-from taylorseer.harness import runfolder, runs, settings
+from taylorseer.harness import distributed, runfolder, runs, settings
 from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
@@ -143,7 +143,7 @@ def run_dir(cfg: DictConfig) -> Path:
 
 def main(cfg: DictConfig) -> dict:
     cache_config = validate(cfg)
-    device = runs.resolve_device(cfg.device)
+    device = distributed.select_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out_dir = run_dir(cfg)
     weights = weights_identity(cfg)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
-from taylorseer.harness import calibrate, runs
+from taylorseer.harness import calibrate, distributed, runs
 from taylorseer.harness.settings import Setting
 
 from . import sample as sample_app
@@ -48,10 +48,8 @@ def main(cfg: DictConfig) -> Path:
         if why:
             raise ValueError(f"{key}={extra[key]!r} is invalid: {why}")
     _, prompts = sample_app.validate(OmegaConf.create(plain))
-    if cfg.samples % cfg.num_steps:
-        raise ValueError(f"samples={cfg.samples}: expected a multiple of num_steps={cfg.num_steps} (image i measures "
-                         f"step i mod num_steps), e.g. samples={2 * cfg.num_steps}")
-    device = runs.resolve_device(cfg.device)
+    calibrate.check_samples(cfg.samples, cfg.num_steps)
+    device = distributed.select_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out = out_path(cfg)
     pipe = load_flux(cfg.model.path, pipeline=cfg.model.pipeline, dtype=dtype, device=device,

@@ -22,15 +22,6 @@ from .cache import attach_cache
 PIPELINES = ("FluxPipeline", "FluxKontextPipeline")
 
 
-def _dtype_keyword() -> str:
-    # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns); older ones need torch_dtype.
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return "torch_dtype"
-    return "dtype"
-
-
 def load_flux(source: str, *, pipeline: str = "FluxPipeline", dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu", cpu_offload: bool = False, vae_tiling: bool = False,
               vae_slicing: bool = False):
@@ -48,7 +39,7 @@ def load_flux(source: str, *, pipeline: str = "FluxPipeline", dtype: torch.dtype
         raise ValueError(f"cpu_offload=true moves models to and from a CUDA device, but device is {device}: "
                          "set device=cuda or cpu_offload=false")
     # Kontext and plain FLUX folders hold the same components: either loads as either pipeline.
-    pipe = load_pipeline(getattr(diffusers, pipeline), source, accept=PIPELINES, **{_dtype_keyword(): dtype})
+    pipe = load_pipeline(getattr(diffusers, pipeline), source, accept=PIPELINES, dtype=dtype)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

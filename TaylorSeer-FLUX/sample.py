@@ -65,9 +65,9 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     """Everything that can be checked before a model is loaded; returns the cache config and the prompts."""
     plain, cache_config = settings.check_app(cfg, SCHEMA, TAG, "flux", CONFIG_DIR)
     prompts = read_prompts(plain["prompt"], cfg.prompt_file)
-    if cfg.cpu_offload and runs.resolve_device(cfg.device).type != "cuda":
+    if cfg.cpu_offload and distributed.select_device(cfg.device).type != "cuda":
         raise ValueError(f"cpu_offload=true moves models to and from a CUDA device, but device={cfg.device!r} "
-                         f"resolves to {runs.resolve_device(cfg.device)}: set device=cuda or cpu_offload=false")
+                         f"resolves to {distributed.select_device(cfg.device)}: set device=cuda or cpu_offload=false")
     if cfg.model.pipeline == "FluxKontextPipeline":
         if not cfg.image or not Path(cfg.image).expanduser().is_file():
             raise ValueError(f"image={cfg.image!r}: FLUX Kontext edits an input image; pass image=path/to/input.png")

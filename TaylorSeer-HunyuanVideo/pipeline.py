@@ -25,15 +25,6 @@ from .runner import CallStats, StepProbe
 HUB_ID = "hunyuanvideo-community/HunyuanVideo"
 
 
-def _dtype_keyword() -> str:
-    # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns); older ones take torch_dtype.
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return "torch_dtype"
-    return "dtype"
-
-
 def load_hunyuan_video(source: str = HUB_ID, *, dtype: torch.dtype = torch.bfloat16, flow_shift: float = 7.0,
                        vae_tiling: bool = False) -> HunyuanVideoPipeline:
     """``HunyuanVideoPipeline.from_pretrained(source)`` on the CPU, with the flow shift set.
@@ -42,7 +33,7 @@ def load_hunyuan_video(source: str = HUB_ID, *, dtype: torch.dtype = torch.bfloa
     weights) when it cannot load. Call :func:`place` after attaching the cache.
     """
     try:
-        pipe = load_pipeline(HunyuanVideoPipeline, source, **{_dtype_keyword(): dtype})
+        pipe = load_pipeline(HunyuanVideoPipeline, source, dtype=dtype)
     except WeightsNotFoundError as err:
         raise WeightsNotFoundError(f"{err} HunyuanVideo in the diffusers layout is `huggingface-cli download {HUB_ID} "
                                    f"--local-dir DIR`, then model.path=DIR.") from err

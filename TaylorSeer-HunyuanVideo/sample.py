@@ -91,9 +91,9 @@ def main(cfg: DictConfig) -> dict | None:
     Returns the metrics written (every video of the folder, this run's and earlier ones) on the main
     process, None on the others."""
     cache_config, prompts = validate(cfg)
-    if cfg.cpu_offload and runs.resolve_device(cfg.device).type != "cuda":
+    if cfg.cpu_offload and distributed.select_device(cfg.device).type != "cuda":
         raise ValueError(f"cpu_offload=true needs a CUDA device (device={cfg.device!r} resolves to "
-                         f"{runs.resolve_device(cfg.device)}); set cpu_offload=false")
+                         f"{distributed.select_device(cfg.device)}); set cpu_offload=false")
     session = distributed.init(cfg.device)
     try:
         return _run(cfg, cache_config, prompts, session)
