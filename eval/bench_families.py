@@ -217,7 +217,7 @@ def _preset_family(name: str, interval: int, warmup: int, what: str) -> Family:
 
     import diffusers
 
-    has_hook = hasattr(getattr(diffusers, families._CLASSES[name]), "enable_cache")  # diffusers' CacheMixin
+    has_hook = hasattr(getattr(diffusers, families.class_name(name)), "enable_cache")  # diffusers' CacheMixin
     return Family(name, interval, warmup, build, attach, _preset_ideal,
                   _diffusers_taylorseer(interval, warmup) if has_hook else None,
                   describe={"smoke": f"{what}, tiny", "mid": f"{what}, 4 blocks, hidden 256, ~1024 tokens"})
