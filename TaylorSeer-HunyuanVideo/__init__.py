@@ -6,4 +6,5 @@
     video_io   mp4 writing/reading, VBench file names
     sample     the Hydra app behind scripts/sample_hunyuan_video.sh
     flops      FLOPs and cache size of the full-size model on the meta device
+    calibrate  the calibration file of cache.schedule=calibrated (scripts/calibrate.sh hunyuan_video)
 """

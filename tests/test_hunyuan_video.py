@@ -469,3 +469,23 @@ def test_diffusers_hook_baseline_runs_in_the_same_app(monkeypatch, tiny_dir, tmp
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["full_steps"] == 3 and metrics["cached_modules"] == 0  # steps 0, 2, 7: diffusers' own rule
     assert 1 < metrics["compression"] < 10 / 3
+
+
+def test_calibrate_app_writes_a_file_the_sampler_reads(monkeypatch, tiny_dir, tmp_path):
+    from taylorseer_hunyuan_video import calibrate as calibrate_app
+
+    common = [f"model.path={tiny_dir}", f"out_root={tmp_path}", f"height={H}", f"width={W}", f"num_frames={F}",
+              f"max_sequence_length={TEXT}", "num_steps=6", "progress=false", "prompt=[a cat walks,a dog runs]"]
+    monkeypatch.setattr(sys, "argv", ["calibrate", *common, "samples=6", "sketch_size=64"])
+    calibrate_app.cli()
+    path = tmp_path / "calibrations" / f"hunyuan_video-6steps-{H}x{W}x{F}-seed1.json"
+    data = json.loads(path.read_text())
+    n_double, n_single = TRANSFORMER_CONFIG["num_layers"], TRANSFORMER_CONFIG["num_single_layers"]
+    assert data["num_steps"] == 6 and data["samples"] == 6 and data["modules"] == 3 * n_double + n_single
+    assert data["settings"]["app"] == "hunyuan_video" and len(data["sensitivity"]) == 6
+    assert data["flops"]["per_run"] > 0
+    monkeypatch.setattr(sys, "argv", ["sample", *common, "videos_per_prompt=1", "warmup=false",
+                                      "cache.schedule=calibrated", "cache.budget=3", f"cache.calibration={path}"])
+    sample.cli()
+    run = next((tmp_path / "hunyuan_video").glob("*-6steps-*"))
+    assert json.loads((run / "metrics.json").read_text())["full_steps"] == 3
