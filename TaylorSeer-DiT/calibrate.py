@@ -25,8 +25,8 @@ from taylorseer.harness.settings import Setting
 from .cache import cached_module_names
 from .diffusion import GaussianDiffusion
 from .flops import count_flops
-from .pipeline import sample, sample_seed, to_images
-from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, validate
+from .pipeline import load_model, sample, sample_seed, to_images
+from .sample import CONFIG_DIR, SAMPLING_SCHEMA, validate
 from .sample_ddp import class_label
 
 TAG = "calibrate_dit"

@@ -21,6 +21,7 @@ import torch
 import taylorseer
 from taylorseer.core.schedule import warm_up_steps
 from taylorseer.harness.diffusers_io import dtype_keyword
+from taylorseer.perf.attention import set_attention_backend
 
 from .diffusion import GaussianDiffusion, StepCallback, draw_noise
 from .models import DiT, DiT_models
@@ -126,6 +127,17 @@ def load_dit(path: str | Path, model: str = "DiT-XL/2", image_size: int = 256, n
         )
     dit.load_state_dict(state, strict=True)
     return dit.eval()
+
+
+def load_model(cfg, device: torch.device, dtype: torch.dtype):
+    """(model, vae) for an app's ``cfg`` (its ``model.*`` settings and ``attention_backend``): everything that
+    can fail on missing or broken weights (or an attention backend that cannot run here) fails here."""
+    path = find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
+    model = load_dit(path, cfg.model.name, cfg.model.image_size, cfg.model.num_classes, cfg.model.in_channels,
+                     cfg.model.latent).to(device=device, dtype=dtype)
+    set_attention_backend(model, cfg.attention_backend)
+    vae = load_vae(cfg.model.vae, dtype).to(device) if cfg.model.latent else None
+    return model, vae
 
 
 def load_vae(vae: str, dtype: torch.dtype = torch.float32):

@@ -32,8 +32,16 @@ from taylorseer.harness.settings import Setting
 
 from .diffusion import GaussianDiffusion
 from .flops import count_flops
-from .pipeline import sample, sample_seed, to_images, warm_up
-from .sample import CONFIG_DIR, SAMPLING_SCHEMA, attach, load_model, run_identity, run_name, validate, weights_identity
+from .pipeline import load_model, sample, sample_seed, to_images, warm_up
+from .sample import (
+    CONFIG_DIR,
+    SAMPLING_SCHEMA,
+    enable_cache,
+    run_identity,
+    run_name,
+    validate,
+    weights_identity,
+)
 
 TAG = "sample_dit_ddp"
 CONFIG_NAME = "sample_dit_ddp"  # configs/sample_dit_ddp.yaml
@@ -82,7 +90,7 @@ def main(cfg: DictConfig) -> Path:
         todo = [i for i in range(cfg.num_samples) if i not in done]
         session.barrier()  # every rank has read the same state before anyone writes
         mine = session.shard(todo)
-        attach(model, cache_config, cfg)
+        enable_cache(model, cache_config, cfg)
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
         if session.is_main:
             print(f"[{TAG}] {cfg.num_samples} samples, {len(todo)} to make on {world} rank(s) -> {sample_dir}")
