@@ -89,7 +89,9 @@ PLANS = [
          error="cpu_offload=true needs a CUDA device"),
     Plan(r"NPROC=8 bash scripts/sample_hunyuan_video.sh.*", replace=(("NPROC=8", "NPROC=2"),), append=TINY_HV),
     Plan(r"bash scripts/sample_hunyuan_video.sh.*", append=TINY_HV),
-    Plan(r"python -m taylorseer_hunyuan_video.flops .*"),
+    # estimate.py is flops.py now; the alternative keeps the README's old name runnable until the docs say flops.
+    Plan(r"python -m taylorseer_hunyuan_video\.(flops|estimate) .*",
+         replace=(("taylorseer_hunyuan_video.estimate", "taylorseer_hunyuan_video.flops"),)),
     # schedule policies and the 8-bit store (the calibration is written into the working folder, then read)
     Plan(r"bash scripts/calibrate.sh dit .*", append="samples=50 batch_size=50 progress=false"),
     Plan(r"python -m taylorseer_eval.store_fidelity --full-size"),
