@@ -19,13 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
-from taylorseer.harness import calibrate, runs
+from taylorseer.harness import calibrate, distributed, runs
 from taylorseer.harness.settings import Setting
 
+from .cache import cached_module_names
 from .diffusion import GaussianDiffusion
-from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, validate
+from .flops import count_flops
+from .pipeline import load_model, sample, sample_seed, to_images
+from .sample import CONFIG_DIR, SAMPLING_SCHEMA, validate
 from .sample_ddp import class_label
-from .sampling import CACHED_MODULES, count_flops, sample, sample_seed, to_images
 
 TAG = "calibrate_dit"
 CONFIG_NAME = "calibrate_dit"
@@ -46,16 +48,15 @@ def out_path(cfg: DictConfig) -> Path:
 
 def main(cfg: DictConfig) -> Path:
     validate(cfg, SCHEMA, TAG, check_labels=False)
-    if cfg.samples % cfg.num_steps:
-        raise ValueError(f"samples={cfg.samples}: expected a multiple of num_steps={cfg.num_steps} (sample i measures "
-                         f"step i mod num_steps), e.g. samples={2 * cfg.num_steps}")
-    device = runs.resolve_device(cfg.device)
+    calibrate.check_samples(cfg.samples, cfg.num_steps)
+    device = distributed.select_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out = out_path(cfg)
     model, vae = load_model(cfg, device, dtype)
     diffusion = GaussianDiffusion(cfg.num_steps, cfg.sampler, spacing=cfg.spacing)
-    recorder = calibrate.Recorder(model, CACHED_MODULES, cfg.num_steps, cfg.samples, sketch_size=cfg.sketch_size,
-                                    epsilon=cfg.epsilon, seed=cfg.seed, timestep_fn=lambda args, kwargs: args[1])
+    recorder = calibrate.Recorder(model, cached_module_names(model), cfg.num_steps, cfg.samples,
+                                  sketch_size=cfg.sketch_size, epsilon=cfg.epsilon, seed=cfg.seed,
+                                  timestep_fn=lambda args, kwargs: args[1])
     reference, perturbed = [], []
     starts = range(0, cfg.samples, cfg.batch_size)
     for start in tqdm(starts, disable=not cfg.progress or len(starts) < 2, desc="calibration batches"):
@@ -76,9 +77,9 @@ def main(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG)
-def _cli(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     main(cfg)
 
 
 if __name__ == "__main__":
-    _cli()
+    cli()

@@ -30,11 +30,12 @@ from taylorseer_eval.fid import frechet_distance
 from taylorseer_eval.fidelity import finite_mean, psnr
 from taylorseer_eval.report import markdown_table, quality_vs_speedup_plot, write_csv
 
-from .checkpoints import find_checkpoint, load_dit
+from .cache import attach_cache
 from .diffusion import SPACINGS, GaussianDiffusion
 from .digits import load_classifier, load_split
+from .flops import count_flops
+from .pipeline import find_checkpoint, load_dit, sample, to_images
 from .sample import CONFIG_DIR, MODEL_SCHEMA
-from .sampling import attach_cache, count_flops, sample, to_images
 
 CONFIG_NAME = "demo"  # configs/demo.yaml
 
@@ -193,9 +194,9 @@ def main(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors("demo", also=(AssertionError,))  # the scripts assert their arguments with messages
-def _cli(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     main(cfg)
 
 
 if __name__ == "__main__":
-    _cli()
+    cli()

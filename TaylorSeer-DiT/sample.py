@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 import taylorseer
 from taylorseer import CacheConfig
-from taylorseer.harness import runfolder, runs, settings
+from taylorseer.harness import distributed, runfolder, runs, settings
 from taylorseer.harness.settings import Setting
-from taylorseer.perf.attention import set_attention_backend
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
-from .checkpoints import find_checkpoint, load_dit, load_vae
+from .cache import attach_cache
 from .diffusion import SPACINGS, GaussianDiffusion
-from .sampling import attach_cache, count_flops, sample, sample_seed, to_images, warm_up
+from .flops import count_flops
+from .pipeline import find_checkpoint, load_model, sample, sample_seed, to_images, warm_up
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_dit"
@@ -101,18 +101,7 @@ def weights_identity(cfg: DictConfig) -> dict:
     return weights
 
 
-def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
-    """(model, vae): everything that can fail on missing or broken weights (or an attention backend that
-    cannot run here) fails here."""
-    path = find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
-    model = load_dit(path, cfg.model.name, cfg.model.image_size, cfg.model.num_classes, cfg.model.in_channels,
-                     cfg.model.latent).to(device=device, dtype=dtype)
-    set_attention_backend(model, cfg.attention_backend)
-    vae = load_vae(cfg.model.vae, dtype).to(device) if cfg.model.latent else None
-    return model, vae
-
-
-def attach(model, cache_config: CacheConfig, cfg: DictConfig):
+def enable_cache(model, cache_config: CacheConfig, cfg: DictConfig):
     """The cache on ``model``, then (``compile=true``) the regional compile, which must come after it."""
     cache = attach_cache(model, cache_config, cfg.num_steps)
     if cfg.compile:
@@ -142,7 +131,7 @@ def run_dir(cfg: DictConfig) -> Path:
 
 def main(cfg: DictConfig) -> dict:
     cache_config = validate(cfg)
-    device = runs.resolve_device(cfg.device)
+    device = distributed.select_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out_dir = run_dir(cfg)
     weights = weights_identity(cfg)
@@ -160,7 +149,7 @@ def main(cfg: DictConfig) -> dict:
         done = {i: r for i, r in done.items() if i < len(names) and r["file"] == names[i]
                 and (not compare or "psnr" in r)}
         todo = [i for i in range(len(labels)) if i not in done]
-        attach(model, cache_config, cfg)
+        enable_cache(model, cache_config, cfg)
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
         if todo and cfg.warmup:
             warm_up(model, diffusion, cfg.cfg_scale, min(len(todo), cfg.batch_size))
@@ -213,7 +202,7 @@ class _detached:
         detach(self.model)
 
     def __exit__(self, *exc):
-        attach(self.model, self.config, self.cfg)
+        enable_cache(self.model, self.config, self.cfg)
 
 
 def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, done: dict, device, dtype) -> dict:
@@ -239,9 +228,9 @@ def _save_grid(folder: Path, names: list[str], nrow: int) -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG, also=(AssertionError,))  # the scripts assert their arguments with messages
-def _cli(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     main(cfg)
 
 
 if __name__ == "__main__":
-    _cli()
+    cli()

@@ -31,8 +31,17 @@ from taylorseer.harness import distributed, runfolder, runs
 from taylorseer.harness.settings import Setting
 
 from .diffusion import GaussianDiffusion
-from .sample import CONFIG_DIR, SAMPLING_SCHEMA, attach, load_model, run_identity, run_name, validate, weights_identity
-from .sampling import count_flops, sample, sample_seed, to_images, warm_up
+from .flops import count_flops
+from .pipeline import load_model, sample, sample_seed, to_images, warm_up
+from .sample import (
+    CONFIG_DIR,
+    SAMPLING_SCHEMA,
+    enable_cache,
+    run_identity,
+    run_name,
+    validate,
+    weights_identity,
+)
 
 TAG = "sample_dit_ddp"
 CONFIG_NAME = "sample_dit_ddp"  # configs/sample_dit_ddp.yaml
@@ -81,7 +90,7 @@ def main(cfg: DictConfig) -> Path:
         todo = [i for i in range(cfg.num_samples) if i not in done]
         session.barrier()  # every rank has read the same state before anyone writes
         mine = session.shard(todo)
-        attach(model, cache_config, cfg)
+        enable_cache(model, cache_config, cfg)
         flops = count_flops(model, cache_config, cfg.num_steps, cfg.cfg_scale)
         if session.is_main:
             print(f"[{TAG}] {cfg.num_samples} samples, {len(todo)} to make on {world} rank(s) -> {sample_dir}")
@@ -155,9 +164,9 @@ def _write_metrics(out_dir: Path, cfg: DictConfig, cache_config: CacheConfig, fl
 
 @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG, also=(AssertionError,))  # the scripts assert their arguments with messages
-def _cli(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     main(cfg)
 
 
 if __name__ == "__main__":
-    _cli()
+    cli()

@@ -36,17 +36,10 @@ import torch
 import taylorseer
 from taylorseer import CacheConfig, ForecastCache
 
-DOUBLE_MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context")
+PRESET = "flux"
 
 
-def block_names(transformer: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Exact module names of the double- and single-stream blocks (fnmatch's ``*`` would also match children)."""
-    double = [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))]
-    single = [f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))]
-    return double, single
-
-
-def apply_flux_cache(
+def attach_cache(
     transformer: torch.nn.Module,
     config: CacheConfig,
     num_steps: int | None = None,
@@ -64,5 +57,13 @@ def apply_flux_cache(
         short_double: use the short forecast-step forward of the double-stream blocks (same output up to
             float rounding; False leaves the double blocks' own forward in place, the plain-cached-modules way).
     """
-    preset = taylorseer.presets.get("flux", forecast_text=forecast_text, short_double=short_double)
+    preset = taylorseer.presets.get(PRESET, forecast_text=forecast_text, short_double=short_double)
     return taylorseer.apply(transformer, config, preset=preset, num_steps=num_steps)
+
+
+def cached_module_names(transformer: torch.nn.Module, *, forecast_text: bool = False,
+                        short_double: bool = True) -> list[str]:
+    """Names of the modules whose outputs the cache records, from the preset: each double block's ``attn`` and ``ff``
+    (and ``ff_context`` with ``forecast_text`` or without ``short_double``), each single block's ``proj_out``."""
+    preset = taylorseer.presets.get(PRESET, forecast_text=forecast_text, short_double=short_double)
+    return taylorseer.presets.cached_modules(transformer, preset)

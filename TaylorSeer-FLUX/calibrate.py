@@ -19,15 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
-from taylorseer.harness import calibrate, runs
+from taylorseer.harness import calibrate, distributed, runs
 from taylorseer.harness.settings import Setting
 
 from . import sample as sample_app
+from .cache import cached_module_names
 from .pipeline import generate, load_flux
 
 TAG = "calibrate_flux"
 CONFIG_NAME = "calibrate_flux"
-MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "single_transformer_blocks.*.proj_out")
 EXTRA = {"samples": Setting("int", minimum=1), "sketch_size": Setting("int", minimum=64),
          "epsilon": Setting("float", minimum=1e-6, maximum=1.0), "out": Setting("str", nullable=True)}
 
@@ -48,15 +48,13 @@ def main(cfg: DictConfig) -> Path:
         if why:
             raise ValueError(f"{key}={extra[key]!r} is invalid: {why}")
     _, prompts = sample_app.validate(OmegaConf.create(plain))
-    if cfg.samples % cfg.num_steps:
-        raise ValueError(f"samples={cfg.samples}: expected a multiple of num_steps={cfg.num_steps} (image i measures "
-                         f"step i mod num_steps), e.g. samples={2 * cfg.num_steps}")
-    device = runs.resolve_device(cfg.device)
+    calibrate.check_samples(cfg.samples, cfg.num_steps)
+    device = distributed.select_device(cfg.device)
     dtype = runs.resolve_dtype(cfg.dtype, device)
     out = out_path(cfg)
     pipe = load_flux(cfg.model.path, pipeline=cfg.model.pipeline, dtype=dtype, device=device,
                      cpu_offload=cfg.cpu_offload, vae_tiling=cfg.vae_tiling, vae_slicing=cfg.vae_slicing)
-    recorder = calibrate.Recorder(pipe.transformer, MODULES, cfg.num_steps, cfg.samples,
+    recorder = calibrate.Recorder(pipe.transformer, cached_module_names(pipe.transformer), cfg.num_steps, cfg.samples,
                                     sketch_size=cfg.sketch_size, epsilon=cfg.epsilon, seed=cfg.seed,
                                     calls_per_step=2 if cfg.true_cfg_scale > 1 else 1,
                                     timestep_fn=lambda args, kwargs: kwargs.get("timestep"))
@@ -85,9 +83,9 @@ def main(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path=sample_app.CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG)
-def _cli(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     main(cfg)
 
 
 if __name__ == "__main__":
-    _cli()
+    cli()

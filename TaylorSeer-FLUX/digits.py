@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from taylorseer.harness.training import ema_update, warmup_cosine_lr
+from taylorseer.harness import runs
+from taylorseer.harness.training import load_resume, parse_overrides, save_resume, train_steps, warmup_cosine_lr
+from taylorseer_dit.digits import load_split
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PIPELINE_DIR = ASSETS / "digits_flux"
@@ -163,11 +165,6 @@ class TrainConfig:
 
 def train(cfg: TrainConfig) -> dict:
     """Both stages, resumable: ``<out>.resume.pt`` holds the stage, step, weights, optimiser and generator."""
-    from tqdm.auto import tqdm
-
-    from taylorseer.harness import runs
-    from taylorseer_dit.digits import load_split
-
     out = Path(cfg.out)
     resume_path = out.with_suffix(".resume.pt")
     pipe = build_pipeline(cfg.seed)
@@ -175,7 +172,7 @@ def train(cfg: TrainConfig) -> dict:
     images = upsample(data["train_x"])
     labels = data["train_y"]
     g = torch.Generator().manual_seed(cfg.seed)
-    state = torch.load(resume_path, map_location="cpu", weights_only=False) if resume_path.is_file() else None
+    state = load_resume(resume_path)
     record: dict = {} if state is None else state["record"]
     if state is not None:
         print(f"[train_digits_flux] resuming: {state['stage']} at step {state['step']}")
@@ -191,21 +188,21 @@ def train(cfg: TrainConfig) -> dict:
             opt.load_state_dict(state["opt"])
             g.set_state(state["generator"])
             start, losses = state["step"], state["losses"]
-        for step in tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="train digits VAE"):
-            for group in opt.param_groups:
-                group["lr"] = warmup_cosine_lr(step, cfg.vae_steps, cfg.vae_lr, 100, cfg.vae_lr / 100)
+
+        def vae_loss(_step: int) -> torch.Tensor:
             x = images[torch.randint(len(images), (cfg.vae_batch_size,), generator=g)]
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
             recon = vae.decode(z).sample
-            loss = F.mse_loss(recon, x) + cfg.vae_kl * posterior.kl().mean() / x[0].numel()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.vae_steps:
-                _save_state(resume_path, dict(stage="vae", step=step + 1, vae=vae.state_dict(), opt=opt.state_dict(),
-                                              generator=g.get_state(), losses=losses, record=record))
+            return F.mse_loss(recon, x) + cfg.vae_kl * posterior.kl().mean() / x[0].numel()
+
+        def save_vae(step: int) -> None:
+            save_resume(resume_path, dict(stage="vae", step=step, vae=vae.state_dict(), opt=opt.state_dict(),
+                                          generator=g.get_state(), losses=losses, record=record))
+
+        train_steps(vae, opt, vae_loss, start=start, steps=cfg.vae_steps, losses=losses,
+                    lr_at=lambda step: warmup_cosine_lr(step, cfg.vae_steps, cfg.vae_lr, 100, cfg.vae_lr / 100),
+                    save=save_vae, save_every=cfg.save_every, desc="train digits VAE")
         vae.eval().requires_grad_(False)
         with torch.no_grad():
             recon = vae.decode(vae.encode(images).latent_dist.mean).sample
@@ -216,7 +213,7 @@ def train(cfg: TrainConfig) -> dict:
         # FLUX's latent normalisation: the transformer sees (z - shift) * scale, mean 0 and std 1 on the data.
         vae.register_to_config(shift_factor=float(mean.mean()), scaling_factor=float(1 / mean.std()))
         state = None
-        _save_state(resume_path, dict(stage="transformer", step=0, vae=vae.state_dict(),
+        save_resume(resume_path, dict(stage="transformer", step=0, vae=vae.state_dict(),
                                       vae_config=dict(vae.config), generator=g.get_state(), record=record))
         print(f"[train_digits_flux] VAE: {record['vae']}")
     else:
@@ -233,7 +230,7 @@ def train(cfg: TrainConfig) -> dict:
     model = pipe.transformer.train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state = torch.load(resume_path, map_location="cpu", weights_only=False) if resume_path.is_file() else None
+    state = load_resume(resume_path)
     start, losses = 0, []
     if state is not None and state["stage"] == "transformer" and "model" in state:
         model.load_state_dict(state["model"])
@@ -243,10 +240,8 @@ def train(cfg: TrainConfig) -> dict:
     if state is not None:
         g.set_state(state["generator"])
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train digits FLUX")
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr)
+
+    def flow_loss(_step: int) -> torch.Tensor:
         idx = torch.randint(len(x_all), (cfg.batch_size,), generator=g)
         x0, y = x_all[idx], labels[idx]
         noise = torch.randn(x0.shape, generator=g)
@@ -254,20 +249,17 @@ def train(cfg: TrainConfig) -> dict:
         xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
         v = model(hidden_states=xs, encoder_hidden_states=prompt_embeds[y], pooled_projections=pooled[y],
                   timestep=s, img_ids=img_ids, txt_ids=text_ids, return_dict=False)[0]
-        loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, model, cfg.ema)
-        losses.append(float(loss.detach()))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _save_state(resume_path, dict(stage="transformer", step=step + 1, vae=vae.state_dict(),
-                                          vae_config=dict(vae.config), model=model.state_dict(),
-                                          ema=ema.state_dict(), opt=opt.state_dict(), generator=g.get_state(),
-                                          losses=losses, record=record))
+        return F.mse_loss(v, noise - x0)
+
+    def save_transformer(step: int) -> None:
+        save_resume(resume_path, dict(stage="transformer", step=step, vae=vae.state_dict(),
+                                      vae_config=dict(vae.config), model=model.state_dict(), ema=ema.state_dict(),
+                                      opt=opt.state_dict(), generator=g.get_state(), losses=losses, record=record))
+
+    train_steps(model, opt, flow_loss, start=start, steps=cfg.steps, losses=losses,
+                lr_at=lambda step: warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr),
+                save=save_transformer, save_every=cfg.save_every, desc="train digits FLUX", ema=ema,
+                ema_decay=cfg.ema, clip=1.0)
 
     pipe.transformer = ema
     pipe.register_modules(transformer=ema)
@@ -287,12 +279,6 @@ def train(cfg: TrainConfig) -> dict:
     return record
 
 
-def _save_state(path: Path, state: dict) -> None:
-    from taylorseer.harness import runs
-
-    runs.atomic_write(path, lambda p: torch.save(state, p))
-
-
 def _save_pipeline(pipe, out: Path) -> None:
     """``save_pretrained`` into a temporary sibling folder, then swap it in: never a half-written folder."""
     import shutil
@@ -308,14 +294,9 @@ def _save_pipeline(pipe, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
+    """``python -m taylorseer_flux.digits key=value ...``: the VAE, then the transformer."""
     cfg = TrainConfig()
-    for arg in argv if argv is not None else sys.argv[1:]:
-        key, _, value = arg.partition("=")
-        if not hasattr(cfg, key):
-            raise SystemExit(f"unknown option {key!r}; options: {list(asdict(cfg))}")
-        setattr(cfg, key, type(getattr(cfg, key))(value))
+    parse_overrides(cfg, argv)
     torch.set_num_threads(1)  # a shared machine: one core is plenty for a model this size
     train(cfg)
 

@@ -12,6 +12,8 @@ import torch
 
 from taylorseer import CacheConfig, FlopsReport, count_schedule
 
+from .cache import attach_cache
+
 # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
 FLUX_DEV_TRANSFORMER = dict(
     patch_size=1,
@@ -81,15 +83,13 @@ def flux_cache_bytes(transformer_config: dict, cache_config: CacheConfig, *, hei
     doubles it), counted on the meta device with the cache attached as for sampling."""
     from taylorseer.attach.hooks import count_cache_bytes
 
-    from .cache import apply_flux_cache
-
     model, merged = meta_flux(transformer_config)
     kwargs = transformer_inputs(merged, image_tokens(height, width), text_tokens)
-    return count_cache_bytes(model, lambda config: apply_flux_cache(model, config, forecast_text=forecast_text),
+    return count_cache_bytes(model, lambda config: attach_cache(model, config, forecast_text=forecast_text),
                              lambda: model(**kwargs), cache_config)
 
 
-def count_flux_flops(
+def count_run_flops(
     transformer_config: dict,
     cache_config: CacheConfig | None,
     num_steps: int,
@@ -108,8 +108,6 @@ def count_flux_flops(
     image's tokens); ``calls_per_step`` is 2 with true CFG. ``cache_config=None`` or a disabled cache
     counts the uncached run. ``impl="diffusers"`` counts diffusers' own TaylorSeer hook instead of ours.
     """
-    from .cache import apply_flux_cache
-
     model, merged = meta_flux(transformer_config)
     tokens = num_image_tokens if num_image_tokens is not None else image_tokens(height, width)
     kwargs = transformer_inputs(merged, tokens, text_tokens)
@@ -123,5 +121,5 @@ def count_flux_flops(
             from taylorseer.perf.peers import count_diffusers_schedule
 
             return count_diffusers_schedule(model, call, cache_config, num_steps, calls_per_step)
-        cache = apply_flux_cache(model, cache_config, forecast_text=forecast_text)
+        cache = attach_cache(model, cache_config, forecast_text=forecast_text)
     return count_schedule(call, cache, num_steps, calls_per_step=calls_per_step)

@@ -17,18 +17,9 @@ from taylorseer.harness.diffusers_io import load_pipeline
 from taylorseer.harness.runs import timed
 from taylorseer.perf import peers
 
-from .cache import apply_flux_cache
+from .cache import attach_cache
 
 PIPELINES = ("FluxPipeline", "FluxKontextPipeline")
-
-
-def _dtype_keyword() -> str:
-    # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns); older ones need torch_dtype.
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return "torch_dtype"
-    return "dtype"
 
 
 def load_flux(source: str, *, pipeline: str = "FluxPipeline", dtype: torch.dtype = torch.float32,
@@ -48,7 +39,7 @@ def load_flux(source: str, *, pipeline: str = "FluxPipeline", dtype: torch.dtype
         raise ValueError(f"cpu_offload=true moves models to and from a CUDA device, but device is {device}: "
                          "set device=cuda or cpu_offload=false")
     # Kontext and plain FLUX folders hold the same components: either loads as either pipeline.
-    pipe = load_pipeline(getattr(diffusers, pipeline), source, accept=PIPELINES, **{_dtype_keyword(): dtype})
+    pipe = load_pipeline(getattr(diffusers, pipeline), source, accept=PIPELINES, dtype=dtype)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -101,7 +92,7 @@ class FluxCache:
             peers.enable(transformer, self.config)
             self._diffusers_on = True
         elif self.config.enabled:
-            cache = apply_flux_cache(transformer, self.config, self.num_steps, forecast_text=self.forecast_text)
+            cache = attach_cache(transformer, self.config, self.num_steps, forecast_text=self.forecast_text)
         if self.compile:
             taylorseer.compile(transformer)
         return cache

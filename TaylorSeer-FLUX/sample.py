@@ -35,7 +35,7 @@ from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
-from .flops import count_flux_flops
+from .flops import count_run_flops
 from .pipeline import PIPELINES, FluxCache, flux_configs, generate, load_flux
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -65,9 +65,9 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     """Everything that can be checked before a model is loaded; returns the cache config and the prompts."""
     plain, cache_config = settings.check_app(cfg, SCHEMA, TAG, "flux", CONFIG_DIR)
     prompts = read_prompts(plain["prompt"], cfg.prompt_file)
-    if cfg.cpu_offload and runs.resolve_device(cfg.device).type != "cuda":
+    if cfg.cpu_offload and distributed.select_device(cfg.device).type != "cuda":
         raise ValueError(f"cpu_offload=true moves models to and from a CUDA device, but device={cfg.device!r} "
-                         f"resolves to {runs.resolve_device(cfg.device)}: set device=cuda or cpu_offload=false")
+                         f"resolves to {distributed.select_device(cfg.device)}: set device=cuda or cpu_offload=false")
     if cfg.model.pipeline == "FluxKontextPipeline":
         if not cfg.image or not Path(cfg.image).expanduser().is_file():
             raise ValueError(f"image={cfg.image!r}: FLUX Kontext edits an input image; pass image=path/to/input.png")
@@ -278,10 +278,10 @@ def count_flops(cfg: DictConfig, cache_config: CacheConfig, transformer_config: 
         # No call in this run (all images there already): FluxPipeline's token counts.
         patch = 2 * vae_scale
         shapes = dict(image_tokens=(cfg.height // patch) * (cfg.width // patch), text_tokens=cfg.max_sequence_length)
-    return count_flux_flops(transformer_config, cache_config, cfg.num_steps,
-                            num_image_tokens=shapes["image_tokens"], text_tokens=shapes["text_tokens"],
-                            calls_per_step=2 if cfg.true_cfg_scale > 1 else 1, forecast_text=cfg.forecast_text,
-                            impl=cfg.cache_impl)
+    return count_run_flops(transformer_config, cache_config, cfg.num_steps,
+                           num_image_tokens=shapes["image_tokens"], text_tokens=shapes["text_tokens"],
+                           calls_per_step=2 if cfg.true_cfg_scale > 1 else 1, forecast_text=cfg.forecast_text,
+                           impl=cfg.cache_impl)
 
 
 def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, device, dtype, **more) -> dict:
@@ -293,9 +293,9 @@ def _metrics(cfg: DictConfig, cache_config: CacheConfig, flops, records: dict, d
 
 @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)
 @runs.clear_errors(TAG)
-def _cli(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     main(cfg)
 
 
 if __name__ == "__main__":
-    _cli()
+    cli()

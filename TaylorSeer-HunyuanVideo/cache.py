@@ -9,7 +9,7 @@ As in the paper (and upstream's defaults: N=5, O=1, warm-up 1):
   conditioning, and the attention/MLP modules return their forecasts instead of running.
 * single-stream block ``single_transformer_blocks.i`` (40): the attention (``.attn``, recorded on
   full steps as the paper does; ``single_attention=False`` skips this record, see
-  :func:`module_patterns`) and the whole branch before its gate (``.proj_out``'s output,
+  :func:`cached_module_names`) and the whole branch before its gate (``.proj_out``'s output,
   i.e. ``proj_out(cat(attn, mlp))``). On a forecast step *nothing* of the branch may run (no
   attention, no MLP projection, no concat), so the block's forward is replaced: it computes only
   the gate from ``block.norm``'s modulation linear and returns ``residual + gate * forecast``, split
@@ -22,43 +22,29 @@ an order-0 forecast may hand out the stored buffer itself.
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTransformer3DModel
 
 import taylorseer
 from taylorseer import CacheConfig, ForecastCache
 
-# Plain cached modules: their outputs are the cached features (fnmatch patterns over named_modules()).
-DOUBLE_MODULES = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context")
-SINGLE_ATTENTION = "single_transformer_blocks.*.attn"
-SINGLE_BRANCH = "single_transformer_blocks.*.proj_out"
-CACHED_MODULES = DOUBLE_MODULES + (SINGLE_ATTENTION, SINGLE_BRANCH)
+PRESET = "hunyuan_video"
 
 
-def module_patterns(single_attention: bool = True) -> tuple[str, ...]:
-    """The cached modules' patterns.
-
-    ``single_attention=False`` leaves out the single blocks' attention record: a forecast step
-    forecasts their whole branch and never reads it, so the videos are the same and the cache is a
-    third smaller (the paper records it; True is paper-exact).
-    """
-    return CACHED_MODULES if single_attention else DOUBLE_MODULES + (SINGLE_BRANCH,)
-
-
-def attach(transformer: HunyuanVideoTransformer3DModel, config: CacheConfig, num_steps: int | None = None,
-           single_attention: bool = True) -> ForecastCache:
+def attach_cache(transformer: HunyuanVideoTransformer3DModel, config: CacheConfig, num_steps: int | None = None,
+                 single_attention: bool = True) -> ForecastCache:
     """Put the forecasting cache on ``transformer`` (undo with ``taylorseer.remove(transformer)``).
 
     The core's ``hunyuan_video`` preset: double blocks as plain cached modules, single blocks described as
     one gated branch over ``cat(video, text)`` (gate-only short forward on forecast steps).
     """
-    preset = taylorseer.presets.get("hunyuan_video", single_attention=single_attention)
+    preset = taylorseer.presets.get(PRESET, single_attention=single_attention)
     return taylorseer.apply(transformer, config, preset=preset, num_steps=num_steps)
 
 
 def cached_module_names(transformer: torch.nn.Module, single_attention: bool = True) -> list[str]:
-    """Names of the modules whose outputs are cached (the single blocks' ``proj_out`` is their branch)."""
-    patterns = module_patterns(single_attention)
-    return [n for n, _ in transformer.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    """Names of the modules whose outputs are cached, from the preset (the single blocks' ``proj_out`` is their
+    branch; ``single_attention=False`` leaves out the single blocks' attention record: a forecast step forecasts
+    their whole branch and never reads it, so the videos are the same and the cache is a third smaller)."""
+    preset = taylorseer.presets.get(PRESET, single_attention=single_attention)
+    return taylorseer.presets.cached_modules(transformer, preset)

@@ -19,19 +19,10 @@ from taylorseer.harness.diffusers_io import WeightsNotFoundError, load_pipeline
 from taylorseer.harness.runs import timed
 from taylorseer.perf import peers
 
-from .cache import attach
+from .cache import attach_cache
 from .runner import CallStats, StepProbe
 
 HUB_ID = "hunyuanvideo-community/HunyuanVideo"
-
-
-def _dtype_keyword() -> str:
-    # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns); older ones take torch_dtype.
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return "torch_dtype"
-    return "dtype"
 
 
 def load_hunyuan_video(source: str = HUB_ID, *, dtype: torch.dtype = torch.bfloat16, flow_shift: float = 7.0,
@@ -42,7 +33,7 @@ def load_hunyuan_video(source: str = HUB_ID, *, dtype: torch.dtype = torch.bfloa
     weights) when it cannot load. Call :func:`place` after attaching the cache.
     """
     try:
-        pipe = load_pipeline(HunyuanVideoPipeline, source, **{_dtype_keyword(): dtype})
+        pipe = load_pipeline(HunyuanVideoPipeline, source, dtype=dtype)
     except WeightsNotFoundError as err:
         raise WeightsNotFoundError(f"{err} HunyuanVideo in the diffusers layout is `huggingface-cli download {HUB_ID} "
                                    f"--local-dir DIR`, then model.path=DIR.") from err
@@ -70,7 +61,7 @@ def place(pipe: HunyuanVideoPipeline, device: torch.device, cpu_offload: bool = 
     """Move the pipeline to ``device``, or let diffusers offload whole models to the CPU between uses.
 
     Offloading is diffusers' ``enable_model_cpu_offload`` (one model on the GPU at a time). Call it
-    after :func:`attach_cache`: accelerate then wraps the cache's hooks, and its per-call re-wrapping
+    after :func:`enable_cache`: accelerate then wraps the cache's hooks, and its per-call re-wrapping
     restores them. Sequential (per-layer) offload is not offered: it rewrites every submodule's forward.
     """
     device = torch.device(device)
@@ -83,7 +74,7 @@ def place(pipe: HunyuanVideoPipeline, device: torch.device, cpu_offload: bool = 
         pipe.to(device)
 
 
-def attach_cache(pipe: HunyuanVideoPipeline, config: CacheConfig, num_steps: int,
+def enable_cache(pipe: HunyuanVideoPipeline, config: CacheConfig, num_steps: int,
                  single_attention: bool = True, impl: str = "taylorseer") -> ForecastCache | None:
     """The forecasting cache on ``pipe.transformer`` (None when the cache is disabled: pure diffusers, or when
     ``impl="diffusers"`` puts diffusers' own TaylorSeer hook there instead, the peer baseline)."""
@@ -92,7 +83,7 @@ def attach_cache(pipe: HunyuanVideoPipeline, config: CacheConfig, num_steps: int
     if impl == "diffusers":
         peers.enable(pipe.transformer, config)
         return None
-    return attach(pipe.transformer, config, num_steps, single_attention)
+    return attach_cache(pipe.transformer, config, num_steps, single_attention)
 
 
 @dataclass

@@ -33,8 +33,8 @@ from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
 
 from .cache import cached_module_names
-from .estimate import VideoShape, count_run_flops
-from .pipeline import attach_cache, generate, load_hunyuan_video, place, transformer_config
+from .flops import VideoShape, count_run_flops, meta_transformer
+from .pipeline import enable_cache, generate, load_hunyuan_video, place, transformer_config
 from .runner import StepProbe, plan_items
 from .video_io import video_filenames, write_mp4
 
@@ -91,9 +91,9 @@ def main(cfg: DictConfig) -> dict | None:
     Returns the metrics written (every video of the folder, this run's and earlier ones) on the main
     process, None on the others."""
     cache_config, prompts = validate(cfg)
-    if cfg.cpu_offload and runs.resolve_device(cfg.device).type != "cuda":
+    if cfg.cpu_offload and distributed.select_device(cfg.device).type != "cuda":
         raise ValueError(f"cpu_offload=true needs a CUDA device (device={cfg.device!r} resolves to "
-                         f"{runs.resolve_device(cfg.device)}); set cpu_offload=false")
+                         f"{distributed.select_device(cfg.device)}); set cpu_offload=false")
     session = distributed.init(cfg.device)
     try:
         return _run(cfg, cache_config, prompts, session)
@@ -139,7 +139,7 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
     ident = run_identity(cfg, prompts, device, dtype, weights_fingerprint(cfg.model.path))
     folder = runfolder.claim(out_dir, ident, session)
     try:
-        cache = attach_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention, cfg.cache_impl)
+        cache = enable_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention, cfg.cache_impl)
         place(pipe, device, cfg.cpu_offload)
         if cfg.compile:
             taylorseer.compile(pipe.transformer)  # after the cache: the cache's own code stays out of the graphs
@@ -234,8 +234,6 @@ def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, ite
 
 def cached_module_names_of(config: dict, single_attention: bool) -> list[str]:
     """The cached modules of a transformer of this config, named on a meta-device copy."""
-    from .estimate import meta_transformer
-
     return cached_module_names(meta_transformer(config), single_attention)
 
 

@@ -84,7 +84,7 @@ def _diffusers_taylorseer(interval: int, warmup: int):
 def _dit_build(size: str, device, dtype):
     from taylorseer_dit.diffusion import GaussianDiffusion
     from taylorseer_dit.models import DiT_models
-    from taylorseer_dit.sampling import sample
+    from taylorseer_dit.pipeline import sample
 
     name, latent, classes = {"smoke": ("DiT-Tiny/2", 8, 10), "mid": ("DiT-S/2", 32, 1000),
                              "full": ("DiT-XL/2", 32, 1000)}[size]
@@ -102,7 +102,7 @@ def _dit_build(size: str, device, dtype):
 
 
 def _dit_attach(model, config, steps):
-    from taylorseer_dit.sampling import attach_cache
+    from taylorseer_dit.cache import attach_cache
 
     return attach_cache(model, config, steps)
 
@@ -150,9 +150,9 @@ def _flux_build(size: str, device, dtype):
 
 
 def _flux_attach(model, config, steps):
-    from taylorseer_flux.cache import apply_flux_cache
+    from taylorseer_flux.cache import attach_cache
 
-    return apply_flux_cache(model, config, steps)
+    return attach_cache(model, config, steps)
 
 
 register(Family("flux", 6, 3, _flux_build, _flux_attach, _preset_ideal, _diffusers_taylorseer(6, 3), describe={
@@ -175,7 +175,7 @@ HUNYUAN_SIZES = {
 def _hunyuan_build(size: str, device, dtype):
     from diffusers import HunyuanVideoTransformer3DModel
 
-    from taylorseer_hunyuan_video.estimate import HUNYUAN_VIDEO_CONFIG, VideoShape, dummy_inputs
+    from taylorseer_hunyuan_video.flops import HUNYUAN_VIDEO_CONFIG, VideoShape, dummy_inputs
 
     overrides, (height, width, frames), text = HUNYUAN_SIZES[size]
     torch.manual_seed(0)
@@ -190,9 +190,9 @@ def _hunyuan_build(size: str, device, dtype):
 
 
 def _hunyuan_attach(model, config, steps):
-    from taylorseer_hunyuan_video.cache import attach
+    from taylorseer_hunyuan_video.cache import attach_cache
 
-    return attach(model, config, steps, single_attention=False)
+    return attach_cache(model, config, steps, single_attention=False)
 
 
 register(Family("hunyuan_video", 5, 1, _hunyuan_build, _hunyuan_attach, _preset_ideal, _diffusers_taylorseer(5, 1),
@@ -217,7 +217,7 @@ def _preset_family(name: str, interval: int, warmup: int, what: str) -> Family:
 
     import diffusers
 
-    has_hook = hasattr(getattr(diffusers, families._CLASSES[name]), "enable_cache")  # diffusers' CacheMixin
+    has_hook = hasattr(getattr(diffusers, families.class_name(name)), "enable_cache")  # diffusers' CacheMixin
     return Family(name, interval, warmup, build, attach, _preset_ideal,
                   _diffusers_taylorseer(interval, warmup) if has_hook else None,
                   describe={"smoke": f"{what}, tiny", "mid": f"{what}, 4 blocks, hidden 256, ~1024 tokens"})

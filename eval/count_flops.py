@@ -23,21 +23,21 @@ MODELS: dict[str, tuple[tuple[int, int, int], Callable[[CacheConfig, int], Flops
 
 def _dit(image_size: int):
     def count(config: CacheConfig, steps: int) -> FlopsReport:
-        from taylorseer_dit.sampling import meta_flops
+        from taylorseer_dit.flops import count_run_flops
 
-        return meta_flops(config, "DiT-XL/2", image_size, steps, cfg_scale=1.5)
+        return count_run_flops(config, "DiT-XL/2", image_size, steps, cfg_scale=1.5)
 
     return count
 
 
 def _flux(config: CacheConfig, steps: int) -> FlopsReport:
-    from taylorseer_flux.flops import FLUX_DEV_TRANSFORMER, count_flux_flops
+    from taylorseer_flux.flops import FLUX_DEV_TRANSFORMER, count_run_flops
 
-    return count_flux_flops(FLUX_DEV_TRANSFORMER, config, steps, height=1024, width=1024)
+    return count_run_flops(FLUX_DEV_TRANSFORMER, config, steps, height=1024, width=1024)
 
 
 def _hunyuan_video(config: CacheConfig, steps: int) -> FlopsReport:
-    from taylorseer_hunyuan_video.estimate import count_run_flops
+    from taylorseer_hunyuan_video.flops import count_run_flops
 
     return count_run_flops(config, num_steps=steps, single_attention=False)
 

@@ -123,9 +123,9 @@ def cached_reference(source: ImageSource, tag: str, compute: Callable[[], dict[s
 
 
 def resolve_device(name: str) -> torch.device:
-    from taylorseer.harness.runs import resolve_device as core
+    from taylorseer.harness.distributed import select_device
 
-    return core(name)
+    return select_device(name)
 
 
 def first_line(err: BaseException) -> str:

@@ -99,10 +99,10 @@ def measure(model: str, sampler: Sampler, kind: str, stores=STORES, progress: bo
 # ------------------------------------------------------------------------------------------------ models
 def digits_sampler(num_samples: int = 100) -> Sampler:
     """The demo's sampling (same seeds: one batch seeded 0, classes i % 10), with the cache's bytes."""
-    from taylorseer_dit.checkpoints import load_dit
+    from taylorseer_dit.cache import attach_cache
     from taylorseer_dit.diffusion import GaussianDiffusion
     from taylorseer_dit.digits import DIT_CHECKPOINT
-    from taylorseer_dit.sampling import attach_cache, sample, to_images
+    from taylorseer_dit.pipeline import load_dit, sample, to_images
 
     torch.manual_seed(0)
     model = load_dit(DIT_CHECKPOINT)
@@ -124,7 +124,7 @@ def flux_pipeline_sampler(folder: Path) -> Sampler:
     sys.path.insert(0, str(TESTS))
     from tiny_flux import IMAGE_SIZE, TEXT_TOKENS, save_tiny_flux
 
-    from taylorseer_flux.cache import apply_flux_cache
+    from taylorseer_flux.cache import attach_cache
     from taylorseer_flux.pipeline import generate, load_flux
 
     pipe = load_flux(str(save_tiny_flux(folder / "flux")), dtype=torch.float32, device="cpu")
@@ -132,7 +132,7 @@ def flux_pipeline_sampler(folder: Path) -> Sampler:
 
     def run(config=None, steps=50):
         if config is not None:
-            apply_flux_cache(pipe.transformer, config, steps)
+            attach_cache(pipe.transformer, config, steps)
         try:
             out = generate(pipe, ["a photo of the cat"], [0], num_steps=steps, height=IMAGE_SIZE, width=IMAGE_SIZE,
                            max_sequence_length=TEXT_TOKENS, output_type="latent")
@@ -147,7 +147,7 @@ def hunyuan_pipeline_sampler(folder: Path) -> Sampler:
     sys.path.insert(0, str(TESTS))
     from tiny_hunyuan import save_tiny_pipeline
 
-    from taylorseer_hunyuan_video.cache import attach
+    from taylorseer_hunyuan_video.cache import attach_cache
     from taylorseer_hunyuan_video.pipeline import generate, load_hunyuan_video
 
     pipe = load_hunyuan_video(str(save_tiny_pipeline(folder / "hunyuan")), dtype=torch.float32, flow_shift=7.0)
@@ -155,7 +155,7 @@ def hunyuan_pipeline_sampler(folder: Path) -> Sampler:
 
     def run(config=None, steps=50):
         if config is not None:
-            attach(pipe.transformer, config, steps, single_attention=False)
+            attach_cache(pipe.transformer, config, steps, single_attention=False)
         try:
             video = generate(pipe, "a cat walks on the beach", 42, num_steps=steps, output_type="latent", height=32,
                              width=32, num_frames=5, max_sequence_length=16, guidance_scale=6.0)
@@ -238,16 +238,16 @@ def forecast_step_traffic(model: torch.nn.Module, call: Callable[[], object], ke
 
 def full_size_rows(orders=(1, 2), stores=("dense", "float8"), kernels=("addcmul", "inductor")) -> list[dict]:
     """Cache bytes and forecast-step bytes of FLUX.1-dev (1024x1024) and HunyuanVideo (480x640x65), bf16."""
-    from taylorseer_flux.cache import apply_flux_cache
+    from taylorseer_flux.cache import attach_cache
     from taylorseer_flux.flops import FLUX_DEV_TRANSFORMER, image_tokens, meta_flux, transformer_inputs
-    from taylorseer_hunyuan_video.cache import attach as attach_hunyuan
-    from taylorseer_hunyuan_video.estimate import VideoShape, dummy_inputs, meta_transformer
+    from taylorseer_hunyuan_video.cache import attach_cache as attach_hunyuan
+    from taylorseer_hunyuan_video.flops import VideoShape, dummy_inputs, meta_transformer
 
     flux, merged = meta_flux(FLUX_DEV_TRANSFORMER, torch.bfloat16)
     flux_inputs = transformer_inputs(merged, image_tokens(1024, 1024), 512, dtype=torch.bfloat16)
     hunyuan = meta_transformer()
     hunyuan_inputs = dummy_inputs(hunyuan, VideoShape())
-    models = [("FLUX.1-dev 1024x1024", flux, lambda c: apply_flux_cache(flux, c), lambda: flux(**flux_inputs)),
+    models = [("FLUX.1-dev 1024x1024", flux, lambda c: attach_cache(flux, c), lambda: flux(**flux_inputs)),
               ("HunyuanVideo 480x640x65", hunyuan, lambda c: attach_hunyuan(hunyuan, c, single_attention=False),
                lambda: hunyuan(**hunyuan_inputs))]
     rows = []

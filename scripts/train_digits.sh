@@ -3,4 +3,4 @@
 #   bash scripts/train_digits.sh steps=6000
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-python -m taylorseer_dit.train_digits "$@"
+python -m taylorseer_dit.digits "$@"

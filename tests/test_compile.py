@@ -49,11 +49,11 @@ def _rel(a, b):
 
 
 def test_flux_cached_compiled_equals_eager_and_compiles_once_per_class_and_shape():
-    from taylorseer_flux.cache import apply_flux_cache
+    from taylorseer_flux.cache import attach_cache
 
     model, inputs = _flux()
     config = CacheConfig(interval=3, max_order=2, first_enhance=2)
-    apply_flux_cache(model, config, 12)
+    attach_cache(model, config, 12)
     eager = _euler(model, inputs, 12)
     report = ts_compile(model)
     # The cache's parts: double blocks' attn and ff compiled inside the cache's full-step call; norms and the
@@ -92,9 +92,10 @@ def test_uncached_model_compiles_its_blocks_whole():
 
 
 def test_dit_cached_compiled_sampling():
+    from taylorseer_dit.cache import attach_cache
     from taylorseer_dit.diffusion import GaussianDiffusion
     from taylorseer_dit.models import DiT_models
-    from taylorseer_dit.sampling import attach_cache, sample
+    from taylorseer_dit.pipeline import sample
 
     torch.manual_seed(0)
     model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10, in_channels=4).eval()

@@ -52,10 +52,10 @@ def bundle():
 
 
 def _sample(bundle, config):
-    from taylorseer_flux.cache import apply_flux_cache
+    from taylorseer_flux.cache import attach_cache
 
     pipe, prompts, seeds, _, _ = bundle
-    apply_flux_cache(pipe.transformer, config, 50)
+    attach_cache(pipe.transformer, config, 50)
     try:
         out = generate(pipe, prompts, seeds, num_steps=50, height=16, width=16, max_sequence_length=8,
                        output_type="pt")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from taylorseer import CacheConfig
-from taylorseer_dit.checkpoints import load_dit
 from taylorseer_dit.demo import evaluate, generate
 from taylorseer_dit.diffusion import GaussianDiffusion
 from taylorseer_dit.digits import CLASSIFIER_CHECKPOINT, DIT_CHECKPOINT, load_classifier, load_split
+from taylorseer_dit.pipeline import load_dit
 
 NUM_SAMPLES, STEPS, CFG, WARMUP = 100, 50, 2.0, 2
 

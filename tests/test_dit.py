@@ -15,11 +15,12 @@ from PIL import Image
 
 import taylorseer
 from taylorseer import CacheConfig, count_flops
-from taylorseer_dit import checkpoints
+from taylorseer_dit import pipeline
 from taylorseer_dit import sample as sample_app
+from taylorseer_dit.cache import attach_cache, cached_module_names
 from taylorseer_dit.diffusion import GaussianDiffusion, space_timesteps
 from taylorseer_dit.models import DiT_models
-from taylorseer_dit.sampling import CACHED_MODULES, attach_cache, sample
+from taylorseer_dit.pipeline import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = ["model.name=DiT-Tiny/2", "model.image_size=64", "model.num_classes=10", "progress=false"]
@@ -34,7 +35,7 @@ def tiny_assets(tmp_path_factory):
     torch.manual_seed(0)
     model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10)
     model.initialize_weights(zero_init=False)
-    torch.save(model.state_dict(), d / checkpoints.official_name("DiT-Tiny/2", 64))
+    torch.save(model.state_dict(), d / pipeline.official_name("DiT-Tiny/2", 64))
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
     vae.save_pretrained(d / "vae")
@@ -43,9 +44,9 @@ def tiny_assets(tmp_path_factory):
 
 def test_official_checkpoint_format_loads_through_the_same_loader(tiny_assets):
     d, original = tiny_assets
-    path = checkpoints.find_checkpoint(None, "DiT-Tiny/2", 64, str(d))
+    path = pipeline.find_checkpoint(None, "DiT-Tiny/2", 64, str(d))
     assert path.name == "DiT-Tiny-2-64x64.pt"
-    loaded = checkpoints.load_dit(path, "DiT-Tiny/2", 64, num_classes=10)
+    loaded = pipeline.load_dit(path, "DiT-Tiny/2", 64, num_classes=10)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 10])
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), original(x, t, y))
@@ -67,15 +68,15 @@ def test_official_checkpoint_format_loads_through_the_same_loader(tiny_assets):
 def test_ema_wrapped_checkpoint_and_wrong_architecture(tiny_assets, tmp_path):
     d, original = tiny_assets
     torch.save({"ema": original.state_dict(), "opt": {}}, tmp_path / "trained.pt")
-    assert torch.equal(checkpoints.load_dit(tmp_path / "trained.pt", "DiT-Tiny/2", 64, 10).pos_embed,
+    assert torch.equal(pipeline.load_dit(tmp_path / "trained.pt", "DiT-Tiny/2", 64, 10).pos_embed,
                        original.pos_embed)
     with pytest.raises(ValueError, match="does not fit DiT-S/2 at 64px.*shape mismatches"):
-        checkpoints.load_dit(tmp_path / "trained.pt", "DiT-S/2", 64, 10)
+        pipeline.load_dit(tmp_path / "trained.pt", "DiT-S/2", 64, 10)
 
 
 def test_missing_checkpoint_error_names_file_places_and_fix(tmp_path):
-    with pytest.raises(checkpoints.CheckpointNotFoundError) as err:
-        checkpoints.find_checkpoint(None, "DiT-XL/2", 256, str(tmp_path))
+    with pytest.raises(pipeline.CheckpointNotFoundError) as err:
+        pipeline.find_checkpoint(None, "DiT-XL/2", 256, str(tmp_path))
     msg = str(err.value)
     assert "DiT-XL-2-256x256.pt not found" in msg and str(tmp_path) in msg
     assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in msg
@@ -187,7 +188,7 @@ def test_bad_settings_fail_before_any_model_is_loaded(tmp_path):
     with pytest.raises(ConfigCompositionException, match="intervall"):
         _compose("sample_dit", ["cache.intervall=4"])
     cfg = _compose("sample_dit", TINY_OVERRIDES + [f"model.ckpt_dir={tmp_path}", "class_labels=[1,2]"])
-    with pytest.raises(checkpoints.CheckpointNotFoundError, match="DiT-Tiny-2-64x64.pt not found"):
+    with pytest.raises(pipeline.CheckpointNotFoundError, match="DiT-Tiny-2-64x64.pt not found"):
         sample_app.main(cfg)
 
 
@@ -234,7 +235,6 @@ def test_sample_ddp_two_processes_and_resume(tiny_assets, tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert "holds outputs made with other settings (resolved.checkpoint:" in result.stderr
     assert "run_name=" in result.stderr
-    assert CACHED_MODULES == ("blocks.*.attn", "blocks.*.mlp")
 
 
 def test_short_forecast_block_forward_equals_forecasting_the_modules(tiny_assets):
@@ -242,7 +242,9 @@ def test_short_forecast_block_forward_equals_forecasting_the_modules(tiny_assets
     _, model = tiny_assets
     diffusion = GaussianDiffusion(20, "ddim")
     config = CacheConfig(interval=4, max_order=2, first_enhance=2)
-    taylorseer.apply(model, config, modules=CACHED_MODULES, num_steps=20)
+    names = cached_module_names(model)
+    assert names == [f"blocks.{i}.{m}" for i in range(len(model.blocks)) for m in ("attn", "mlp")]
+    taylorseer.apply(model, config, modules=names, num_steps=20)
     try:
         plain = sample(model, diffusion, torch.tensor([1, 4]), cfg_scale=1.5, seed=5)
     finally:
@@ -258,26 +260,26 @@ def test_short_forecast_block_forward_equals_forecasting_the_modules(tiny_assets
 
 def test_checkpoint_files_that_cannot_be_used_fail_with_one_message(tiny_assets, tmp_path):
     d, original = tiny_assets
-    path = d / checkpoints.official_name("DiT-Tiny/2", 64)
+    path = d / pipeline.official_name("DiT-Tiny/2", 64)
     # DiT's train.py format: {"model", "ema", "opt", "args"} with args an argparse.Namespace.
     import argparse
 
     train_ckpt = tmp_path / "0400000.pt"
     state = original.state_dict()
     torch.save({"model": state, "ema": state, "opt": {"state": {}}, "args": argparse.Namespace(lr=1e-4)}, train_ckpt)
-    loaded = checkpoints.load_dit(train_ckpt, "DiT-Tiny/2", 64, num_classes=10)
+    loaded = pipeline.load_dit(train_ckpt, "DiT-Tiny/2", 64, num_classes=10)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[:5000])
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"<html>404 not found</html>")
     for bad in (truncated, garbage):
-        with pytest.raises(checkpoints.CheckpointError, match=f"{bad.name} is not a readable PyTorch checkpoint"):
-            checkpoints.load_dit(bad, "DiT-Tiny/2", 64, num_classes=10)
+        with pytest.raises(pipeline.CheckpointError, match=f"{bad.name} is not a readable PyTorch checkpoint"):
+            pipeline.load_dit(bad, "DiT-Tiny/2", 64, num_classes=10)
     lists = tmp_path / "list.pt"
     torch.save([1, 2], lists)
-    with pytest.raises(checkpoints.CheckpointError, match="holds a list without a state dict"):
-        checkpoints.load_dit(lists, "DiT-Tiny/2", 64, num_classes=10)
+    with pytest.raises(pipeline.CheckpointError, match="holds a list without a state dict"):
+        pipeline.load_dit(lists, "DiT-Tiny/2", 64, num_classes=10)
 
 
 def test_compile_and_attention_backend_settings_of_the_app(tmp_path, capsys):

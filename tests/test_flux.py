@@ -16,8 +16,8 @@ pytest.importorskip("diffusers")
 import taylorseer  # noqa: E402
 from taylorseer import CacheConfig  # noqa: E402
 from taylorseer.harness.diffusers_io import WeightsNotFoundError  # noqa: E402
-from taylorseer_flux.cache import DOUBLE_MODULES, apply_flux_cache  # noqa: E402
-from taylorseer_flux.flops import count_flux_flops, transformer_inputs  # noqa: E402
+from taylorseer_flux.cache import attach_cache, cached_module_names  # noqa: E402
+from taylorseer_flux.flops import count_run_flops, transformer_inputs  # noqa: E402
 from taylorseer_flux.pipeline import generate, load_flux  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -54,7 +54,7 @@ def cached(pipe):
     attached = []
 
     def attach(config=PAPER, **kwargs):
-        attached.append(apply_flux_cache(pipe.transformer, config, STEPS, **kwargs))
+        attached.append(attach_cache(pipe.transformer, config, STEPS, **kwargs))
         return attached[-1]
 
     yield attach
@@ -126,7 +126,7 @@ def test_forecast_call_flops_are_embedders_gates_and_final_layer_only():
     from diffusers import FluxTransformer2DModel
 
     image_tokens, text_tokens = 64, TEXT_TOKENS
-    report = count_flux_flops(TINY_TRANSFORMER, PAPER, STEPS, num_image_tokens=image_tokens, text_tokens=text_tokens)
+    report = count_run_flops(TINY_TRANSFORMER, PAPER, STEPS, num_image_tokens=image_tokens, text_tokens=text_tokens)
     with torch.device("meta"):
         model = FluxTransformer2DModel(**TINY_TRANSFORMER)
     expected = _linear_flops(model, {"x_embedder": image_tokens, "context_embedder": text_tokens,
@@ -158,7 +158,7 @@ def test_remove_restores_the_model(pipe, uncached):
     from diffusers.hooks import HookRegistry
 
     transformer = pipe.transformer
-    apply_flux_cache(transformer, PAPER, STEPS)
+    attach_cache(transformer, PAPER, STEPS)
     assert generate(pipe, ["a photo of the cat"], [0], **CALL).full_steps == {"cond": 10}
     taylorseer.remove(transformer)
     assert taylorseer.get_cache(transformer) is None
@@ -210,13 +210,15 @@ def test_short_forecast_forwards_equal_plain_cached_modules(order):
     config = CacheConfig(interval=6, max_order=order, first_enhance=3)
     uncached = _euler(model, inputs)
     # Reference: every cached feature a plain cached module (the single blocks' proj_out included).
-    taylorseer.apply(model, config, modules=DOUBLE_MODULES + ("single_transformer_blocks.*.proj_out",),
-                     num_steps=STEPS)
+    names = cached_module_names(model, forecast_text=True)  # every module of the blocks' branches
+    assert names == [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn", "ff", "ff_context")] + [
+        f"single_transformer_blocks.{i}.proj_out" for i in range(len(model.single_transformer_blocks))]
+    taylorseer.apply(model, config, modules=names, num_steps=STEPS)
     plain = _euler(model, inputs)
     taylorseer.remove(model)
     outs = {}
     for key, kwargs in {"short": {}, "text": {"forecast_text": True}, "long double": {"short_double": False}}.items():
-        cache = apply_flux_cache(model, config, STEPS, **kwargs)
+        cache = attach_cache(model, config, STEPS, **kwargs)
         outs[key] = _euler(model, inputs)
         assert cache.full_step_count == 10
         taylorseer.remove(model)
@@ -238,10 +240,10 @@ def test_schnell_architecture_without_guidance_embedder():
     inputs = transformer_inputs(config, 64, TEXT_TOKENS, device="cpu")
     assert "guidance" not in inputs
     reference = _euler(model, inputs, steps=4)
-    cache = apply_flux_cache(model, CacheConfig(interval=1), 4)
+    cache = attach_cache(model, CacheConfig(interval=1), 4)
     assert torch.equal(_euler(model, inputs, steps=4), reference)
     taylorseer.remove(model)
-    cache = apply_flux_cache(model, PAPER, 4)  # schnell's 4 steps: 0-2 computed, 3 forecast
+    cache = attach_cache(model, PAPER, 4)  # schnell's 4 steps: 0-2 computed, 3 forecast
     out = _euler(model, inputs, steps=4)
     assert [r.full for r in cache.history] == [True, True, True, False]
     taylorseer.remove(model)
@@ -257,12 +259,12 @@ def test_kontext_pipeline_from_the_same_folder(tiny_dir):
     # _auto_resize=False keeps the input at 32x32 (Kontext would scale it to ~1024^2 otherwise).
     call = dict(CALL, num_steps=20, image=image, _auto_resize=False)
     reference = generate(kontext, ["make it red"], [0], **call).images[0]
-    apply_flux_cache(kontext.transformer, CacheConfig(interval=1), 20)
+    attach_cache(kontext.transformer, CacheConfig(interval=1), 20)
     try:
         assert torch.equal(generate(kontext, ["make it red"], [0], **call).images[0], reference)
     finally:
         taylorseer.remove(kontext.transformer)
-    apply_flux_cache(kontext.transformer, PAPER, 20)
+    attach_cache(kontext.transformer, PAPER, 20)
     try:
         out = generate(kontext, ["make it red"], [0], **call)
     finally:
@@ -274,7 +276,7 @@ def test_kontext_pipeline_from_the_same_folder(tiny_dir):
 def test_flux_dev_flops_on_meta_match_the_published_count():
     from taylorseer_flux.flops import FLUX_DEV_TRANSFORMER
 
-    report = count_flux_flops(FLUX_DEV_TRANSFORMER, PAPER, STEPS, height=1024, width=1024, text_tokens=512)
+    report = count_run_flops(FLUX_DEV_TRANSFORMER, PAPER, STEPS, height=1024, width=1024, text_tokens=512)
     assert report.full_step_flops / 1e12 == pytest.approx(74.38, abs=0.01)
     assert report.flops_uncached / 1e12 == pytest.approx(3726.87, rel=0.01)
     assert report.full_steps == 10

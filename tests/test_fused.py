@@ -192,7 +192,7 @@ def _ops_of_a_run(model, steps=6):
 
 
 def test_cache_off_runs_exactly_the_ops_of_the_plain_model():
-    from taylorseer_dit.sampling import attach_cache
+    from taylorseer_dit.cache import attach_cache
 
     model = _tiny_dit()
     plain_ops, plain = _ops_of_a_run(model)

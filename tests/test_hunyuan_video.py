@@ -17,8 +17,8 @@ import taylorseer
 from taylorseer import CacheConfig, count_flops
 from taylorseer.harness.diffusers_io import WeightsNotFoundError
 from taylorseer_hunyuan_video import sample
-from taylorseer_hunyuan_video.cache import attach, cached_module_names
-from taylorseer_hunyuan_video.estimate import VideoShape, dummy_inputs, estimate_cache, meta_transformer
+from taylorseer_hunyuan_video.cache import attach_cache, cached_module_names
+from taylorseer_hunyuan_video.flops import VideoShape, dummy_inputs, estimate_cache, meta_transformer
 from taylorseer_hunyuan_video.pipeline import generate, load_hunyuan_video
 from taylorseer_hunyuan_video.video_io import read_video, video_filename, video_filenames, write_mp4
 
@@ -73,33 +73,33 @@ def test_cached_modules_are_the_papers():
 # ------------------------------------------------------------------------------------------- exactness
 def test_interval_one_is_bit_identical_to_no_cache(pipe):
     reference, _ = latents(pipe, 6)
-    attach(pipe.transformer, CacheConfig(interval=1, max_order=2, first_enhance=1), num_steps=6)
+    attach_cache(pipe.transformer, CacheConfig(interval=1, max_order=2, first_enhance=1), num_steps=6)
     cached, stats = latents(pipe, 6)
     assert stats.full_steps() == {"cond": 6}
     assert torch.equal(cached, reference)
 
 
 def test_schedule_is_10_of_50_at_n5_and_9_at_n6(pipe):
-    attach(pipe.transformer, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=50)
+    attach_cache(pipe.transformer, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=50)
     _, stats = latents(pipe, 50)
     assert [r.step for r in stats.history if r.full] == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]
     assert len(stats.history) == 50 and {r.context for r in stats.history} == {"cond"}
     taylorseer.remove(pipe.transformer)
-    attach(pipe.transformer, CacheConfig(interval=6, max_order=1, first_enhance=1), num_steps=50)
+    attach_cache(pipe.transformer, CacheConfig(interval=6, max_order=1, first_enhance=1), num_steps=50)
     _, stats = latents(pipe, 50)
     assert stats.full_steps() == {"cond": 9}
     assert round(50 / 9, 2) == 5.56
 
 
 def test_state_is_reset_between_calls(pipe):
-    attach(pipe.transformer, CacheConfig(interval=3, max_order=2, first_enhance=1), num_steps=10)
+    attach_cache(pipe.transformer, CacheConfig(interval=3, max_order=2, first_enhance=1), num_steps=10)
     first, _ = latents(pipe, 10)
     assert taylorseer.get_cache(pipe.transformer).nbytes() == 0  # diffusers reset it at the end of the call
     second, _ = latents(pipe, 10)
     other, _ = latents(pipe, 10, prompt="a red car at night", seed=7)
     third, _ = latents(pipe, 10)
     taylorseer.remove(pipe.transformer)
-    attach(pipe.transformer, CacheConfig(interval=3, max_order=2, first_enhance=1), num_steps=10)
+    attach_cache(pipe.transformer, CacheConfig(interval=3, max_order=2, first_enhance=1), num_steps=10)
     fresh, _ = latents(pipe, 10)
     assert torch.equal(first, second) and torch.equal(first, third) and torch.equal(first, fresh)
     assert not torch.equal(first, other)
@@ -107,7 +107,7 @@ def test_state_is_reset_between_calls(pipe):
 
 def test_remove_restores_the_transformer(pipe):
     reference, _ = latents(pipe, 8)
-    attach(pipe.transformer, CacheConfig(interval=4, max_order=1, first_enhance=1), num_steps=8)
+    attach_cache(pipe.transformer, CacheConfig(interval=4, max_order=1, first_enhance=1), num_steps=8)
     cached, _ = latents(pipe, 8)
     assert not torch.equal(cached, reference)  # the cache really forecasts
     taylorseer.remove(pipe.transformer)
@@ -120,16 +120,16 @@ def test_remove_restores_the_transformer(pipe):
 
 
 def test_offloaded_factors_give_the_same_video(pipe):
-    attach(pipe.transformer, CacheConfig(interval=4, max_order=1, first_enhance=1), num_steps=8)
+    attach_cache(pipe.transformer, CacheConfig(interval=4, max_order=1, first_enhance=1), num_steps=8)
     kept, kept_stats = latents(pipe, 8)
     taylorseer.remove(pipe.transformer)
-    attach(pipe.transformer, CacheConfig(interval=4, max_order=1, first_enhance=1, offload=True), num_steps=8)
+    attach_cache(pipe.transformer, CacheConfig(interval=4, max_order=1, first_enhance=1, offload=True), num_steps=8)
     offloaded, stats = latents(pipe, 8)
     assert torch.equal(offloaded, kept) and stats.cache_bytes == kept_stats.cache_bytes
 
 
 def test_true_cfg_keeps_cond_and_uncond_apart(pipe):
-    attach(pipe.transformer, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=10)
+    attach_cache(pipe.transformer, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=10)
     _, single = latents(pipe, 10)
     _, both = latents(pipe, 10, true_cfg_scale=3.0, negative_prompt="blue")
     assert both.full_steps() == {"cond": 2, "uncond": 2}
@@ -149,7 +149,7 @@ def _transformer_inputs(pipe):
 def test_a_forecast_call_runs_no_attention_and_no_mlp(pipe):
     model = pipe.transformer
     inputs = _transformer_inputs(pipe)
-    cache = attach(model, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=50)
+    cache = attach_cache(model, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=50)
     calls = []
     # Modules that only run when a branch is really computed (the cached ones themselves are still called).
     compute = [m for b in model.transformer_blocks for m in (b.attn.to_q, b.attn.add_q_proj, b.ff.net[2],
@@ -178,7 +178,7 @@ def test_single_block_forecast_is_residual_plus_gate_times_the_branch(pipe):
     seen = {}
     block.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
     block.proj_out.register_forward_hook(lambda m, args, out: seen.update(branch=out.clone()))
-    attach(model, CacheConfig(interval=5, max_order=0, first_enhance=1), num_steps=50)  # O=0: reuse
+    attach_cache(model, CacheConfig(interval=5, max_order=0, first_enhance=1), num_steps=50)  # O=0: reuse
     try:
         with torch.no_grad():
             model(**inputs)  # full: records the branch
@@ -199,7 +199,7 @@ def test_single_block_forecast_is_residual_plus_gate_times_the_branch(pipe):
 def test_order_zero_forecasts_do_not_change_the_stored_features(pipe):
     model = pipe.transformer
     inputs = _transformer_inputs(pipe)
-    cache = attach(model, CacheConfig(interval=4, max_order=0, first_enhance=1), num_steps=8)
+    cache = attach_cache(model, CacheConfig(interval=4, max_order=0, first_enhance=1), num_steps=8)
     names = cached_module_names(model)
     with torch.no_grad():
         model(**inputs)
@@ -218,8 +218,8 @@ def _as_tuple(x):
 # ------------------------------------------------------------------------------------------- memory
 @pytest.mark.parametrize("max_order,factor_dtype,itemsize", [(1, "auto", 4), (2, "bfloat16", 2)])
 def test_cache_bytes_are_modules_times_orders_times_shape_times_itemsize(pipe, max_order, factor_dtype, itemsize):
-    attach(pipe.transformer, CacheConfig(interval=3, max_order=max_order, first_enhance=1, factor_dtype=factor_dtype),
-           num_steps=12)
+    config = CacheConfig(interval=3, max_order=max_order, first_enhance=1, factor_dtype=factor_dtype)
+    attach_cache(pipe.transformer, config, num_steps=12)
     _, stats = latents(pipe, 12)  # full steps 0, 3, 6, 9: every order is filled
     # Per block: double = attn (video + text) + ff (video) + ff_context (text); single = attn + branch, each
     # over all video + text tokens: 2 x (tokens x hidden) elements per block and per order.
@@ -229,10 +229,10 @@ def test_cache_bytes_are_modules_times_orders_times_shape_times_itemsize(pipe, m
 
 def test_without_the_single_attention_record_the_video_is_the_same_and_the_cache_a_third_smaller(pipe):
     config = CacheConfig(interval=3, max_order=1, first_enhance=1)
-    attach(pipe.transformer, config, num_steps=12)
+    attach_cache(pipe.transformer, config, num_steps=12)
     paper, paper_stats = latents(pipe, 12)
     taylorseer.remove(pipe.transformer)
-    attach(pipe.transformer, config, num_steps=12, single_attention=False)
+    attach_cache(pipe.transformer, config, num_steps=12, single_attention=False)
     lean, stats = latents(pipe, 12)
     assert torch.equal(lean, paper)
     n_double, n_single = TRANSFORMER_CONFIG["num_layers"], TRANSFORMER_CONFIG["num_single_layers"]
@@ -429,7 +429,7 @@ def test_full_size_transformer_flops_on_the_meta_device():
     shape = VideoShape(480, 640, 5)
     model = meta_transformer()
     inputs = dummy_inputs(model, shape)
-    cache = attach(model, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=50)
+    cache = attach_cache(model, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=50)
     with torch.no_grad():
         report = taylorseer.count_schedule(lambda: model(**inputs), cache, 50)
     tokens = shape.video_tokens(2, 1) + 256
@@ -443,7 +443,7 @@ def test_full_size_transformer_flops_on_the_meta_device():
 
 @pytest.mark.slow
 def test_full_size_flops_and_cache_at_480x640x65():
-    from taylorseer_hunyuan_video.estimate import count_run_flops
+    from taylorseer_hunyuan_video.flops import count_run_flops
 
     shape = VideoShape()  # 480x640, 65 frames: 17x60x80 latents, 20,400 video + 256 text tokens
     report = count_run_flops(CacheConfig(interval=5, max_order=1, first_enhance=1), shape, 50)
@@ -469,3 +469,23 @@ def test_diffusers_hook_baseline_runs_in_the_same_app(monkeypatch, tiny_dir, tmp
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["full_steps"] == 3 and metrics["cached_modules"] == 0  # steps 0, 2, 7: diffusers' own rule
     assert 1 < metrics["compression"] < 10 / 3
+
+
+def test_calibrate_app_writes_a_file_the_sampler_reads(monkeypatch, tiny_dir, tmp_path):
+    from taylorseer_hunyuan_video import calibrate as calibrate_app
+
+    common = [f"model.path={tiny_dir}", f"out_root={tmp_path}", f"height={H}", f"width={W}", f"num_frames={F}",
+              f"max_sequence_length={TEXT}", "num_steps=6", "progress=false", "prompt=[a cat walks,a dog runs]"]
+    monkeypatch.setattr(sys, "argv", ["calibrate", *common, "samples=6", "sketch_size=64"])
+    calibrate_app.cli()
+    path = tmp_path / "calibrations" / f"hunyuan_video-6steps-{H}x{W}x{F}-seed1.json"
+    data = json.loads(path.read_text())
+    n_double, n_single = TRANSFORMER_CONFIG["num_layers"], TRANSFORMER_CONFIG["num_single_layers"]
+    assert data["num_steps"] == 6 and data["samples"] == 6 and data["modules"] == 3 * n_double + n_single
+    assert data["settings"]["app"] == "hunyuan_video" and len(data["sensitivity"]) == 6
+    assert data["flops"]["per_run"] > 0
+    monkeypatch.setattr(sys, "argv", ["sample", *common, "videos_per_prompt=1", "warmup=false",
+                                      "cache.schedule=calibrated", "cache.budget=3", f"cache.calibration={path}"])
+    sample.cli()
+    run = next((tmp_path / "hunyuan_video").glob("*-6steps-*"))
+    assert json.loads((run / "metrics.json").read_text())["full_steps"] == 3

@@ -63,9 +63,9 @@ def test_flux_preset_equals_the_hand_written_attachment(flux, order, forecast_te
     expected, expected_ops = _sample(model, inputs, STEPS, count_at=21)
     reference_held = taylorseer.get_cache(model).nbytes()
     taylorseer.remove(model)
-    from taylorseer_flux.cache import apply_flux_cache
+    from taylorseer_flux.cache import attach_cache
 
-    cache = apply_flux_cache(model, config, STEPS, forecast_text=forecast_text)
+    cache = attach_cache(model, config, STEPS, forecast_text=forecast_text)
     out, ops = _sample(model, inputs, STEPS, count_at=21)
     assert [r.step for r in cache.history if r.full] == [0, 1, 2, 8, 14, 20, 26]
     held = cache.nbytes()
@@ -82,7 +82,7 @@ def test_flux_preset_equals_the_hand_written_attachment(flux, order, forecast_te
 
 
 def test_generic_apply_on_flux_is_the_dedicated_attachment(flux):
-    """``taylorseer.apply(transformer, config)`` finds the flux preset: the outputs and ops of apply_flux_cache."""
+    """``taylorseer.apply(transformer, config)`` finds the flux preset: the outputs and ops of attach_cache."""
     model, inputs = flux
     config = CacheConfig(interval=6, max_order=1, first_enhance=3)
     ref.apply_flux(model, config, STEPS)
@@ -100,7 +100,7 @@ def test_generic_apply_on_flux_is_the_dedicated_attachment(flux):
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("single_attention", [True, False])
 def test_hunyuan_video_preset_equals_the_hand_written_attachment(hunyuan, order, single_attention):
-    from taylorseer_hunyuan_video.cache import attach
+    from taylorseer_hunyuan_video.cache import attach_cache
 
     model, inputs = hunyuan
     config = CacheConfig(interval=5, max_order=order, first_enhance=1)
@@ -108,7 +108,7 @@ def test_hunyuan_video_preset_equals_the_hand_written_attachment(hunyuan, order,
     expected, expected_ops = _sample(model, inputs, STEPS, count_at=16, timestep_scale=1000)
     expected_bytes = taylorseer.get_cache(model).nbytes()
     taylorseer.remove(model)
-    cache = attach(model, config, STEPS, single_attention=single_attention)
+    cache = attach_cache(model, config, STEPS, single_attention=single_attention)
     out, ops = _sample(model, inputs, STEPS, count_at=16, timestep_scale=1000)
     assert [r.step for r in cache.history if r.full] == list(range(0, STEPS, 5))
     assert cache.nbytes() == expected_bytes > 0
@@ -135,9 +135,10 @@ def test_hunyuan_video_lean_option_is_close_and_cheaper(hunyuan):
 
 @pytest.mark.parametrize("order", [1, 3])
 def test_dit_preset_equals_the_hand_written_attachment(order):
+    from taylorseer_dit.cache import attach_cache
     from taylorseer_dit.diffusion import GaussianDiffusion
     from taylorseer_dit.models import DiT_models
-    from taylorseer_dit.sampling import attach_cache, sample
+    from taylorseer_dit.pipeline import sample
 
     torch.manual_seed(0)
     model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10).eval()
@@ -147,7 +148,7 @@ def test_dit_preset_equals_the_hand_written_attachment(order):
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2])
 
     def run(attach):
-        cache = attach(model, config, 20)
+        cache = attach_cache(model, config, 20)
         out = sample(model, diffusion, torch.tensor([1, 4]), cfg_scale=1.5, seed=5)
         held = cache.last_call.nbytes if cache.last_call else cache.nbytes()
         cache.reset(num_steps=20)

@@ -89,7 +89,9 @@ PLANS = [
          error="cpu_offload=true needs a CUDA device"),
     Plan(r"NPROC=8 bash scripts/sample_hunyuan_video.sh.*", replace=(("NPROC=8", "NPROC=2"),), append=TINY_HV),
     Plan(r"bash scripts/sample_hunyuan_video.sh.*", append=TINY_HV),
-    Plan(r"python -m taylorseer_hunyuan_video.estimate .*"),
+    # estimate.py is flops.py now; the alternative keeps the README's old name runnable until the docs say flops.
+    Plan(r"python -m taylorseer_hunyuan_video\.(flops|estimate) .*",
+         replace=(("taylorseer_hunyuan_video.estimate", "taylorseer_hunyuan_video.flops"),)),
     # schedule policies and the 8-bit store (the calibration is written into the working folder, then read)
     Plan(r"bash scripts/calibrate.sh dit .*", append="samples=50 batch_size=50 progress=false"),
     Plan(r"python -m taylorseer_eval.store_fidelity --full-size"),
@@ -147,7 +149,7 @@ def tiny(tmp_path_factory) -> dict:
     (official file name) and an SD-style VAE, a FluxPipeline, a HunyuanVideoPipeline."""
     from diffusers.models import AutoencoderKL
 
-    from taylorseer_dit import checkpoints
+    from taylorseer_dit import pipeline
     from taylorseer_dit.models import DiT_models
 
     root = tmp_path_factory.mktemp("readme")
@@ -156,7 +158,7 @@ def tiny(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=1000)
     model.initialize_weights(zero_init=False)
-    torch.save(model.state_dict(), dit / checkpoints.official_name("DiT-Tiny/2", 64))
+    torch.save(model.state_dict(), dit / pipeline.official_name("DiT-Tiny/2", 64))
     AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8
                   ).save_pretrained(dit / "vae")

@@ -270,8 +270,9 @@ def test_full_steps_refuses_adaptive():
 
 # ------------------------------------------------------------------------------------------------- FLOPs
 def test_flops_of_adaptive_count_the_probe_and_the_steps_that_ran():
+    from taylorseer_dit.cache import attach_cache
+    from taylorseer_dit.flops import count_flops
     from taylorseer_dit.models import DiT_models
-    from taylorseer_dit.sampling import attach_cache, count_flops
 
     torch.manual_seed(0)
     dit = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10).eval()
@@ -348,9 +349,9 @@ def test_dit_app_reports_what_the_schedule_really_did(tmp_path):
 
 def test_full_size_flops_of_adaptive_on_the_meta_device():
     # FLUX.1-dev at 1024^2 counted without weights: the probe (the first of 19 double blocks) runs on forecast steps.
-    from taylorseer_flux.flops import FLUX_DEV_TRANSFORMER, count_flux_flops
+    from taylorseer_flux.flops import FLUX_DEV_TRANSFORMER, count_run_flops
 
-    adaptive = count_flux_flops(FLUX_DEV_TRANSFORMER, CacheConfig(schedule="adaptive", budget=10, first_enhance=3), 50)
+    adaptive = count_run_flops(FLUX_DEV_TRANSFORMER, CacheConfig(schedule="adaptive", budget=10, first_enhance=3), 50)
     assert adaptive.full_step_flops / 1e12 == pytest.approx(74.3847, abs=1e-4)  # README: the paper-rule count
     probe = adaptive.forecast_step_flops - 0.0176e12  # README: a forecast step of the paper rule
     assert 0.01 < probe / adaptive.full_step_flops < 0.05  # one double block of 19 double + 38 single blocks

@@ -79,7 +79,7 @@ def test_hunyuan_offload_with_8bit_factors_is_exact(hunyuan):
 def test_hunyuan_meta_estimate_counts_the_scales():
     from tiny_hunyuan import TRANSFORMER_CONFIG
 
-    from taylorseer_hunyuan_video.estimate import VideoShape, estimate_cache
+    from taylorseer_hunyuan_video.flops import VideoShape, estimate_cache
 
     dense = estimate_cache(2, VideoShape(32, 32, 5, 16), "bfloat16", TRANSFORMER_CONFIG, single_attention=False)
     f8 = estimate_cache(2, VideoShape(32, 32, 5, 16), "bfloat16", TRANSFORMER_CONFIG, single_attention=False,
@@ -91,7 +91,7 @@ def test_hunyuan_meta_estimate_counts_the_scales():
 
 @pytest.mark.slow
 def test_full_size_hunyuan_video_cache_with_8bit_factors():
-    from taylorseer_hunyuan_video.estimate import VideoShape, estimate_cache
+    from taylorseer_hunyuan_video.flops import VideoShape, estimate_cache
 
     for order in (1, 2):
         est = estimate_cache(order, VideoShape(), single_attention=False, factor_store="float8")

@@ -84,12 +84,16 @@ _SHAPES = {
     "flux": {"mid": (1, 64, 64, 512), "smoke": (1, 16, 16, 16)},  # packed 2x2: 1024 image tokens
     "hunyuan_video": {"mid": (4, 32, 32, 256), "smoke": (2, 4, 4, 8)},
 }
-_CLASSES = {"wan": "WanTransformer3DModel", "sd3": "SD3Transformer2DModel", "pixart": "PixArtTransformer2DModel",
-            "cogvideox": "CogVideoXTransformer3DModel", "flux": "FluxTransformer2DModel",
-            "hunyuan_video": "HunyuanVideoTransformer3DModel"}
 _CONFIGS = {"wan": _WAN, "sd3": _SD3, "pixart": _PIXART, "cogvideox": _COGVIDEOX, "flux": _FLUX,
             "hunyuan_video": _HUNYUAN}
-NAMES = tuple(_CLASSES)
+# The one registry of families is the presets' (name -> transformer classes, description); this module adds the
+# benchmark sizes of the diffusers families.
+NAMES = tuple(_CONFIGS)
+
+
+def class_name(name: str) -> str:
+    """The diffusers class of family ``name`` (from its preset)."""
+    return presets.get(name).classes[0]
 
 
 @dataclass
@@ -116,7 +120,7 @@ def build(name: str, size: str = "mid", device="cpu", dtype=torch.float32, seed:
     """A random transformer of family ``name`` (eval mode). On ``meta`` it holds shapes only."""
     import diffusers
 
-    cls = getattr(diffusers, _CLASSES[name])
+    cls = getattr(diffusers, class_name(name))
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls(**config_of(name, size)).eval()
@@ -188,16 +192,13 @@ def inputs(name: str, model: torch.nn.Module, *, batch: int = 1, frames: int = 1
         if c.guidance_embeds:
             out["guidance"] = torch.full((batch,), 6000.0, device=device, dtype=dtype)
         return out
-    raise ValueError(f"unknown family {name!r}; families: {list(_CLASSES)}")
+    raise ValueError(f"unknown family {name!r}; families: {list(_CONFIGS)}")
 
 
 def family_of(model: torch.nn.Module) -> str | None:
-    """The family name of a diffusers transformer (its class or a base), or None."""
-    for cls in type(model).__mro__:
-        for name, cls_name in _CLASSES.items():
-            if cls.__name__ == cls_name:
-                return name
-    return None
+    """The benchmark family of a diffusers transformer (its class or a base, through the presets), or None."""
+    found = presets.find(model)
+    return found.name if found is not None and found.name in _CONFIGS else None
 
 
 def apply_ideal(model: torch.nn.Module, config: CacheConfig, num_steps: int | None = None):

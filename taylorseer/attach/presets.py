@@ -187,6 +187,23 @@ def find(model: torch.nn.Module) -> Preset | None:
     return None
 
 
+def cached_modules(model: torch.nn.Module, preset: Preset | str | None = None) -> list[str]:
+    """Names of the modules of ``model`` whose outputs ``preset`` records on full steps (its branches' modules and
+    its record-only modules), in ``model.named_modules()`` order. ``preset`` defaults to the one of the model's class.
+
+    The apps take their lists of cached modules from here (calibration sketches, FLOPs and cache-size counts)
+    instead of writing them out a second time."""
+    if preset is None:
+        preset = find(model)
+        if preset is None:
+            raise ValueError(f"no preset for {type(model).__name__}; presets: {list(_FAMILIES)}")
+    elif isinstance(preset, str):
+        preset = get(preset)
+    wanted = {f"{block}.{module}" for block, spec in preset.blocks(model).items()
+              for module in [b.module for b in spec.branches] + list(spec.record_only)}
+    return [name for name, _ in model.named_modules() if name in wanted]
+
+
 def supported() -> dict[str, tuple[str, ...]]:
     """Preset name -> the transformer classes it serves."""
     return {name: classes for name, (classes, _, _) in _FAMILIES.items()}

@@ -18,6 +18,14 @@ from ..core.calibration import FORMAT
 from . import runs
 
 
+def check_samples(samples: int, num_steps: int) -> None:
+    """A calibration's sample count must be a positive multiple of its sampling steps: sample ``i`` measures the
+    sensitivity of step ``i mod num_steps``. The apps call this before loading a model, the Recorder again."""
+    if samples < num_steps or samples % num_steps:
+        raise ValueError(f"calibration samples={samples}: expected a multiple of the {num_steps} sampling steps "
+                         f"(sample i measures the sensitivity of step i mod num_steps), e.g. samples={2 * num_steps}")
+
+
 class Recorder:
     """Records the sketch trajectory, or perturbs one step per sample, on the named modules of a model.
 
@@ -35,9 +43,7 @@ class Recorder:
     def __init__(self, model: torch.nn.Module, modules: Iterable[str], num_steps: int, samples: int,
                  sketch_size: int = 1024, epsilon: float = 0.05, seed: int = 0, calls_per_step: int = 1,
                  timestep_fn: Callable | None = None):
-        if samples < num_steps or samples % num_steps:
-            raise ValueError(f"calibration samples={samples}: expected a multiple of the {num_steps} sampling steps "
-                             f"(each sample measures the sensitivity of one step), e.g. samples={2 * num_steps}")
+        check_samples(samples, num_steps)
         named = dict(model.named_modules())
         self.names = sorted({n for p in modules for n in named if n and fnmatch.fnmatchcase(n, p)})
         if not self.names:

@@ -15,8 +15,20 @@ from .runfolder import folder_fingerprint, prompts_label
 from .runs import WeightsNotFoundError  # noqa: F401 - re-exported: the apps catch it from here
 
 
-def load_pipeline(pipeline_cls, source: str, accept: tuple[str, ...] = (), **kwargs):
+def dtype_keyword() -> str:
+    """``from_pretrained``'s keyword for the weights' dtype: diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` (the
+    old name warns there); older versions take ``torch_dtype`` only."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+def load_pipeline(pipeline_cls, source: str, accept: tuple[str, ...] = (), dtype=None, **kwargs):
     """``pipeline_cls.from_pretrained(source, **kwargs)`` with one clear error when it cannot load.
+
+    ``dtype`` (a ``torch.dtype``) is passed under the keyword this diffusers version takes (:func:`dtype_keyword`).
 
     ``source`` is a hub id (``black-forest-labs/FLUX.1-dev``) or a local folder in the same layout. A local
     folder of another pipeline (its ``model_index.json`` names the class) is refused before anything loads;
@@ -38,6 +50,8 @@ def load_pipeline(pipeline_cls, source: str, accept: tuple[str, ...] = (), **kwa
             raise WeightsNotFoundError(f"{path} holds a {found} but this app loads a {pipeline_cls.__name__}: point "
                                        f"model.path at a {pipeline_cls.__name__} folder (or use the app for {found})")
         source = str(path)
+    if dtype is not None:
+        kwargs[dtype_keyword()] = dtype
     try:
         return pipeline_cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:

@@ -172,9 +172,11 @@ def shard(items: Iterable[Any], rank: int, world_size: int) -> list:
     return list(seq[rank::world_size])
 
 
-def select_device(requested: str, env: DistEnv) -> torch.device:
-    """The device of this rank: ``auto`` is CUDA when present, else the CPU; ``cuda`` means one GPU per
-    local rank (``cuda:<local rank>``, or ``cuda:0`` when Slurm gave each task its own single GPU)."""
+def select_device(requested: str, env: DistEnv | None = None) -> torch.device:
+    """The device of this rank (``env=None``: a single process): ``auto`` is CUDA when present, else the CPU;
+    ``cuda`` means one GPU per local rank (``cuda:<local rank>``, or ``cuda:0`` when Slurm gave each task its own
+    single GPU); asking for CUDA where there is none fails with the fix. Every app resolves its ``device`` here."""
+    env = env if env is not None else DistEnv()
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)

@@ -143,16 +143,6 @@ def peak_memory(device=None) -> dict:
     return {"peak_memory_bytes": int(kib) * 1024, "peak_memory_kind": "process_max_rss"}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it fails with the fix."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA device is visible: use device=cpu (slow) or run on a GPU node")
-    return device
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 on CUDA and fp32 on the CPU."""
     if name == "auto":

@@ -5,9 +5,9 @@ shapes only, so PyTorch's ``FlopCounterMode`` counts the true matmul/attention F
 (2 FLOPs per multiply-add) and the cache, attached exactly as for sampling, holds meta tensors whose
 byte counts are the real ones. Usage::
 
-    python -m taylorseer_hunyuan_video.estimate                       # 480x640x65, 50 steps, N=5 O=1
-    python -m taylorseer_hunyuan_video.estimate --orders 1 2 --frames 129 --height 720 --width 1280
-    python -m taylorseer_hunyuan_video.estimate --stores dense float8   # + the 8-bit factor store
+    python -m taylorseer_hunyuan_video.flops                       # 480x640x65, 50 steps, N=5 O=1
+    python -m taylorseer_hunyuan_video.flops --orders 1 2 --frames 129 --height 720 --width 1280
+    python -m taylorseer_hunyuan_video.flops --stores dense float8   # + the 8-bit factor store
 
 Shapes at 480x640x65: the VAE compresses 8x in space and 4x in time (65 frames -> 17 latent
 frames, 60x80 latents), the transformer patchifies 1x2x2 -> 17*30*40 = 20,400 video tokens, plus
@@ -27,7 +27,7 @@ import taylorseer
 from taylorseer import CacheConfig, FlopsReport
 from taylorseer.core.store import FACTOR_STORES, stored_nbytes
 
-from .cache import attach, cached_module_names
+from .cache import attach_cache, cached_module_names
 
 # hunyuanvideo-community/HunyuanVideo transformer/config.json (13B parameters).
 HUNYUAN_VIDEO_CONFIG = dict(
@@ -123,7 +123,7 @@ def count_run_flops(cache_config: CacheConfig, shape: VideoShape = VideoShape(),
         from taylorseer.perf.peers import count_diffusers_schedule
 
         return count_diffusers_schedule(model, call, cache_config, num_steps, calls_per_step)
-    cache = attach(model, cache_config, num_steps, single_attention) if cache_config.enabled else None
+    cache = attach_cache(model, cache_config, num_steps, single_attention) if cache_config.enabled else None
     try:
         return taylorseer.count_schedule(call, cache, num_steps, calls_per_step)
     finally:
@@ -168,7 +168,7 @@ def estimate_cache(max_order: int, shape: VideoShape = VideoShape(), factor_dtyp
     # calls fill every order.
     config = CacheConfig(interval=1, max_order=max_order, first_enhance=1, factor_dtype=factor_dtype,
                          factor_store=factor_store, factor_scale=factor_scale)
-    cache = attach(model, config, max_order + 1, single_attention)
+    cache = attach_cache(model, config, max_order + 1, single_attention)
     try:
         with torch.no_grad():
             model(**inputs)
