@@ -1,6 +1,6 @@
 """What TaylorSeer caches in DiT: the core's ``dit`` preset (:mod:`taylorseer.attach.presets`).
 
-Cached: the pre-gate outputs of ``blocks.i.attn`` and ``blocks.i.mlp`` (REFERENCE.md section 2). On a
+Cached: the pre-gate outputs of ``blocks.i.attn`` and ``blocks.i.mlp`` (docs/dit.md). On a
 forecast step each block runs a short forward instead of its own: the two gates (only their rows of
 the adaLN matrix) and ``x + gate_msa * attn + gate_mlp * mlp`` with the forecasts folded in; the
 block's own forward would also normalise and modulate the inputs of the two branches, for nothing.

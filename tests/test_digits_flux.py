@@ -2,7 +2,7 @@
 FLUX defaults on its learned flow-matching trajectory, and training that resumes after a kill to the same weights.
 
 Deterministic: CPU, float32, fixed seeds. Thresholds leave room for BLAS differences between machines, not
-for a broken cache; the measured values are in README.schedules.md.
+for a broken cache; the measured values are in docs/schedules.md.
 """
 
 import json

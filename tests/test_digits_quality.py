@@ -2,8 +2,8 @@
 forecasting (TaylorSeer) stays closer to the uncached samples than reusing (FORA) at the same compute.
 
 Deterministic: fixed seeds, CPU, float32. Margins measured when the bundled model was trained are
-recorded in README.md ("Quality regression tests"); the thresholds below leave room for BLAS
-differences between machines but not for a broken forecaster.
+recorded in docs/dit.md ("The bundled digits model and the quality regression tests"); the thresholds
+below leave room for BLAS differences between machines but not for a broken forecaster.
 """
 
 import json
@@ -50,7 +50,7 @@ def test_bundled_models_are_what_the_records_say():
 def test_uncached_samples_are_clean_digits(bundle):
     model, classifier, real, diffusion, labels, reference = bundle
     metrics = evaluate(reference, reference, labels, classifier, real)
-    assert metrics["accuracy"] >= 0.95  # measured 1.00 (100/100) when trained (README)
+    assert metrics["accuracy"] >= 0.95  # measured 1.00 (100/100) when trained (docs/dit.md)
 
 
 def test_interval_one_changes_nothing(bundle):

@@ -50,7 +50,7 @@ def test_official_checkpoint_format_loads_through_the_same_loader(tiny_assets):
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 10])
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), original(x, t, y))
-    # the released XL/2 key names and shapes (REFERENCE.md 4b)
+    # the released XL/2 key names and shapes (docs/dit.md)
     with torch.device("meta"):
         xl = DiT_models["DiT-XL/2"](input_size=32)
     shapes = {k: tuple(v.shape) for k, v in xl.state_dict().items()}

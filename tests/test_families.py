@@ -129,7 +129,7 @@ def _gated_add_kernels(shape) -> int:
     x, f = torch.randn(shape), torch.randn(shape)
     gate = torch.randn(shape[0], 1, shape[-1])
     return count_ops(lambda: gated_add(x, gate, [(1.0, f), (2.0, f)])).kernels
-PLAIN = families.PLAIN_MODULES  # the README's recipe: the pre-gate branches by name
+PLAIN = families.PLAIN_MODULES  # the generic recipe (docs/any_model.md): the pre-gate branches by name
 
 
 def _forecast_call(model, inputs, **apply_kwargs):
@@ -171,7 +171,7 @@ def test_a_forecast_step_runs_only_the_gates_and_the_residual_adds(pipes, name):
     hidden = model.config.num_attention_heads * model.config.attention_head_dim
     conditioning = hidden if name == "sd3" else model.config.get("time_embed_dim", 0)  # the gate Linear's input
     assert flops - ideal_flops == linear_gates * 2 * 2 * conditioning * hidden  # batch 2, 2 FLOPs per MAC
-    # The README's plain cached modules still run every norm, modulation and the cross-attention.
+    # The plain cached modules (docs/any_model.md) still run every norm, modulation and the cross-attention.
     assert plain.kernels > ours.kernels + 20 and plain.bytes > 1.5 * ours.bytes
     # What the blocks cost on a forecast step against a full step (tiny models: the embedders weigh a lot).
     assert ours.kernels - ideal.kernels < (full.kernels - ideal.kernels) / 3

@@ -1,7 +1,7 @@
 """Forecast values on polynomial feature trajectories, through the real hooks and cache.
 
 A module whose output is a polynomial f(s) of the step s lets us check every forecast against the
-closed form that REFERENCE.md's update rule gives.
+closed form that docs/method.md's update rule gives.
 """
 
 import pytest

@@ -202,7 +202,7 @@ def test_cache_off_runs_exactly_the_ops_of_the_plain_model():
     assert [r.step for r in cache.history] == list(range(6))
     taylorseer.remove(model)
     # Interval 1 computes every step too, and records the factors it would forecast from: the extra
-    # ops are the recording's (copy + differences), counted here for the README.
+    # ops are the recording's (copy + differences), counted here for docs/performance.md.
     attach_cache(model, CacheConfig(interval=1, max_order=1, first_enhance=2), 6)
     one_ops, one = _ops_of_a_run(model)
     assert torch.equal(one, plain)

@@ -1,7 +1,8 @@
-"""Every command README.md shows runs here, on the tiny models: real model paths are pointed at tiny pipelines
-and checkpoints saved by the same code, sizes and sample counts made small, GPU-only or network-only steps run
-up to the one-line error that says what they need. A command added to the README without a way to run it here
-fails this test (see ``PLANS``)."""
+"""Every command README.md and docs/*.md show runs here, on the tiny models: real model paths are pointed at tiny
+pipelines and checkpoints saved by the same code, sizes and sample counts made small, GPU-only or network-only steps
+run up to the one-line error that says what they need. A command added to a page without a way to run it here fails
+this test (see ``PLANS``). The README stays short (at most ``README_MAX_LINES`` lines) and every relative link of
+the pages reaches a file (and a heading, for links into a markdown file)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,21 @@ from tiny_hunyuan import save_tiny_pipeline  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_commands() -> list[str]:
-    """Every shell command of the README's ```bash blocks (comments dropped, continuations joined, in order)."""
-    text = (ROOT / "README.md").read_text()
+# The pages in the order their commands run: a page's <run> placeholders are filled with run folders the commands
+# of the pages before it made (the models' pages sample what metrics.md evaluates). Pages not listed run last.
+DOCS_ORDER = ["method", "configuration", "dit", "flux", "hunyuan_video", "reproducing", "schedules", "metrics",
+              "distributed", "any_model", "performance", "memory", "tests"]
+README_MAX_LINES = 300
+
+
+def doc_pages() -> list[Path]:
+    """README.md, then every docs/*.md (DOCS_ORDER first)."""
+    docs = {p.stem: p for p in sorted((ROOT / "docs").glob("*.md"))}
+    return [ROOT / "README.md"] + [docs.pop(name) for name in DOCS_ORDER if name in docs] + list(docs.values())
+
+
+def bash_commands(text: str) -> list[str]:
+    """Every shell command of a page's ```bash blocks (comments dropped, continuations joined, in order)."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
@@ -40,7 +53,12 @@ def readme_commands() -> list[str]:
                 out += ch
             if out.strip():
                 commands.append(" ".join(out.split()))
-    return list(dict.fromkeys(commands))
+    return commands
+
+
+def readme_commands() -> list[str]:
+    """Every shell command of README.md and docs/*.md, each once, in the order of ``doc_pages``."""
+    return list(dict.fromkeys(c for page in doc_pages() for c in bash_commands(page.read_text())))
 
 
 @dataclass
@@ -89,9 +107,7 @@ PLANS = [
          error="cpu_offload=true needs a CUDA device"),
     Plan(r"NPROC=8 bash scripts/sample_hunyuan_video.sh.*", replace=(("NPROC=8", "NPROC=2"),), append=TINY_HV),
     Plan(r"bash scripts/sample_hunyuan_video.sh.*", append=TINY_HV),
-    # estimate.py is flops.py now; the alternative keeps the README's old name runnable until the docs say flops.
-    Plan(r"python -m taylorseer_hunyuan_video\.(flops|estimate) .*",
-         replace=(("taylorseer_hunyuan_video.estimate", "taylorseer_hunyuan_video.flops"),)),
+    Plan(r"python -m taylorseer_hunyuan_video\.flops .*"),
     # schedule policies and the 8-bit store (the calibration is written into the working folder, then read)
     Plan(r"bash scripts/calibrate.sh dit .*", append="samples=50 batch_size=50 progress=false"),
     Plan(r"python -m taylorseer_eval.store_fidelity --full-size"),
@@ -138,9 +154,61 @@ def test_every_readme_command_has_a_plan_and_no_figure_is_missing():
     commands = readme_commands()
     assert len(commands) > 40
     unplanned = [c for c in commands if not any(p.matches(c) for p in PLANS)]
-    assert not unplanned, f"README commands this test does not know how to run: {unplanned}"
-    assert "FILL:" not in (ROOT / "README.md").read_text(), "a README figure is still to be filled in"
-    assert (ROOT / "README.md").read_text().count("bash scripts/demo.sh") >= 1  # the main job leads
+    assert not unplanned, f"README/docs commands this test does not know how to run: {unplanned}"
+    for page in doc_pages():
+        assert "FILL:" not in page.read_text(), f"{page.relative_to(ROOT)}: a figure is still to be filled in"
+    readme = (ROOT / "README.md").read_text()
+    assert "bash scripts/demo.sh" in readme and "bash scripts/test.sh" in readme  # the two quick-start commands
+
+
+def test_readme_is_short_and_its_jobs_table_runs():
+    readme = (ROOT / "README.md").read_text()
+    lines = readme.count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move a topic to docs/"
+    commands = set(readme_commands())
+    table = [span for line in readme.splitlines() if line.startswith("|")
+             for span in re.findall(r"`([^`]+)`", line) if re.match(r"(\w+=\S+ )?bash scripts/", span)]
+    assert len(table) >= 10
+    missing = [span for span in table if " ".join(span.split()) not in commands]
+    assert not missing, f"README table commands that no ```bash block of README.md or docs/ shows: {missing}"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a markdown page's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_every_relative_link_resolves():
+    problems = []
+    for page in doc_pages():
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", text, flags=re.S)):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                problems.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file.read_text()):
+                problems.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_reference_to_a_page_that_does_not_exist():
+    """Comments, docstrings and configs point at docs/ pages, not at the README files that were merged into them."""
+    dead = [name + ".md" for name in ("README.presets", "README.perf", "README.store", "README.schedules",
+                                      "REFERENCE")]
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in {"runs", "__pycache__", "node_modules"}]
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix in {".py", ".md", ".yaml", ".sh", ".toml", ".txt"}:
+                text = path.read_text(errors="replace")
+                found += [f"{path.relative_to(ROOT)}: {page}" for page in dead if page in text]
+    assert not found, found
 
 
 @pytest.fixture(scope="module")

@@ -352,7 +352,7 @@ def test_full_size_flops_of_adaptive_on_the_meta_device():
     from taylorseer_flux.flops import FLUX_DEV_TRANSFORMER, count_run_flops
 
     adaptive = count_run_flops(FLUX_DEV_TRANSFORMER, CacheConfig(schedule="adaptive", budget=10, first_enhance=3), 50)
-    assert adaptive.full_step_flops / 1e12 == pytest.approx(74.3847, abs=1e-4)  # README: the paper-rule count
-    probe = adaptive.forecast_step_flops - 0.0176e12  # README: a forecast step of the paper rule
+    assert adaptive.full_step_flops / 1e12 == pytest.approx(74.3847, abs=1e-4)  # docs/performance.md: paper rule
+    probe = adaptive.forecast_step_flops - 0.0176e12  # docs/performance.md: a forecast step of the paper rule
     assert 0.01 < probe / adaptive.full_step_flops < 0.05  # one double block of 19 double + 38 single blocks
     assert adaptive.observed(10).compression < 4.99  # the paper rule's 10 of 50 steps

@@ -1,7 +1,7 @@
 """The 8-bit factor store on the real models: the tiny FLUX and HunyuanVideo pipelines (saved and loaded like
 the real ones), the bundled digits DiT, the apps' run folders, and the full-size byte counts on the meta
 device. Fidelity thresholds leave room over what ``python -m taylorseer_eval.store_fidelity`` measured
-(README.store.md) but not for a broken store.
+(docs/memory.md) but not for a broken store.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def rel(x, ref):
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     """run(config=None, steps=50) -> (final latents, cache bytes) of the tiny FLUX pipeline (the store fidelity
-    script's own sampler, so the figures in the README and these checks run the same code)."""
+    script's own sampler, so the figures in docs/memory.md and these checks run the same code)."""
     from taylorseer_eval.store_fidelity import flux_pipeline_sampler
 
     return flux_pipeline_sampler(tmp_path_factory.mktemp("tiny_flux"))

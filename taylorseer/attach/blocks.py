@@ -3,7 +3,7 @@
 An adaLN-Zero block (DiT, FLUX, SD3, Wan, PixArt, HunyuanVideo, CogVideoX) updates each of its residual
 streams as ``x <- x + g_b * B_b(...)`` for its branches ``b`` (attention, cross-attention, MLP), with gates
 ``g_b`` from a modulation of the conditioning (or ``g_b = 1``: Wan's and PixArt's cross-attention). TaylorSeer
-caches the pre-gate branch outputs ``B_b`` (paper section 3; REFERENCE.md section 1), so on a forecast step the
+caches the pre-gate branch outputs ``B_b`` (paper section 3; docs/method.md), so on a forecast step the
 block reduces to
 
     x_out = x + sum_b g_b * F_b,      F_b = sum_i c_i D_{b,i}   (the Taylor forecast, paper eq. 7-8)

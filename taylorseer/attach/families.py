@@ -5,7 +5,7 @@
     families.apply_ideal(case.model, config, 50)         # the bound: every block skipped on forecast steps
 
 Sizes: ``"mid"`` is the benchmark model of issue 13 (4 blocks, hidden 256 = 2 heads x 128, about 1024
-image/video tokens and a few hundred text tokens, random weights: what the CPU speedups in README.presets.md
+image/video tokens and a few hundred text tokens, random weights: what the CPU speedups in docs/any_model.md
 are measured on); ``"smoke"`` is tiny (2 blocks, hidden 32) for tests. ``inputs(name, model)`` builds a call
 of any size for a model of the family (random values, or shapes only on the ``meta`` device).
 """
@@ -219,7 +219,7 @@ def apply_preset(model: torch.nn.Module, config: CacheConfig, num_steps: int | N
 
 BENCH_ROWS: dict[str, Callable] = {"ours": apply_preset, "ideal": apply_ideal}
 
-# The modules the README's generic recipe caches (pre-gate branches by name), and the cross-attention beside them.
+# The generic recipe's modules (docs/any_model.md): pre-gate branches by name, and the cross-attention beside them.
 PLAIN_MODULES = {"wan": ["blocks.*.attn1", "blocks.*.ffn"],
                  "sd3": ["transformer_blocks.*.attn", "transformer_blocks.*.ff"],
                  "pixart": ["transformer_blocks.*.attn1", "transformer_blocks.*.ff"],

@@ -4,7 +4,7 @@ Both place exactly ``K = cache.budget`` computed steps, the warm-up steps (``fir
 steps (``last_full_steps``) included, before sampling starts.
 
 **Rule (``budget``).** Diffusion features change slowly at high noise and ever faster towards the end of
-sampling (measured on both bundled models, README.schedules.md), so the free steps are placed by a power
+sampling (measured on both bundled models, docs/schedules.md), so the free steps are placed by a power
 warp denser at the end: the i-th of the m free steps (i = 1..m) lands at
 
     s_i = a + (n - 1 - a) * (1 - (1 - i / m) ^ p),      p = 1.5, a = the last fixed step before them,

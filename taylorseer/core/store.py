@@ -11,7 +11,7 @@ in ``float8_e4m3fn`` (3 mantissa bits, max 448: ~2.5% RMS relative error on a Ga
 fp32 scale per token: 1 + 4/C bytes per element (C = 3072: 1.0013), about half of bf16 and a quarter
 of fp32. ``float8_e5m2`` (2 mantissa bits, 5 exponent bits) is offered for the differences, whose
 dynamic range is wider than the feature's: its range is rarely what limits a scaled factor, its
-mantissa always is (measured in README.store.md).
+mantissa always is (measured in docs/memory.md).
 
 Correctness of the derivatives: a full step dequantises the stored factors into fp32 working copies,
 runs the forecaster's own update on them (``D_{i+1} = (D_i^new - deq(D_i^old)) / d``: differences of the

@@ -151,7 +151,7 @@ def smooth(values: torch.Tensor, degree: int = 3) -> torch.Tensor:
 
     Each raw value comes from samples/num_steps samples whose own sensitivities differ up to 10x (digit to
     digit; measured), while the true curve changes slowly from step to step (with 20 samples per step it is
-    smooth and U-shaped, README.schedules.md). Four parameters fitted to every sample keep that shape and
+    smooth and U-shaped, docs/schedules.md). Four parameters fitted to every sample keep that shape and
     average the sample noise away; a local window would keep too much of it.
     """
     n = len(values)
