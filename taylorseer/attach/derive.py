@@ -102,8 +102,8 @@ class AutoBlock:
             return
         if self.skip_all:
             spec = BlockSpec((Branch(next(iter(probe.counts))),), returns=probe.returns or "hidden_states")
-            built = build_block(self.block, self.name, spec, self.cache, skip_all=True)
-            self._settle("skipped on forecast steps (the bound)", "", built.forwards[0][1])
+            forwards = self._build_spec(spec, self.cache, skip_all=True)
+            self._settle("skipped on forecast steps (the bound)", "", forwards[0][1])
             return
         rejected = self._try_derived(probe, args, kwargs)
         if rejected is None:
@@ -126,11 +126,17 @@ class AutoBlock:
                     tokens[path] = tokens.get(path, False) or any(
                         isinstance(t, torch.Tensor) and t.dim() >= 3 for t in tree_flatten((a, k))[0])
                 handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        verifier = self.block.__dict__.get("forward")
+        self.block.forward = self.original  # the trace names the inputs from the block's own signature
         try:
             found, _inner, returns = trace_block(None, self.block, lambda: self.block(*_copy(args), **_copy(kwargs)))
         finally:
             for handle in handles:
                 handle.remove()
+            if verifier is None:
+                del self.block.forward
+            else:
+                self.block.forward = verifier
         per_call = {p: c for p, c in counts.items()}  # the block ran once under the trace
         with torch.no_grad():
             real = self.original(*_copy(args), **_copy(kwargs))
@@ -145,6 +151,11 @@ class AutoBlock:
             return f"could not be written ({type(err).__name__}: {err})"
         if spec is None:
             return text.lstrip("# ") if text else "no residual branch traced"
+        work = work_modules(self.block, probe.counts, probe.tokens)
+        held, wanted = _params(self.block, spec.modules), _params(self.block, work)
+        if held < 0.5 * wanted:
+            return (f"its branches ({', '.join(spec.modules)}) hold {100 * held / max(wanted, 1):.0f}% of the "
+                    f"parameters of the block's work ({', '.join(work)}): a forecast step would still run the work")
         twice = [m for m in spec.modules if probe.counts.get(m, 0) != 1]
         if twice:
             return f"{', '.join(twice)} run(s) {probe.counts.get(twice[0], 0)}x per block call"
@@ -177,11 +188,12 @@ class AutoBlock:
         return None
 
     # ------------------------------------------------------------------------------------------ building
-    def _build_spec(self, spec: BlockSpec, cache: ForecastCache) -> list[tuple[torch.nn.Module, Callable]]:
+    def _build_spec(self, spec: BlockSpec, cache: ForecastCache,
+                    skip_all: bool = False) -> list[tuple[torch.nn.Module, Callable]]:
         saved = self.block.__dict__.get("forward")
         self.block.forward = self.original  # the description's short forward wraps the block's own
         try:
-            return build_block(self.block, self.name, spec, cache).forwards
+            return build_block(self.block, self.name, spec, cache, skip_all=skip_all).forwards
         finally:
             if saved is None:
                 del self.block.forward
@@ -249,7 +261,7 @@ class AutoBlock:
 
     def _settle(self, path: str, detail: str, forward: Callable) -> None:
         self.chosen = forward
-        self.derivation.blocks[self.name] = (self.layout, path, detail)
+        self.derivation.blocks[self.name] = (self.layout, path, detail.replace(self.name, "<block>"))
 
 
 def _per_call(cache: ForecastCache, key: str, forward: Callable, calls: dict, path: str) -> Callable:
@@ -287,6 +299,10 @@ def work_modules(block: torch.nn.Module, counts: dict[str, int], tokens: dict[st
 
     visit(block, "")
     return found
+
+
+def _params(block: torch.nn.Module, paths) -> int:
+    return sum(p.numel() for path in paths for p in block.get_submodule(path).parameters())
 
 
 def _copy(tree):

@@ -1,0 +1,114 @@
+"""apply() on transformers no preset serves: each block's path derived from the first step's inputs and verified.
+
+Tiny random models (hidden 32, 2 blocks) of current diffusers families, a 30-step flow loop (tests/tiny_unknown.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tiny_unknown
+
+import taylorseer
+from taylorseer.perf.flops import count_flops
+
+FAMILIES = ["qwenimage", "ltx", "sana", "lumina2", "cogview4", "skyreels", "flux2", "hunyuan15"]
+PATHS = {"skyreels": "derived description", "hunyuan15": "derived description"}  # the rest: branch modules
+
+
+def _snapshot(model):
+    out = {}
+    for name, m in model.named_modules():
+        out[name] = {k: (len(v), list(v)) if isinstance(v, dict) else (type(v).__name__, id(v))
+                     for k, v in m.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unknown_family_is_exact_at_interval_one_and_forecasts(family):
+    model, call = tiny_unknown.build(family)
+    before = _snapshot(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = tiny_unknown.sample(model, call, 30)
+
+    taylorseer.apply(model, taylorseer.CacheConfig(interval=1, max_order=1, first_enhance=2), num_steps=30)
+    assert torch.equal(tiny_unknown.sample(model, call, 30), ref)
+    text = taylorseer.summary(model).describe()
+    assert "uncached" not in text and "not yet called" not in text, text
+    assert PATHS.get(family, "branch modules") in text, text
+    taylorseer.remove(model)
+
+    errors = {}
+    for order in (1, 0):
+        taylorseer.apply(model, taylorseer.CacheConfig(interval=5, max_order=order, first_enhance=2), num_steps=30)
+        out = tiny_unknown.sample(model, call, 30)
+        taylorseer.remove(model)
+        errors[order] = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < errors[1] < errors[0], errors  # closer to uncached than FORA (random weights: direction only)
+
+    assert _snapshot(model) == before  # remove(): every module's __dict__ as it was (no forward, no hook registry)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(tiny_unknown.sample(model, call, 30), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unknown_family_forecast_step_flops_within_twice_the_bound(family):
+    model, call = tiny_unknown.build(family)
+    with torch.no_grad():
+        full = count_flops(lambda: model(**call(900.0)))
+    shares = {}
+    for skip_all in (False, True):
+        taylorseer.apply(model, taylorseer.CacheConfig(interval=2, max_order=1, first_enhance=1), num_steps=10,
+                         skip_all=skip_all)
+        with torch.no_grad():
+            model(**call(900.0))  # the first step: computed (and verified)
+            shares[skip_all] = count_flops(lambda: model(**call(800.0))) / full
+        taylorseer.remove(model)
+    assert shares[False] <= 2 * shares[True] + 0.02, shares
+
+
+def test_module_called_twice_per_block_gets_a_feature_per_call():
+    model, call = tiny_unknown.build("cogview4")
+    taylorseer.apply(model, taylorseer.CacheConfig(interval=2, max_order=1, first_enhance=1), num_steps=10)
+    with torch.no_grad():
+        model(**call(900.0))
+    summary = taylorseer.summary(model)
+    assert "ff (2x)" in summary.describe()
+    cache = taylorseer.get_cache(model)
+    assert {"transformer_blocks.0.ff#0", "transformer_blocks.0.ff#1"} <= set(cache._ctx.states)
+    taylorseer.remove(model)
+
+
+def test_a_block_that_fails_both_checks_runs_uncached_and_says_so():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.Linear(8, 8)
+            self.ff = torch.nn.Linear(8, 8)
+
+        def forward(self, hidden_states):
+            noise = torch.rand(()) * 0  # work outside the branches that the block depends on: none
+            return hidden_states + self.attn(hidden_states) * self.ff(hidden_states).sum() + noise
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+            self.counter = 0
+
+        def forward(self, x, t):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Model()
+    x = torch.randn(1, 4, 8)
+    ref = [model(x, torch.tensor(float(t))) for t in range(3)]
+    taylorseer.apply(model, taylorseer.CacheConfig(interval=2, max_order=0, first_enhance=1), num_steps=3)
+    with torch.no_grad():
+        outs = [model(x, torch.tensor(float(t))) for t in range(3)]
+    text = taylorseer.summary(model).describe()
+    assert "blocks (Block)" in text
+    assert all(torch.allclose(a, b) for a, b in zip(outs[:1], ref[:1], strict=True))
+    taylorseer.remove(model)
