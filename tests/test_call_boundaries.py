@@ -116,15 +116,23 @@ def test_the_pipeline_gives_the_step_count_and_last_full_steps_works(pipes):
         taylorseer.remove(pipe)
 
 
-def test_an_extra_transformer_call_per_step_is_refused(pipes):
-    # SD3's skip-layer guidance calls the transformer a second time per step, in the same context.
+def test_an_extra_transformer_call_per_step_gets_its_own_context(pipes):
+    # SD3's skip-layer guidance calls the transformer a second time per step (skip_layers=..., batch 1).
     pipe = pipes("sd3")
-    taylorseer.apply(pipe, CONFIG)
+    slg = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    ref = tiny.run(pipe, "sd3", 6, **slg)
+    cache = taylorseer.apply(pipe, CacheConfig(interval=1, max_order=1, first_enhance=2))
     try:
-        with pytest.raises(RuntimeError, match=r"batch size changed from 2 to 1 .*more than once per step"):
-            tiny.run(pipe, "sd3", 6, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
-                     skip_layer_guidance_stop=1.0)
-        assert tiny.run(pipe, "sd3", 6).shape[0] == 1  # the next call starts afresh
+        assert torch.equal(tiny.run(pipe, "sd3", 6, **slg), ref)
+        assert {r.context for r in cache.last_call.history} == {"default", "default+skip_layers"}
+    finally:
+        taylorseer.remove(pipe)
+    cache = taylorseer.apply(pipe, CONFIG)
+    try:
+        out = tiny.run(pipe, "sd3", 6, **slg)
+        assert out.shape == ref.shape and not torch.equal(out, ref)  # forecast steps ran, in both contexts
+        forecast = {r.context for r in cache.last_call.history if not r.full}
+        assert forecast == {"default", "default+skip_layers"}
     finally:
         taylorseer.remove(pipe)
 
