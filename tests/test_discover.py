@@ -123,9 +123,13 @@ def test_an_unknown_model_is_discovered_described_and_cached():
     torch.manual_seed(0)
     model = _Model().eval()
     inputs = dict(x=torch.randn(2, 8, 4), t=torch.ones(2), context=torch.randn(2, 5, 16))
-    with pytest.raises(ValueError, match=r"no TaylorSeer preset for _Model.*layers \(3 x _Block\): layers\.0 has "
-                                         r"modulation, norm, attn, cross, mlp"):
-        taylorseer.apply(model, CacheConfig())
+    # apply() needs no description: it derives one on the first step and verifies it before trusting it
+    taylorseer.apply(model, CacheConfig(interval=2, max_order=1, first_enhance=1), num_steps=2)
+    with torch.no_grad():
+        model(**inputs)
+    text = taylorseer.summary(model).describe()
+    assert "3 x layers (_Block): derived description (attn, cross, mlp; verified)" in text, text
+    taylorseer.remove(model)
     report = discover(model, inputs)
     (layers,) = report.lists
     assert {c.name: c.role for c in layers.children} == {"modulation": "inner", "norm": "inner", "attn": "gated",
