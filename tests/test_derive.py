@@ -12,7 +12,7 @@ import tiny_unknown
 import taylorseer
 from taylorseer.perf.flops import count_flops
 
-FAMILIES = ["qwenimage", "ltx", "sana", "lumina2", "cogview4", "skyreels", "flux2", "hunyuan15"]
+FAMILIES = ["qwenimage", "ltx", "sana", "lumina2", "cogview4", "skyreels", "flux2", "hunyuan15", "hidream"]
 PATHS = {"skyreels": "derived description", "hunyuan15": "derived description"}  # the rest: branch modules
 
 

@@ -117,7 +117,7 @@ def _hidream():
     m = diffusers.HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
                                                  num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                                                  caption_channels=[32, 16], text_emb_dim=32, num_routed_experts=2,
-                                                 num_activated_experts=1, axes_dims_rope=(8, 8),
+                                                 num_activated_experts=1, axes_dims_rope=(8, 4, 4),
                                                  max_resolution=(16, 16), llama_layers=[0, 1])
     x = _r(B, 4, 8, 8)
     t5, llama, pooled = _r(B, 7, 32), _r(2, B, 5, 16), _r(B, 32)

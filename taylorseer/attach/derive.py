@@ -41,11 +41,18 @@ def auto_blocks(model: torch.nn.Module) -> list[tuple[str, str, torch.nn.Module]
     """(layout label, block name, block) for every block of the model's top-level block lists."""
     found = []
     for path, blocks in block_lists(model):
-        if "." in path:  # nested lists (a text refiner) run inside other modules
+        if "." in path or not _is_block(blocks[0]):  # nested lists run inside other modules; projections
             continue
         for i, block in enumerate(blocks):
             found.append((f"{path} ({type(block).__name__})", f"{path}.{i}", block))
     return found
+
+
+def _is_block(module: torch.nn.Module) -> bool:
+    """A transformer block has at least two children with parameters (norm, attention, feed-forward), or wraps
+    one that has (HiDream); a list of projections is no list of blocks."""
+    children = [c for c in module.children() if any(True for _ in c.parameters())]
+    return len(children) >= 2 or (len(children) == 1 and _is_block(children[0]))
 
 
 @dataclass
