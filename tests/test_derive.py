@@ -6,8 +6,8 @@ Tiny random models (hidden 32, 2 blocks) of current diffusers families, a 30-ste
 from __future__ import annotations
 
 import pytest
-import torch
 import tiny_unknown
+import torch
 
 import taylorseer
 from taylorseer.perf.flops import count_flops

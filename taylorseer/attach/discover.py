@@ -27,10 +27,10 @@ import torch
 from ..core.config import CacheConfig
 from ..perf.flops import count_flops
 from ..perf.opcount import count_ops
-from . import families, presets
+from . import families, presets, tiny
 from .attachment import block_lists
 from .blocks import BlockSpec
-from .hooks import apply, remove
+from .hooks import apply, remove, summary
 from .hooks import get_cache as taylorseer_cache
 from .trace import _ACTIVATIONS, _CARRY, Mark, _describe, _returned_streams, _Taint, _Tracer, trace_block  # noqa: F401
 
@@ -57,8 +57,11 @@ class BlockList:
 
     @property
     def patterns(self) -> list[str]:
-        wanted = [c for c in self.children if c.role in ("gated", "ungated")] or [
-            c for c in self.children if c.params and c.role != "-"]
+        def work(c):  # norms and modules below 2% of the block carry no real work
+            return "norm" not in c.cls.lower() and "norm" not in c.name.lower() and c.share >= 0.02
+
+        wanted = [c for c in self.children if c.role in ("gated", "ungated") and work(c)] or [
+            c for c in self.children if c.params and c.role != "-" and work(c)]
         return [f"{self.path}.*.{c.name}" for c in wanted]
 
 
@@ -69,6 +72,7 @@ class Discovery:
     lists: list[BlockList]
     costs: dict[str, dict] = field(default_factory=dict)  # per variant: forecast step / full step
     note: str = ""
+    verification: list[str] = field(default_factory=list)  # apply()'s derived paths, verified on the first step
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -106,10 +110,14 @@ def discover(model: torch.nn.Module, inputs: dict | None = None, family: str | N
         if inputs is not None and "." not in path:  # nested lists (a text refiner) run outside the main loop
             _trace_list(model, path, blocks, item, lambda: model(**inputs))
     report = Discovery(type(model).__name__, found.name if found else None, lists)
+    real = inputs is not None and next(iter(model.parameters())).device.type != "meta"
+    if real and found is None:
+        report.verification = _verify_apply(model, inputs)
     if inputs is not None:
-        report.costs = _costs(model, inputs, lists, found)
+        report.costs = _costs(model, inputs, lists, found, derive=real and found is None)
     else:
-        report.note = ("no inputs for this model: pass discover(model, inputs) in Python for the branch marks, the "
+        report.note = ("no inputs for this model: save one call's keyword arguments as inputs.pt in its folder, or "
+                       "pass discover(model, inputs) in Python for the branch marks, the "
                        "description and the forecast-step cost")
     return report
 
@@ -137,7 +145,21 @@ def _trace_list(model, path: str, blocks, item: BlockList, call) -> None:
             item.specs.update({f"{path}.{i}": spec for i in indices})
 
 
-def _costs(model, inputs, lists: list[BlockList], found) -> dict[str, dict]:
+def _verify_apply(model, inputs) -> list[str]:
+    """What ``taylorseer.apply(model, config)`` with no description does: each layout's path, verified."""
+    apply(model, CacheConfig(interval=2, max_order=1, first_enhance=1), num_steps=2)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            model(**inputs)  # a forecast step on the verified paths
+        return summary(model).derivation.lines()
+    except RuntimeError as err:
+        return [f"the forecast step failed: {err}"]
+    finally:
+        remove(model)
+
+
+def _costs(model, inputs, lists: list[BlockList], found, derive: bool = False) -> dict[str, dict]:
     """A forecast step against a full step (FLOPs, bytes, kernels) with the preset, the traced description,
     the marked branches as plain modules, and every block skipped."""
 
@@ -152,8 +174,11 @@ def _costs(model, inputs, lists: list[BlockList], found) -> dict[str, dict]:
                 if any(c.role in ("gated", "ungated") for c in item.children)]
     if patterns:
         variants["plain modules"] = dict(modules=patterns)
-    if found is not None or specs:
-        variants["every block skipped (bound)"] = dict(skip_all=True, **({"blocks": specs} if not found else {}))
+    if derive:
+        variants["apply() (derived, verified)"] = {}
+    if found is not None or specs or derive:
+        variants["every block skipped (bound)"] = dict(skip_all=True, **({"blocks": specs} if specs and not found
+                                                                           and not derive else {}))
     costs: dict[str, dict] = {}
     for label, kwargs in variants.items():
         try:
@@ -163,6 +188,9 @@ def _costs(model, inputs, lists: list[BlockList], found) -> dict[str, dict]:
             continue
         try:
             with torch.no_grad():
+                if derive:  # the first call derives and verifies (extra forwards): count from a fresh call
+                    model(**inputs)
+                    taylorseer_cache(model).reset()
                 full_flops = count_flops(lambda: model(**inputs))
                 forecast_flops = count_flops(lambda: model(**inputs))
                 taylorseer_cache(model).reset()
@@ -208,6 +236,9 @@ def format_report(report: Discovery) -> str:
             else:
                 lines.append(f"  {label:<28} FLOPs {100 * cost['flops']:6.2f}%   bytes {100 * cost['bytes']:6.2f}%   "
                              f"kernels {cost['kernels']} of {cost['full_kernels']}")
+    if report.verification:
+        lines.append("\ntaylorseer.apply(model, config) with no description, verified on the first step:")
+        lines += [f"  {line}" for line in report.verification]
     if report.note:
         lines.append(f"\n{report.note}")
     return "\n".join(lines)
@@ -261,6 +292,27 @@ def load_meta(source: str) -> torch.nn.Module:
         return cls().eval()
 
 
+def load(source: str) -> tuple[torch.nn.Module, dict | None]:
+    """The model to discover and one call's inputs: a folder with ``inputs.pt`` (``torch.save`` of one call's
+    keyword arguments) loads the real transformer; a class with a known small instance
+    (:mod:`taylorseer.attach.tiny`) builds it with random weights and inputs; anything else is shapes only."""
+    path = Path(source).expanduser()
+    if path.exists():
+        folder = path / "transformer" if (path / "model_index.json").is_file() else path
+        if (folder / "inputs.pt").is_file():
+            import diffusers
+
+            config = json.loads((folder / "config.json").read_text())
+            cls = getattr(diffusers, config.get("_class_name", ""), None)
+            if cls is None:
+                raise ValueError(f"{folder}: _class_name={config.get('_class_name')!r} is not a diffusers class")
+            return cls.from_pretrained(str(folder)).eval(), torch.load(folder / "inputs.pt", weights_only=False)
+    elif tiny.find(source) is not None:
+        model, call = tiny.build(source)
+        return model, call(500.0)
+    return load_meta(source), None
+
+
 def main(argv=None) -> Discovery:
     parser = argparse.ArgumentParser(prog="python -m taylorseer.attach.discover", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -268,8 +320,8 @@ def main(argv=None) -> Discovery:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:
-        model = load_meta(args.source)
-        report = discover(model)
+        model, inputs = load(args.source)
+        report = discover(model, inputs)
     except (ValueError, TypeError, ImportError) as err:
         print(f"[discover] error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -190,7 +190,8 @@ def _plan(model, named: dict, cache: ForecastCache, modules: list[str], blocks, 
         plan.auto = auto_blocks(model)
         if not plan.auto:
             raise ValueError(f"no TaylorSeer preset for {type(model).__name__} and no list of blocks to derive one "
-                             f"for; list plain modules (modules=['<name>', ...]); `python -m taylorseer.attach.discover "
+                             f"for; list plain modules (modules=['<name>', ...]); `python -m "
+                             f"taylorseer.attach.discover "
                              f"{type(model).__name__}` lists the candidates. {children_hint(model)}")
     if not plan.installs and not plan.auto:
         raise ValueError("nothing to cache: give modules=[...], blocks={...} or a preset")
