@@ -96,21 +96,19 @@ def test_module_called_twice_per_block_gets_a_feature_per_call():
 
 
 def test_a_block_that_fails_both_checks_runs_uncached_and_says_so():
-    class Block(torch.nn.Module):
+    class Block(torch.nn.Module):  # its output depends on more than its branches: nothing verifies
         def __init__(self):
             super().__init__()
             self.attn = torch.nn.Linear(8, 8)
             self.ff = torch.nn.Linear(8, 8)
 
         def forward(self, hidden_states):
-            noise = torch.rand(()) * 0  # work outside the branches that the block depends on: none
-            return hidden_states + self.attn(hidden_states) * self.ff(hidden_states).sum() + noise
+            return hidden_states + self.ff(self.attn(hidden_states)) + torch.rand_like(hidden_states)
 
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.blocks = torch.nn.ModuleList([Block(), Block()])
-            self.counter = 0
 
         def forward(self, x, t):
             for b in self.blocks:
@@ -120,11 +118,11 @@ def test_a_block_that_fails_both_checks_runs_uncached_and_says_so():
     torch.manual_seed(0)
     model = Model()
     x = torch.randn(1, 4, 8)
-    ref = [model(x, torch.tensor(float(t))) for t in range(3)]
     taylorseer.apply(model, taylorseer.CacheConfig(interval=2, max_order=0, first_enhance=1), num_steps=3)
     with torch.no_grad():
         outs = [model(x, torch.tensor(float(t))) for t in range(3)]
     text = taylorseer.summary(model).describe()
-    assert "blocks (Block)" in text
-    assert all(torch.allclose(a, b) for a, b in zip(outs[:1], ref[:1], strict=True))
+    assert "2 x blocks (Block): uncached (derived description:" in text and "branch modules: " in text, text
+    assert taylorseer.summary(model).keys == [] and all(o.shape == x.shape for o in outs)
     taylorseer.remove(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -64,13 +65,16 @@ class Derivation:
 
     def lines(self) -> list[str]:
         groups: dict[tuple[str, str, str], list[str]] = {}
+        first: dict[tuple[str, str, str], str] = {}
         for name, (layout, path, detail) in self.blocks.items():
-            groups.setdefault((layout, path, detail), []).append(name)
+            key = (layout, path, re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", detail))  # blocks alike but for numbers
+            groups.setdefault(key, []).append(name)
+            first.setdefault(key, detail)
         pending: dict[str, int] = {}
         for layout in self.pending.values():
             pending[layout] = pending.get(layout, 0) + 1
-        out = [f"{len(names)} x {layout}: {path}" + (f" ({detail})" if detail else "")
-               for (layout, path, detail), names in groups.items()]
+        out = [f"{len(names)} x {layout}: {path}" + (f" ({first[key]})" if first[key] else "")
+               for key, names in groups.items() for layout, path, _ in [key]]
         out += [f"{n} x {layout}: not yet called (decided on its first, always computed, step)"
                 for layout, n in pending.items()]
         return out
