@@ -126,3 +126,17 @@ def test_a_block_that_fails_both_checks_runs_uncached_and_says_so():
     assert taylorseer.summary(model).keys == [] and all(o.shape == x.shape for o in outs)
     taylorseer.remove(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_adaptive_schedule_on_a_derived_model_sees_one_probe_output_per_step():
+    model, call = tiny_unknown.build("skyreels")
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, a, out: seen.append(1))
+    taylorseer.apply(model, taylorseer.CacheConfig(schedule="adaptive", threshold=0.05), num_steps=6)
+    try:
+        with torch.no_grad():
+            for i in range(6):
+                model(**call(1000.0 - 150 * i))
+    finally:
+        taylorseer.remove(model)
+    assert len(seen) == 6  # the verifier's trace of the first call is no call of the block for anyone else

@@ -34,6 +34,8 @@ from .blocks import build_block
 from .spec import BlockSpec, Branch
 from .trace import _describe, trace_block
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called")
 DERIVED, MODULES, UNCACHED = "derived description", "branch modules", "uncached"
 _UNIT = ("attention", "feedforward", "mlp", "ffn", "moe")  # class names of modules that are one unit of work
 
@@ -139,11 +141,16 @@ class AutoBlock:
                 handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         verifier = self.block.__dict__.get("forward")
         self.block.forward = self.original  # the trace names the inputs from the block's own signature
+        others = {attr: dict(getattr(self.block, attr)) for attr in _HOOK_DICTS}  # e.g. the adaptive probe's:
+        for attr in _HOOK_DICTS:  # the traced call is no step of the model, so they do not see it
+            getattr(self.block, attr).clear()
         try:
             found, _inner, returns = trace_block(None, self.block, lambda: self.block(*_copy(args), **_copy(kwargs)))
         finally:
             for handle in handles:
                 handle.remove()
+            for attr, hooks in others.items():
+                getattr(self.block, attr).update(hooks)
             if verifier is None:
                 del self.block.forward
             else:
