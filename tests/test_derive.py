@@ -14,6 +14,7 @@ from taylorseer.perf.flops import count_flops
 
 FAMILIES = ["qwenimage", "ltx", "sana", "lumina2", "cogview4", "skyreels", "flux2", "hunyuan15", "hidream"]
 PATHS = {"skyreels": "derived description", "hunyuan15": "derived description"}  # the rest: branch modules
+PRESETS = {"qwenimage": "qwenimage"}  # a preset serves the class: apply(model) uses it; preset="derive" does not
 
 
 def _snapshot(model):
@@ -24,7 +25,7 @@ def _snapshot(model):
     return out
 
 
-def _errors(model, call, ref, seeds=(1, 2)) -> dict[int, float]:
+def _errors(model, call, ref, seeds=(1, 2), preset="derive") -> dict[int, float]:
     """N=5 relative error at order 1 and 0 (FORA), the mean over this model and two more random ones: random
     weights give a direction only, and one draw can go either way (Sana's seed 0 does)."""
     cases = [(model, call, ref)]
@@ -34,7 +35,8 @@ def _errors(model, call, ref, seeds=(1, 2)) -> dict[int, float]:
     errors = {1: 0.0, 0: 0.0}
     for m, c, r in cases:
         for order in (1, 0):
-            taylorseer.apply(m, taylorseer.CacheConfig(interval=5, max_order=order, first_enhance=2), num_steps=30)
+            taylorseer.apply(m, taylorseer.CacheConfig(interval=5, max_order=order, first_enhance=2), num_steps=30,
+                             preset=preset)
             out = tiny_unknown.sample(m, c, 30)
             taylorseer.remove(m)
             errors[order] += ((out - r).norm() / r.norm()).item() / len(cases)
@@ -52,7 +54,8 @@ def test_unknown_family_is_exact_at_interval_one_and_forecasts(family):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ref = tiny_unknown.sample(model, call, 30)
 
-    taylorseer.apply(model, taylorseer.CacheConfig(interval=1, max_order=1, first_enhance=2), num_steps=30)
+    taylorseer.apply(model, taylorseer.CacheConfig(interval=1, max_order=1, first_enhance=2), num_steps=30,
+                     preset="derive")
     assert torch.equal(tiny_unknown.sample(model, call, 30), ref)
     text = taylorseer.summary(model).describe()
     assert "uncached" not in text and "not yet called" not in text, text
@@ -67,15 +70,15 @@ def test_unknown_family_is_exact_at_interval_one_and_forecasts(family):
     assert torch.equal(tiny_unknown.sample(model, call, 30), ref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_unknown_family_forecast_step_flops_within_twice_the_bound(family):
+@pytest.mark.parametrize("family,preset", [(f, "derive") for f in FAMILIES] + [(f, "auto") for f in PRESETS])
+def test_unknown_family_forecast_step_flops_within_twice_the_bound(family, preset):
     model, call = tiny_unknown.build(family)
     with torch.no_grad():
         full = count_flops(lambda: model(**call(900.0)))
     shares = {}
     for skip_all in (False, True):
         taylorseer.apply(model, taylorseer.CacheConfig(interval=2, max_order=1, first_enhance=1), num_steps=10,
-                         skip_all=skip_all)
+                         skip_all=skip_all, preset=preset)
         with torch.no_grad():
             model(**call(900.0))  # the first step: computed (and verified)
             shares[skip_all] = count_flops(lambda: model(**call(800.0))) / full
@@ -140,3 +143,16 @@ def test_adaptive_schedule_on_a_derived_model_sees_one_probe_output_per_step():
     finally:
         taylorseer.remove(model)
     assert len(seen) == 6  # the verifier's trace of the first call is no call of the block for anyone else
+
+
+@pytest.mark.parametrize("family", sorted(PRESETS))
+def test_preset_is_exact_at_interval_one_and_forecasts(family):
+    model, call = tiny_unknown.build(family)
+    FAMILY_OF[id(model)] = family
+    ref = tiny_unknown.sample(model, call, 30)
+    taylorseer.apply(model, taylorseer.CacheConfig(interval=1, max_order=1, first_enhance=2), num_steps=30)
+    assert taylorseer.summary(model).preset == PRESETS[family]
+    assert torch.equal(tiny_unknown.sample(model, call, 30), ref)
+    taylorseer.remove(model)
+    errors = _errors(model, call, ref, preset="auto")
+    assert 0 < errors[1] < errors[0], errors

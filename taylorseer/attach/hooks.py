@@ -86,7 +86,8 @@ def apply(
         blocks: explicit descriptions: the name of a ``ModuleList`` of blocks (every element) or of one block
             -> a :class:`~taylorseer.blocks.BlockSpec`, or a function ``block -> BlockSpec | None``.
         preset: ``"auto"`` finds the family preset from the model's class when nothing explicit is given; a
-            preset name (``"wan"``) or :func:`taylorseer.presets.get` result forces one; None uses none.
+            preset name (``"wan"``) or :func:`taylorseer.presets.get` result forces one; None uses none; ``"derive"``
+            derives each block's path on the first step and verifies it (what a class without a preset gets).
         overrides: pattern -> factory(module, original_forward, cache, name) returning the forward to install.
         num_steps: steps per sampling call when known and no pipeline says it: enables ``last_full_steps``,
             and a call that runs past it is an error (a new call that nobody announced restarts the schedule).
@@ -302,6 +303,8 @@ def _choose_preset(model, preset, explicit: bool) -> preset_registry.Preset | st
         raise ValueError("give either a preset or an explicit description (modules/blocks/overrides), not both")
     if isinstance(preset, preset_registry.Preset):
         return preset
+    if preset == _DERIVE:
+        return _DERIVE
     if preset != "auto":
         return preset_registry.get(preset)
     found = preset_registry.find(model)
