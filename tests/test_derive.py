@@ -122,7 +122,7 @@ def test_a_block_that_fails_both_checks_runs_uncached_and_says_so():
     model = Model()
     x = torch.randn(1, 4, 8)
     taylorseer.apply(model, taylorseer.CacheConfig(interval=2, max_order=0, first_enhance=1), num_steps=3)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"blocks\.0 \(blocks \(Block\)\): uncached"):
         outs = [model(x, torch.tensor(float(t))) for t in range(3)]
     text = taylorseer.summary(model).describe()
     assert "2 x blocks (Block): uncached (derived description:" in text and "branch modules: " in text, text

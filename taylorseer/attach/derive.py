@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -36,6 +38,7 @@ from .trace import _describe, trace_block
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                "_forward_hooks_always_called")
+LOG = logging.getLogger("taylorseer")
 DERIVED, MODULES, UNCACHED = "derived description", "branch modules", "uncached"
 _UNIT = ("attention", "feedforward", "mlp", "ffn", "moe")  # class names of modules that are one unit of work
 
@@ -279,7 +282,13 @@ class AutoBlock:
 
     def _settle(self, path: str, detail: str, forward: Callable) -> None:
         self.chosen = forward
-        self.derivation.blocks[self.name] = (self.layout, path, detail.replace(self.name, "<block>"))
+        detail = detail.replace(self.name, "<block>")
+        self.derivation.blocks[self.name] = (self.layout, path, detail)
+        line = f"taylorseer: {self.name} ({self.layout}): {path}" + (f" ({detail})" if detail else "")
+        if path == UNCACHED:
+            warnings.warn(line, stacklevel=2)  # never silent: the block runs every step
+        else:
+            LOG.info(line)
 
 
 def _per_call(cache: ForecastCache, key: str, forward: Callable, calls: dict, path: str) -> Callable:
