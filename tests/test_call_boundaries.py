@@ -95,8 +95,9 @@ def test_diffusers_step_index_drives_the_step_and_a_late_first_step_is_computed(
         steps = [(r.step, r.full) for r in cache.history]
         assert steps == [(10, True), (11, False), (12, True), (13, False)]  # 10 has nothing to forecast from
         cache.set_context("cond", step_index=13)
-        with pytest.raises(RuntimeError, match="ran twice at sampling step 13.*own context"):
-            model(x, t, y)
+        model(x, t, y)  # a second call at step 13: its own context, never mixed with the first's features
+        assert (cache.history[-1].context, cache.history[-1].full) == ("cond+again", True)
+        assert cache.context_name == "cond"
         cache.set_context("cond", step_index=0)  # a new call in the same context
         model(x, t, y)
     assert cache.history[-1].step == 0 and cache.history[-1].full
@@ -116,15 +117,23 @@ def test_the_pipeline_gives_the_step_count_and_last_full_steps_works(pipes):
         taylorseer.remove(pipe)
 
 
-def test_an_extra_transformer_call_per_step_is_refused(pipes):
-    # SD3's skip-layer guidance calls the transformer a second time per step, in the same context.
+def test_an_extra_transformer_call_per_step_gets_its_own_context(pipes):
+    # SD3's skip-layer guidance calls the transformer a second time per step (skip_layers=..., batch 1).
     pipe = pipes("sd3")
-    taylorseer.apply(pipe, CONFIG)
+    slg = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    ref = tiny.run(pipe, "sd3", 6, **slg)
+    cache = taylorseer.apply(pipe, CacheConfig(interval=1, max_order=1, first_enhance=2))
     try:
-        with pytest.raises(RuntimeError, match=r"batch size changed from 2 to 1 .*more than once per step"):
-            tiny.run(pipe, "sd3", 6, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
-                     skip_layer_guidance_stop=1.0)
-        assert tiny.run(pipe, "sd3", 6).shape[0] == 1  # the next call starts afresh
+        assert torch.equal(tiny.run(pipe, "sd3", 6, **slg), ref)
+        assert {r.context for r in cache.last_call.history} == {"default", "default+skip_layers"}
+    finally:
+        taylorseer.remove(pipe)
+    cache = taylorseer.apply(pipe, CONFIG)
+    try:
+        out = tiny.run(pipe, "sd3", 6, **slg)
+        assert out.shape == ref.shape and not torch.equal(out, ref)  # forecast steps ran, in both contexts
+        forecast = {r.context for r in cache.last_call.history if not r.full}
+        assert forecast == {"default", "default+skip_layers"}
     finally:
         taylorseer.remove(pipe)
 

@@ -123,9 +123,13 @@ def test_an_unknown_model_is_discovered_described_and_cached():
     torch.manual_seed(0)
     model = _Model().eval()
     inputs = dict(x=torch.randn(2, 8, 4), t=torch.ones(2), context=torch.randn(2, 5, 16))
-    with pytest.raises(ValueError, match=r"no TaylorSeer preset for _Model.*layers \(3 x _Block\): layers\.0 has "
-                                         r"modulation, norm, attn, cross, mlp"):
-        taylorseer.apply(model, CacheConfig())
+    # apply() needs no description: it derives one on the first step and verifies it before trusting it
+    taylorseer.apply(model, CacheConfig(interval=2, max_order=1, first_enhance=1), num_steps=2)
+    with torch.no_grad():
+        model(**inputs)
+    text = taylorseer.summary(model).describe()
+    assert "3 x layers (_Block): derived description (attn, cross, mlp; verified)" in text, text
+    taylorseer.remove(model)
     report = discover(model, inputs)
     (layers,) = report.lists
     assert {c.name: c.role for c in layers.children} == {"modulation": "inner", "norm": "inner", "attn": "gated",
@@ -230,11 +234,25 @@ def test_cli_on_a_folder_a_class_and_bad_input(tmp_path, capsys):
 
 
 def test_script_runs_an_unknown_class_static_only():
-    result = subprocess.run([sys.executable, "-m", "taylorseer.attach.discover", "LTXVideoTransformer3DModel"],
+    result = subprocess.run([sys.executable, "-m", "taylorseer.attach.discover", "MochiTransformer3DModel"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert "LTXVideoTransformer3DModel (no preset)" in result.stdout
-    assert "transformer_blocks: 28 x LTXVideoTransformerBlock" in result.stdout and "no inputs" in result.stdout
+    assert "MochiTransformer3DModel (no preset)" in result.stdout
+    assert "transformer_blocks: 48 x MochiTransformerBlock" in result.stdout and "no inputs" in result.stdout
+
+
+@pytest.mark.parametrize("cls", ["LTXVideoTransformer3DModel", "Lumina2Transformer2DModel",
+                                 "HiDreamImageTransformer2DModel"])
+def test_script_builds_a_small_instance_traces_and_verifies(cls, capsys):
+    report = main([cls])
+    out = capsys.readouterr().out
+    assert f"{cls} (no preset)" in out and "no inputs" not in out
+    assert "verified on the first step:" in out and report.verification
+    assert all("uncached" not in line for line in report.verification), report.verification
+    patterns = [p for item in report.lists for p in item.patterns]
+    assert patterns and not any("norm" in p for p in patterns), patterns  # only modules that carry real work
+    derived, bound = report.costs["apply() (derived, verified)"], report.costs["every block skipped (bound)"]
+    assert derived["flops"] <= 2 * bound["flops"] + 0.02, report.costs
 
 
 def test_ops_counter_counts_views_apart():

@@ -56,6 +56,8 @@ class AttachSummary:
     overrides: list[str]
     skip_all: bool = False
     cache: object = field(default=None, repr=False)
+    derivation: object = field(default=None, repr=False)  # derive.Derivation: blocks without a description
+    others: list = field(default_factory=list, repr=False)  # the summaries of a pipeline's other denoisers
 
     @classmethod
     def collect(cls, model, cache, preset, specs: dict, keys, modules, overrides, skip_all) -> AttachSummary:
@@ -87,6 +89,8 @@ class AttachSummary:
         if self.skip_all:
             parts.append(f"{len(self.short_blocks)} blocks skipped on forecast steps (the bound; nothing cached)")
         else:
+            if self.derivation is not None:
+                parts.append("no preset: each block layout's path derived and verified on the first step")
             if self.short_blocks:
                 parts.append(f"{len(self.short_blocks)} blocks with a forecast-step forward")
             if self.plain_blocks:
@@ -99,4 +103,7 @@ class AttachSummary:
         memory = ("factor bytes known after the first full step" if projected is None else
                   f"factors at order {self.cache.config.max_order}: {projected / 1e9:.3f} GB "
                   f"over {len(self.feature_bytes())} context(s)")
-        return f"{head}: " + ", ".join(parts) + f"; {memory}"
+        text = f"{head}: " + ", ".join(parts) + f"; {memory}"
+        if self.derivation is not None:
+            text += "".join(f"\n  {line}" for line in self.derivation.lines())
+        return text + "".join(f"\n{other.describe()}" for other in self.others)

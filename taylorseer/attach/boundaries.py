@@ -120,11 +120,14 @@ def register_diffusers_relay(model: torch.nn.Module, cache: ForecastCache) -> Ca
             return module
 
     had_registry = _REGISTRY_ATTR in model.__dict__
+    had_forward = "forward" in model.__dict__  # the registry wraps forward; its removal leaves the bound method
     HookRegistry.check_if_exists_or_initialize(model).register_hook(_RelayHook(), RELAY_HOOK)
 
     def undo() -> None:
         HookRegistry.check_if_exists_or_initialize(model).remove_hook(RELAY_HOOK, recurse=False)
         if not had_registry:
             delattr(model, _REGISTRY_ATTR)
+        if not had_forward and "forward" in model.__dict__:
+            del model.forward  # the class's forward shows through again
 
     return undo

@@ -30,6 +30,8 @@ from . import presets as preset_registry
 from .attachment import AttachSummary, children_hint
 from .blocks import BlockSpec, build_block, check_inputs
 from .boundaries import install_call_boundaries, register_diffusers_relay
+from .derive import AutoBlock, Derivation, auto_blocks
+from .pipelines import call_signature, denoisers, extra_context_name
 
 _ATTR = "_taylorseer_attachment"
 
@@ -56,6 +58,7 @@ class _Plan:
     special: list[tuple[str, torch.nn.Module, OverrideFactory]]
     installs: list[tuple[torch.nn.Module, Callable]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    auto: list[tuple[str, str, torch.nn.Module]] = field(default_factory=list)  # derived and verified on step 0
 
 
 def apply(
@@ -83,7 +86,8 @@ def apply(
         blocks: explicit descriptions: the name of a ``ModuleList`` of blocks (every element) or of one block
             -> a :class:`~taylorseer.blocks.BlockSpec`, or a function ``block -> BlockSpec | None``.
         preset: ``"auto"`` finds the family preset from the model's class when nothing explicit is given; a
-            preset name (``"wan"``) or :func:`taylorseer.presets.get` result forces one; None uses none.
+            preset name (``"wan"``) or :func:`taylorseer.presets.get` result forces one; None uses none; ``"derive"``
+            derives each block's path on the first step and verifies it (what a class without a preset gets).
         overrides: pattern -> factory(module, original_forward, cache, name) returning the forward to install.
         num_steps: steps per sampling call when known and no pipeline says it: enables ``last_full_steps``,
             and a call that runs past it is an error (a new call that nobody announced restarts the schedule).
@@ -95,7 +99,27 @@ def apply(
         probe: exact name of the module ``schedule="adaptive"`` checks on every step, used when ``config.probe``
             is not set; default: the first cached block in the model's module order. Ignored by other schedules.
     """
-    model, pipeline = _resolve(target)
+    models, pipeline = _resolve_all(target)
+    caches, done = [], []
+    try:
+        for model in models:
+            caches.append(_apply_one(model, pipeline, config, modules, blocks, preset, overrides, num_steps,
+                                     timestep_fn, skip_all, probe))
+            done.append(model)
+    except BaseException:
+        for model in reversed(done):
+            remove(model)
+        raise
+    first = getattr(models[0], _ATTR)
+    first.summary.others = [getattr(m, _ATTR).summary for m in models[1:]]
+    if verbose:
+        print(first.summary.describe())
+    return caches[0]
+
+
+def _apply_one(model, pipeline, config, modules, blocks, preset, overrides, num_steps, timestep_fn, skip_all,
+               probe) -> ForecastCache:
+    """:func:`apply` on one denoiser (``pipeline``: the pipeline it belongs to, or None)."""
     if hasattr(model, _ATTR):
         raise RuntimeError("a TaylorSeer cache is already attached to this model; call taylorseer.remove(model) first")
     if not isinstance(config, CacheConfig):
@@ -108,11 +132,17 @@ def apply(
     plan = _plan(model, named, cache, [modules] if isinstance(modules, str) else list(modules), blocks, preset,
                  overrides, skip_all)
     probe_module = _probe_module(named, config, probe or _first_block(
-        named, list(plan.specs) + [n for n, _, _ in plan.special], [n for n, _ in plan.plain]))
+        named, list(plan.specs) + [n for n, _, _ in plan.special] + [n for _, n, _ in plan.auto],
+        [n for n, _ in plan.plain]))
 
     attachment = _Attachment(cache)
     for module, forward in plan.installs:
         _wrap_forward(attachment, module, forward)
+    derivation = Derivation() if plan.auto else None
+    for layout, name, block in plan.auto:
+        verifier = AutoBlock(name, layout, block, cache, derivation, functools.partial(_wrap_forward, attachment),
+                             skip_all=skip_all, on_keys=plan.keys.extend)
+        _wrap_forward(attachment, block, verifier)
     _install_step_hooks(attachment, model, timestep_fn or _default_timestep, probe_module)
     relay = register_diffusers_relay(model, cache)
     if relay is not None:
@@ -125,9 +155,9 @@ def apply(
     attachment.summary = AttachSummary.collect(model, cache, plan.preset.name if plan.preset else None, plan.specs,
                                                plan.keys, [n for n, _ in plan.plain],
                                                [n for n, _, _ in plan.special], skip_all)
+    attachment.summary.keys = plan.keys  # the verifiers add theirs on the first step
+    attachment.summary.derivation = derivation
     setattr(model, _ATTR, attachment)
-    if verbose:
-        print(attachment.summary.describe())
     return cache
 
 
@@ -135,6 +165,9 @@ def _plan(model, named: dict, cache: ForecastCache, modules: list[str], blocks, 
           skip_all: bool) -> _Plan:
     """Choose the descriptions (preset or explicit), match the patterns and build every forward to install."""
     chosen = _choose_preset(model, preset, explicit=bool(modules or blocks or overrides))
+    derive = chosen is _DERIVE
+    if derive:
+        chosen = None
     plan = _Plan(
         preset=chosen,
         specs=chosen.blocks(model) if chosen is not None else _explicit_blocks(model, named, blocks or {}),
@@ -154,7 +187,14 @@ def _plan(model, named: dict, cache: ForecastCache, modules: list[str], blocks, 
     for name, module, factory in plan.special:
         plan.installs.append((module, factory(module, module.forward, cache, name)))
     _refuse_double_wraps(plan.installs, named)
-    if not plan.installs:
+    if derive:
+        plan.auto = auto_blocks(model)
+        if not plan.auto:
+            raise ValueError(f"no TaylorSeer preset for {type(model).__name__} and no list of blocks to derive one "
+                             f"for; list plain modules (modules=['<name>', ...]); `python -m "
+                             f"taylorseer.attach.discover "
+                             f"{type(model).__name__}` lists the candidates. {children_hint(model)}")
+    if not plan.installs and not plan.auto:
         raise ValueError("nothing to cache: give modules=[...], blocks={...} or a preset")
     return plan
 
@@ -162,24 +202,52 @@ def _plan(model, named: dict, cache: ForecastCache, modules: list[str], blocks, 
 def _install_step_hooks(attachment: _Attachment, model, get_timestep: TimestepFn, probe_module) -> None:
     """Each model call begins a step; under ``schedule=adaptive`` the probe's output decides the rest of it."""
     cache, config = attachment.cache, attachment.cache.config
+    signatures: dict[str, frozenset] = {}  # context -> what its first call passed
+    restore: list[str] = []
 
     def begin_step(_module, args, kwargs):
+        _route_extra_call(cache, signatures, restore, args, kwargs)
         raw = get_timestep(args, kwargs)
         timestep = None
         if config.step_distance == "timestep" and raw is not None:
             timestep = raw.flatten()[0].item() if isinstance(raw, torch.Tensor) else float(raw)
         cache.begin_step(timestep, _batch_size(args, kwargs), timestep_ref=raw)
 
-    handles = [model.register_forward_pre_hook(begin_step, with_kwargs=True)]
+    def end_step(_module, _args, _out):
+        if restore:
+            cache.context_name = restore.pop()
+
+    handles = [model.register_forward_pre_hook(begin_step, with_kwargs=True),
+               model.register_forward_hook(end_step, always_call=True)]
     if probe_module is not None:
         handles.append(probe_module.register_forward_hook(lambda _m, _i, out: cache.observe_probe(out)))
     attachment.undo += [handle.remove for handle in handles]
 
 
+def _route_extra_call(cache: ForecastCache, signatures: dict, restore: list, args, kwargs) -> None:
+    """A call whose arguments differ from its context's first call (SD3.5's skip-layer guidance adds
+    ``skip_layers``), or a second call at a step index the pipeline already announced, runs in its own context."""
+    base = cache.context_name
+    signature = call_signature(args, kwargs)
+    first = signatures.setdefault(base, signature)
+    name = base if signature == first else extra_context_name(base, first, signature)
+    announced = cache._announced_step
+    known = cache._contexts.get(name)
+    if announced is not None and known is not None and 0 < announced <= known.step:
+        name = f"{name}+again"
+    if name != base:
+        cache.context_name = name  # the announced step index stays for this call
+        restore.append(base)
+
+
 def remove(target) -> None:
     """Detach the cache: every wrapped forward is restored, the pipeline's and diffusers' hooks too, and the state
-    is dropped."""
-    model, _ = _resolve(target)
+    is dropped (every denoiser of a pipeline)."""
+    for model in reversed(_resolve_all(target)[0]):
+        _remove_one(model)
+
+
+def _remove_one(model) -> None:
     attachment: _Attachment | None = getattr(model, _ATTR, None)
     if attachment is None:
         return
@@ -203,35 +271,45 @@ def summary(target) -> AttachSummary | None:
 
 
 # ------------------------------------------------------------------------------------------ resolving
+def _resolve_all(target) -> tuple[list[torch.nn.Module], object]:
+    """(every denoiser, pipeline or None): a pipeline's ``transformer``, ``transformer_2``, ..."""
+    if isinstance(target, torch.nn.Module):
+        return [target], None
+    found = denoisers(target)
+    if not found:
+        _resolve(target)  # raises the error
+    return [module for _, module in found], target
+
+
 def _resolve(target) -> tuple[torch.nn.Module, object]:
     """(model, pipeline or None): a diffusers pipeline is cached through its ``transformer``."""
     if isinstance(target, torch.nn.Module):
         return target, None
-    transformer = getattr(target, "transformer", None)
-    if isinstance(transformer, torch.nn.Module):
-        return transformer, target
+    found = denoisers(target)
+    if found:
+        return found[0][1], target
     detail = " whose transformer is None" if hasattr(target, "transformer") else ""
     raise TypeError(f"expected a torch.nn.Module or a diffusers pipeline with a .transformer, got "
                     f"{type(target).__name__}{detail}")
 
 
-def _choose_preset(model, preset, explicit: bool) -> preset_registry.Preset | None:
+_DERIVE = "derive"  # no preset: derive and verify on the first step
+
+
+def _choose_preset(model, preset, explicit: bool) -> preset_registry.Preset | str | None:
     if preset is None or (preset == "auto" and explicit):
         return None
     if explicit:
         raise ValueError("give either a preset or an explicit description (modules/blocks/overrides), not both")
     if isinstance(preset, preset_registry.Preset):
         return preset
+    if preset == _DERIVE:
+        return _DERIVE
     if preset != "auto":
         return preset_registry.get(preset)
     found = preset_registry.find(model)
     if found is None:
-        supported = ", ".join(f"{c} ({n})" for n, cs in preset_registry.supported().items() for c in cs)
-        raise ValueError(
-            f"no TaylorSeer preset for {type(model).__name__}; presets exist for {supported}. Describe its blocks "
-            f"(blocks={{'<block list>': BlockSpec(...)}}) or list plain modules (modules=['<blocks>.*.attn', ...]); "
-            f"`python -m taylorseer.attach.discover {type(model).__name__}` lists the candidates. "
-            f"{children_hint(model)}")
+        return _DERIVE  # each block's path derived from its real inputs and verified (taylorseer.attach.derive)
     return found
 
 

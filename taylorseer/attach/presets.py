@@ -13,6 +13,9 @@ the core builds the full-step records and the forecast-step forwards from it (:m
 | sd3 | SD3Transformer2DModel | attn image output, attn2 (SD3.5), ff (norm1 rows 2, 5, 8) |
 | pixart | PixArtTransformer2DModel | attn1, ff (table rows 2, 5), attn2 ungated |
 | cogvideox | CogVideoXTransformer3DModel | attn1 video output (norm1 row 2), ff video tokens (norm2 row 2) |
+| qwenimage | QwenImageTransformer2DModel | attn image output, img_mlp (img_mod rows 2, 5 of 6) |
+
+Any other class: no preset needed, each block's path is derived and verified (:mod:`taylorseer.attach.derive`).
 
 Text streams are not forecast where nothing reads them on a forecast step (no attention runs there, and
 these models' outputs read the image/video tokens only); FLUX keeps ``forecast_text`` (upstream's choice)
@@ -156,6 +159,21 @@ def _cogvideox(model) -> dict[str, BlockSpec]:
     return _each(model, "transformer_blocks", lambda _: spec)
 
 
+# ------------------------------------------------------------------------------------------- QwenImage
+def _qwenimage(model) -> dict[str, BlockSpec]:
+    """``img_mod(temb)`` is chunked in two (attention, MLP), each in three (shift, scale, gate): the gates are
+    rows 2 and 5 of six. The text stream is read by nothing on a forecast step."""
+    def spec_of(block):
+        if getattr(block, "zero_cond_t", False):
+            raise TypeError("the qwenimage preset reads one gate per sample; zero_cond_t blocks pick gates per token "
+                            "(use taylorseer.apply(model, config, preset='derive'))")
+        gate = lambda i: LinearGate("img_mod.1", i, 6)  # noqa: E731
+        return BlockSpec((Branch("attn", gate(2), output=0), Branch("img_mlp", gate(5))), returns=(E, H),
+                         clip_fp16=(H,))
+
+    return _each(model, "transformer_blocks", spec_of)
+
+
 _FAMILIES: dict[str, tuple[tuple[str, ...], Callable, str]] = {
     "dit": (("DiT",), _dit, "attn, mlp"),
     "flux": (("FluxTransformer2DModel",), _flux, "double: attn (image), ff; single: proj_out (image tokens)"),
@@ -165,6 +183,7 @@ _FAMILIES: dict[str, tuple[tuple[str, ...], Callable, str]] = {
     "sd3": (("SD3Transformer2DModel",), _sd3, "attn (image), attn2 (SD3.5), ff"),
     "pixart": (("PixArtTransformer2DModel",), _pixart, "attn1, ff (gated), attn2 (ungated)"),
     "cogvideox": (("CogVideoXTransformer3DModel",), _cogvideox, "attn1 (video), ff (video tokens)"),
+    "qwenimage": (("QwenImageTransformer2DModel",), _qwenimage, "attn (image output), img_mlp (img_mod rows 2, 5)"),
 }
 
 NAMES = tuple(_FAMILIES)
