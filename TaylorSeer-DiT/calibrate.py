@@ -23,7 +23,7 @@ from taylorseer.harness import calibrate, runs
 from taylorseer.harness.settings import Setting
 
 from .diffusion import GaussianDiffusion
-from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, validate
+from .sample import CONFIG_DIR, SAMPLING_SCHEMA, load_model, validate, weights_identity
 from .sample_ddp import class_label
 from .sampling import CACHED_MODULES, count_flops, sample, sample_seed, to_images
 
@@ -67,8 +67,9 @@ def main(cfg: DictConfig) -> Path:
                 outputs.append(to_images(sample(model, diffusion, labels, cfg.cfg_scale, seeds), vae).cpu())
     flops = count_flops(model, CacheConfig(enabled=False), cfg.num_steps, cfg.cfg_scale)
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("cache", "hydra")}
+    made_for = calibrate.dit_target(settings, weights_identity(cfg)["resolved.checkpoint"])
     summary = calibrate.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
-                                flops.flops_uncached * cfg.samples, {"app": "dit", **settings})
+                                flops.flops_uncached * cfg.samples, {"app": "dit", **settings}, made_for)
     print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
           f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} samples)")
     return out

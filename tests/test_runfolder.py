@@ -15,8 +15,8 @@ CONFIG = {"out_root": "runs", "progress": True, "batch_size": 8, "seed": 0, "num
 
 def test_identity_is_the_config_minus_what_cannot_change_an_output():
     ident = runfolder.identity(CONFIG, {"resolved.device": "cpu"})
-    assert ident == {"cache.interval": 6, "cache.max_order": 1, "num_steps": 50, "resolved.device": "cpu",
-                     "seed": 0}
+    assert ident == {"batch_size": 8, "cache.interval": 6, "cache.max_order": 1, "num_steps": 50,
+                     "resolved.device": "cpu", "seed": 0}
     # A setting added later is in the identity unless it is denied: forgetting costs a refusal, never a mix.
     assert "new_knob" in runfolder.identity({**CONFIG, "new_knob": 1})
     assert "grid_nrow" not in runfolder.identity({**CONFIG, "grid_nrow": 4}, ignore=("grid_nrow",))
@@ -35,7 +35,7 @@ def test_a_folder_with_outputs_of_other_settings_is_refused_in_one_line(tmp_path
     assert "\n" not in message and "cache.interval: 6 -> 5; num_steps: 50 -> 28" in message
     assert "run_name=<new name>" in message
     # Settings that cannot change an output do not block a resume.
-    with RunFolder.open(tmp_path, runfolder.identity({**CONFIG, "batch_size": 1, "progress": False})):
+    with RunFolder.open(tmp_path, runfolder.identity({**CONFIG, "progress": False})):
         pass
 
 
@@ -75,10 +75,16 @@ def test_one_run_at_a_time_per_folder(tmp_path):
         pass
 
 
+def _png(path, value=0):
+    from PIL import Image
+
+    Image.new("L", (8, 8), value).save(path)
+
+
 def test_records_merge_writers_skip_torn_lines_and_require_their_files(tmp_path):
     a, b = Records(tmp_path, "rank0"), Records(tmp_path, "rank1")
     for i, rec in enumerate((a, b, a)):
-        (tmp_path / f"{i}.png").write_bytes(b"x")
+        _png(tmp_path / f"{i}.png", i)
         rec.append({"index": i, "file": f"{i}.png", "latency_s": 0.1})
     with open(tmp_path / "records" / "rank1.jsonl", "a") as f:
         f.write('{"index": 7, "file": "7.p')  # a writer killed mid-line
