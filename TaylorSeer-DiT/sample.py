@@ -140,6 +140,16 @@ def run_identity(cfg: DictConfig, device: torch.device, dtype: torch.dtype, weig
     return runfolder.identity(plain, resolved, ignore)
 
 
+def check_config(cfg: DictConfig) -> None:
+    """What a sweep checks for each point before it launches anything: settings, the checkpoint's place and
+    the calibration's match (the weights are fingerprinted by the run itself)."""
+    validate(cfg)
+    find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    calibrate.calibration_identity(plain["cache"], calibrate.dit_target(plain, None),
+                                   bool(plain.get("accept_calibration_mismatch")))
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question): the
     settings' name and, so that two label lists never share a default folder, a digest of the labels."""

@@ -79,6 +79,14 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     return cache_config, prompts
 
 
+def check_config(cfg: DictConfig) -> None:
+    """What a sweep checks for each point before it launches anything (settings, prompts, calibration)."""
+    validate(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("flux", plain, None),
+                                   bool(plain.get("accept_calibration_mismatch")))
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
     tag, label = run_folder_parts(cfg)

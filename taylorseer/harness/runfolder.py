@@ -31,9 +31,8 @@ from .runs import slug, write_json
 # Settings that cannot change an output, for every app. Settings that resolve to something else are
 # denied here and their resolved value is put into the identity by the app (see ``identity``).
 NOT_OUTPUT_CHANGING = (
-    # Not batch_size: under cache.schedule=adaptive the full/forecast decision is taken for the whole batch,
-    # so the batch size (and with it the number of ranks sharing the samples) changes the outputs.
     "out_root", "run_name", "progress", "warmup", "compare_uncached", "num_samples",
+    "batch_size",     # sample i is a function of (seed, i) alone, except under a batch-wide schedule (BATCH_WIDE)
     "cpu_offload",    # diffusers' model offload moves whole models between uses; the arithmetic is the same
     "cache.offload",  # factors kept in host memory come back bit for bit (tested)
     "cache.prefetch",  # the same copies, on a side stream and earlier
@@ -42,6 +41,10 @@ NOT_OUTPUT_CHANGING = (
     "prompt", "prompt_file",  # -> digest of the prompts' text
     "model.path", "model.checkpoint", "model.ckpt_dir",  # -> fingerprint of the weights
 )
+# Schedules whose full/forecast decision is taken once for a whole batch (a probe over every sample): under them
+# which samples share a batch changes the outputs, so the batch size and the number of ranks the samples are
+# dealt to are in the identity.
+BATCH_WIDE = ("adaptive",)
 IDENTITY_FILE = "run.json"
 BOOKKEEPING = {IDENTITY_FILE, "config.yaml", "metrics.json", ".metrics.lock", ".lock", "records"}
 
@@ -67,9 +70,9 @@ def identity(config: dict, resolved: dict | None = None, ignore: Iterable[str] =
     denied = set(NOT_OUTPUT_CHANGING) | set(ignore)
     flat = flatten(config)
     kept = {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in denied)}
-    if flat.get("cache.schedule") == "adaptive" and flat.get("cache.enabled", True):
-        # its full/forecast decision is taken per batch: which samples share a batch (the ranks they are
-        # dealt to, the batch size) changes the outputs
+    if flat.get("cache.schedule") in BATCH_WIDE and flat.get("cache.enabled", True):
+        if "batch_size" in flat:
+            kept["batch_size"] = flat["batch_size"]
         kept["resolved.world_size"] = detect().world_size
     kept.update(resolved or {})
     return dict(sorted(kept.items()))
