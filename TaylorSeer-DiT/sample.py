@@ -141,10 +141,9 @@ def run_identity(cfg: DictConfig, device: torch.device, dtype: torch.dtype, weig
 
 
 def check_config(cfg: DictConfig) -> None:
-    """What a sweep checks for each point before it launches anything: settings, the checkpoint's place and
-    the calibration's match (the weights are fingerprinted by the run itself)."""
+    """What a sweep checks for each point before it launches anything: every setting and the calibration's
+    match (the weights may live only where the jobs run: they are found and fingerprinted by the run itself)."""
     validate(cfg)
-    find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
     plain = OmegaConf.to_container(cfg, resolve=True)
     calibrate.calibration_identity(plain["cache"], calibrate.dit_target(plain, None),
                                    bool(plain.get("accept_calibration_mismatch")))

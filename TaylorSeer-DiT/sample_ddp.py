@@ -30,7 +30,6 @@ from taylorseer import CacheConfig
 from taylorseer.harness import calibrate, distributed, runfolder, runs
 from taylorseer.harness.settings import Setting
 
-from .checkpoints import find_checkpoint
 from .diffusion import GaussianDiffusion
 from .sample import CONFIG_DIR, SAMPLING_SCHEMA, attach, load_model, run_identity, run_name, validate, weights_identity
 from .sampling import count_flops, sample, sample_seed, to_images, warm_up
@@ -121,10 +120,9 @@ def main(cfg: DictConfig) -> Path:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """What a sweep checks for each point before it launches anything: settings, the checkpoint's place and
-    the calibration's match (the weights are fingerprinted by the run itself)."""
+    """What a sweep checks for each point before it launches anything: every setting and the calibration's
+    match (the weights may live only where the jobs run: they are found and fingerprinted by the run itself)."""
     validate(cfg, SCHEMA, TAG, check_labels=False)
-    find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
     plain = OmegaConf.to_container(cfg, resolve=True)
     calibrate.calibration_identity(plain["cache"], calibrate.dit_target(plain, None),
                                    bool(plain.get("accept_calibration_mismatch")))

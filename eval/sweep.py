@@ -175,15 +175,27 @@ def job_failures(table_dir: Path) -> dict[frozenset, str]:
     out = {}
     for record in sorted((table_dir / "multirun").glob(f"*/*/{FAILURE_RECORD}"), key=lambda p: p.stat().st_mtime):
         data = runs.read_json(record) or {}
-        overrides = frozenset(str(o) for o in data.get("overrides") or [] if not str(o).startswith("hydra."))
+        overrides = _normalized(data.get("overrides") or [])
         error = " ".join(str(data.get("error", "")).split()) or "(no message)"
         out[overrides] = f"{data.get('error_type', 'Error')}: {error} (log: {data.get('stderr', record)})"
     return out
 
 
+def _normalized(overrides) -> frozenset:
+    """Overrides as (key, value) pairs parsed by Hydra's grammar: ``progress=false`` and the ``progress=False``
+    a job records are the same."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    kept = [str(o) for o in overrides if not str(o).lstrip("+").startswith(("hydra.", "hydra/"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(kept)
+    except Exception:  # noqa: BLE001 - not parseable: compare the text
+        return frozenset(kept)
+    return frozenset((o.get_key_element(), repr(o.value())) for o in parsed)
+
+
 def failure_reason(point: Point, failures: dict[frozenset, str]) -> str | None:
-    wanted = frozenset(o for o in point.overrides if not o.startswith(("hydra.", "hydra/", "++hydra.")))
-    return failures.get(wanted)
+    return failures.get(_normalized(point.overrides))
 
 
 def evaluate(exp: Experiment, dirs: dict[Point, Path], table_dir: Path | None = None) -> dict[str, str]:

@@ -324,3 +324,42 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# ----------------------------------------------------------------------------------- sweeps
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num_samples=-5", "num_samples=-5 is invalid"),
+    ("+foo=1", "unknown setting(s) ['foo']"),
+    ("nosuchkey=1", "nosuchkey"),
+])
+def test_a_sweep_checks_every_point_before_launching(override, message, tmp_path):
+    from taylorseer_eval.sweep import main
+
+    with pytest.raises(ValueError) as info:
+        main(["digits", override, f"out_root={tmp_path}"])
+    text = str(info.value)
+    assert message in text and "\n" not in text and "nothing was launched" in text
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_a_sweep_with_a_failed_point_says_why_and_exits_non_zero(tmp_path):
+    """A point that fails while running (here: a checkpoint cut short) is marked with its real reason in the
+    table, and the sweep exits 1 after writing the table."""
+    ckpt = tmp_path / "cut.pt"
+    ckpt.write_bytes((ROOT / "assets" / "digits_dit.pt").read_bytes()[:5000])
+    shutil.copy(ROOT / "assets" / "digits_dit.json", tmp_path / "cut.json")
+    experiment = tmp_path / "two.yaml"
+    experiment.write_text(
+        "app: taylorseer_dit.sample_ddp\n"
+        "common: [model=digits, num_samples=2, batch_size=2, num_steps=4, progress=false, device=cpu]\n"
+        f"blocks: {{good: [cache=none], bad: [cache=none, run_name=bad, 'model.checkpoint={ckpt}']}}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TAYLORSEER_CACHE_DIR": str(tmp_path / "fp")}
+    result = subprocess.run([sys.executable, "-m", "taylorseer_eval.sweep", str(experiment), f"out_root={tmp_path}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "1 of 2 points did not finish ok" in result.stderr
+    table = (tmp_path / "table.md").read_text()
+    assert "failed: CheckpointError:" in table and "is not a readable PyTorch checkpoint" in table
+    assert table.count("| ok |") == 1
