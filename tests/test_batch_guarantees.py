@@ -363,3 +363,33 @@ def test_a_sweep_with_a_failed_point_says_why_and_exits_non_zero(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "failed: CheckpointError:" in table and "is not a readable PyTorch checkpoint" in table
     assert table.count("| ok |") == 1
+
+
+JOB = """
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
+from taylorseer.harness import slurm_launcher
+from taylorseer.harness.slurm_launcher import SweepFailures
+
+slurm_launcher._job_place = lambda: ("7", 0, 1, "7_0_log.err", "7_0_log.out")  # no submitit folder here
+callback = SweepFailures()
+config = OmegaConf.create({})
+callback.on_job_start(config)
+failed = JobReturn(overrides=["num_steps=3"], status=JobStatus.FAILED, _return_value=ValueError("bad point"))
+callback.on_job_end(config, failed)
+print("the job function returned")
+"""
+
+
+def test_a_submitit_job_whose_python_raised_exits_non_zero(tmp_path):
+    """Hydra catches the job's error and submitit pickles it back: the job's process used to exit 0 (Slurm:
+    COMPLETED). Inside a submitit job a failed run's process now exits 1 (Slurm: FAILED)."""
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    outside = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert outside.returncode == 0  # Hydra's basic launcher: the sweep's own process is not stopped
+    inside = subprocess.run([sys.executable, str(script)], env={**env, "SUBMITIT_EXECUTOR": "slurm"},
+                            capture_output=True, text=True, timeout=120)
+    assert inside.returncode == 1 and "the job function returned" in inside.stdout
+    assert "failed: ValueError: bad point" in inside.stderr
