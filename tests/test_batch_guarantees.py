@@ -393,3 +393,11 @@ def test_a_submitit_job_whose_python_raised_exits_non_zero(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert inside.returncode == 1 and "the job function returned" in inside.stdout
     assert "failed: ValueError: bad point" in inside.stderr
+
+
+def test_the_debris_of_a_killed_write_is_removed_on_resume(tmp_path):
+    with runfolder.RunFolder.open(tmp_path, {"a": 1}):
+        (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / ".tmp-abc123.png").write_bytes(b"half an image")
+    with runfolder.RunFolder.open(tmp_path, {"a": 1}):
+        assert not list(tmp_path.rglob(".tmp-*"))

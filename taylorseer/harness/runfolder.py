@@ -217,6 +217,8 @@ class RunFolder:
         try:
             check_identity(path, ident)
             write_json(path / IDENTITY_FILE, {"identity": ident})
+            if handle is not None:
+                remove_debris(path)
         except BaseException:
             if handle is not None:
                 handle.close()
@@ -233,6 +235,17 @@ class RunFolder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def remove_debris(path: Path) -> None:
+    """Delete the temporary files of writers killed mid-write (``.tmp-*``, :func:`.runs.atomic_write`): with the
+    folder's lock held nobody else is writing, so they are no one's; left there they look like outputs."""
+    for debris in path.rglob(".tmp-*"):
+        try:
+            if debris.is_file():
+                debris.unlink()
+        except OSError:
+            pass
 
 
 def claim(path: str | Path, ident: dict, session) -> RunFolder | None:
