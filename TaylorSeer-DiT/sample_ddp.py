@@ -141,10 +141,25 @@ def _finished(out_dir: Path, ident: dict, num_samples: int, npz: Path) -> bool:
     except runfolder.RunFolderError:
         return False  # not ours: the claim below says why, in one line
     metrics = runs.read_json(out_dir / "metrics.json") or {}
-    if not (npz.is_file() and metrics.get("complete") and metrics.get("num_items") == num_samples):
+    if not (_npz_ok(npz, num_samples) and metrics.get("complete") and metrics.get("num_items") == num_samples):
         return False
     done = runfolder.Records(out_dir).done(lambda r: [r["file"]])
     return all(i in done for i in range(num_samples))
+
+
+def _npz_ok(npz: Path, num_samples: int) -> bool:
+    """The packed file is there and whole: a zip whose ``arr_0`` header says ``num_samples`` images (an empty,
+    cut or foreign file is packed again)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(npz) as archive, archive.open("arr_0.npy") as member:
+            major, _ = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(member)
+        return len(shape) == 4 and shape[0] == num_samples
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def _write_metrics(out_dir: Path, cfg: DictConfig, cache_config: CacheConfig, flops, device, world: int,

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -281,6 +282,9 @@ def test_a_damaged_output_is_remade(tmp_path):
     assert (run / "samples" / "000001.png").read_bytes() == good
     assert Image.open(run / "samples" / "000002.png").size == (8, 8)
     assert (run / "samples_4.npz").is_file()
+    (run / "samples_4.npz").write_bytes(b"")  # a damaged npz is packed again, not reported complete
+    _ddp(tmp_path, "num_samples=4", "batch_size=3", "cache=none", "run_name=r")
+    assert np.load(run / "samples_4.npz")["arr_0"].shape == (4, 8, 8, 3)
 
 
 # ----------------------------------------------------------------------------------- processes
