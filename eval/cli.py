@@ -23,7 +23,7 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from taylorseer.harness.runs import clear_errors, record_eval
+from taylorseer.harness.runs import clear_errors, record_eval, resolve_device
 
 from .external import RunnerFailed
 from .report import markdown_table
@@ -111,6 +111,10 @@ def _validate(args: argparse.Namespace) -> None:
     for key in ("batch_size",):
         if getattr(args, key, 1) < 1:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid: expected >= 1")
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"--device {args.device}: {err}") from None
     for run in args.runs:  # an incomplete run is refused (or, with --partial, marked) before anything loads
         completeness(run, args.partial)
     for reference in (getattr(args, "reference", None), getattr(args, "ref", None)):

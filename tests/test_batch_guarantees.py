@@ -405,3 +405,8 @@ def test_the_debris_of_a_killed_write_is_removed_on_resume(tmp_path):
     (tmp_path / "samples" / ".tmp-abc123.png").write_bytes(b"half an image")
     with runfolder.RunFolder.open(tmp_path, {"a": 1}):
         assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_the_metric_command_checks_its_device_first(tmp_path):
+    with pytest.raises(ValueError, match="--device tpu: device='tpu' is invalid"):
+        _eval("digits", str(tmp_path), "--device", "tpu")
