@@ -26,7 +26,7 @@ from .cache import cached_module_names
 from .diffusion import GaussianDiffusion
 from .flops import count_flops
 from .pipeline import load_model, sample, sample_seed, to_images
-from .sample import CONFIG_DIR, SAMPLING_SCHEMA, validate
+from .sample import CONFIG_DIR, SAMPLING_SCHEMA, validate, weights_identity
 from .sample_ddp import class_label
 
 TAG = "calibrate_dit"
@@ -68,8 +68,9 @@ def main(cfg: DictConfig) -> Path:
                 outputs.append(to_images(sample(model, diffusion, labels, cfg.cfg_scale, seeds), vae).cpu())
     flops = count_flops(model, CacheConfig(enabled=False), cfg.num_steps, cfg.cfg_scale)
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("cache", "hydra")}
+    made_for = calibrate.dit_target(settings, weights_identity(cfg)["resolved.checkpoint"])
     summary = calibrate.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
-                                flops.flops_uncached * cfg.samples, {"app": "dit", **settings})
+                                flops.flops_uncached * cfg.samples, {"app": "dit", **settings}, made_for)
     print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
           f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} samples)")
     return out

@@ -11,6 +11,7 @@ conditional and unconditional halves run as one batch, so they share one cache c
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -96,6 +97,24 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return ckpt
 
 
+def read_architecture(meta: Path) -> dict:
+    """The ``model`` entry (DiT's keyword arguments) of the JSON file beside a checkpoint trained here."""
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta} (the architecture of the checkpoint beside it) cannot be read as JSON: "
+                              f"{err}") from err
+    arch = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{meta} (beside the checkpoint) has no \"model\" entry with the architecture "
+                              f"(DiT's arguments, as scripts/train_digits.sh writes it)")
+    try:
+        inspect.signature(DiT).bind(**arch)
+    except TypeError as err:
+        raise CheckpointError(f"{meta}: its \"model\" entry is not DiT's arguments: {err}") from err
+    return arch
+
+
 def build_model(model: str, image_size: int, num_classes: int = 1000, in_channels: int = 4, latent: bool = True,
                 **kwargs) -> DiT:
     if model not in DiT_models:
@@ -110,8 +129,12 @@ def load_dit(path: str | Path, model: str = "DiT-XL/2", image_size: int = 256, n
     path = Path(path)
     meta = path.with_suffix(".json")
     if meta.is_file():  # a model trained here records its own architecture
-        arch = json.loads(meta.read_text())["model"]
-        dit = DiT(**arch)
+        dit = DiT(**read_architecture(meta))
+    elif model not in DiT_models:
+        raise CheckpointError(f"model.name={model!r} is not an official DiT, so its architecture is read from "
+                              f"{meta} beside the checkpoint {path}, and that file is missing: copy it from where "
+                              f"the checkpoint was trained (scripts/train_digits.sh writes both), or pass the model.name of "
+                              f"an official DiT ({', '.join(sorted(DiT_models))})")
     else:
         dit = build_model(model, image_size, num_classes, in_channels, latent)
     state = load_state_dict(path)

@@ -24,14 +24,15 @@ from tqdm.auto import tqdm
 
 import taylorseer
 from taylorseer import CacheConfig
-from taylorseer.harness import distributed, runfolder, runs, settings
+from taylorseer.harness import calibrate, distributed, runfolder, runs, settings
 from taylorseer.harness.settings import Setting
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
 
 from .cache import attach_cache
 from .diffusion import SPACINGS, GaussianDiffusion
 from .flops import count_flops
-from .pipeline import find_checkpoint, load_model, sample, sample_seed, to_images, warm_up
+from .models import DiT_models
+from .pipeline import find_checkpoint, load_dit, load_model, read_architecture, sample, sample_seed, to_images, warm_up
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 TAG = "sample_dit"
@@ -96,6 +97,11 @@ def weights_identity(cfg: DictConfig) -> dict:
     checkpoint fails here with where it was looked for."""
     path = find_checkpoint(cfg.model.checkpoint, cfg.model.name, cfg.model.image_size, cfg.model.ckpt_dir)
     weights = {"resolved.checkpoint": runfolder.file_fingerprint(path)}
+    meta = path.with_suffix(".json")
+    if meta.is_file():  # a checkpoint trained here: its architecture is part of the model (checked now)
+        weights["resolved.architecture"] = runfolder.digest(read_architecture(meta))
+    elif cfg.model.name not in DiT_models:
+        load_dit(path, cfg.model.name)  # fails with the missing file named, before anything else
     if cfg.model.latent and Path(str(cfg.model.vae)).expanduser().is_dir():
         weights["resolved.vae"] = runfolder.folder_fingerprint(Path(str(cfg.model.vae)).expanduser())
     return weights
@@ -116,8 +122,20 @@ def detach(model) -> None:
 
 def run_identity(cfg: DictConfig, device: torch.device, dtype: torch.dtype, weights: dict,
                  ignore: tuple[str, ...] = ("grid_nrow",)) -> dict:
+    plain = OmegaConf.to_container(cfg, resolve=True)
     resolved = {"resolved.device": device.type, "resolved.dtype": str(dtype).replace("torch.", ""), **weights}
-    return runfolder.identity(OmegaConf.to_container(cfg, resolve=True), resolved, ignore)
+    resolved.update(calibrate.calibration_identity(plain["cache"], calibrate.dit_target(
+        plain, weights.get("resolved.checkpoint")), bool(plain.get("accept_calibration_mismatch"))))
+    return runfolder.identity(plain, resolved, ignore)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """What a sweep checks for each point before it launches anything: every setting and the calibration's
+    match (the weights may live only where the jobs run: they are found and fingerprinted by the run itself)."""
+    validate(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    calibrate.calibration_identity(plain["cache"], calibrate.dit_target(plain, None),
+                                   bool(plain.get("accept_calibration_mismatch")))
 
 
 def run_dir(cfg: DictConfig) -> Path:

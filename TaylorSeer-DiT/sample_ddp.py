@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import taylorseer
 from taylorseer import CacheConfig
-from taylorseer.harness import distributed, runfolder, runs
+from taylorseer.harness import calibrate, distributed, runfolder, runs
 from taylorseer.harness.settings import Setting
 
 from .diffusion import GaussianDiffusion
@@ -128,6 +128,15 @@ def main(cfg: DictConfig) -> Path:
     return npz
 
 
+def check_config(cfg: DictConfig) -> None:
+    """What a sweep checks for each point before it launches anything: every setting and the calibration's
+    match (the weights may live only where the jobs run: they are found and fingerprinted by the run itself)."""
+    validate(cfg, SCHEMA, TAG, check_labels=False)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    calibrate.calibration_identity(plain["cache"], calibrate.dit_target(plain, None),
+                                   bool(plain.get("accept_calibration_mismatch")))
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
     cache_config = CacheConfig.from_dict(OmegaConf.to_container(cfg.cache, resolve=True))
@@ -141,10 +150,25 @@ def _finished(out_dir: Path, ident: dict, num_samples: int, npz: Path) -> bool:
     except runfolder.RunFolderError:
         return False  # not ours: the claim below says why, in one line
     metrics = runs.read_json(out_dir / "metrics.json") or {}
-    if not (npz.is_file() and metrics.get("complete") and metrics.get("num_items") == num_samples):
+    if not (_npz_ok(npz, num_samples) and metrics.get("complete") and metrics.get("num_items") == num_samples):
         return False
     done = runfolder.Records(out_dir).done(lambda r: [r["file"]])
     return all(i in done for i in range(num_samples))
+
+
+def _npz_ok(npz: Path, num_samples: int) -> bool:
+    """The packed file is there and whole: a zip whose ``arr_0`` header says ``num_samples`` images (an empty,
+    cut or foreign file is packed again)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(npz) as archive, archive.open("arr_0.npy") as member:
+            major, _ = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(member)
+        return len(shape) == 4 and shape[0] == num_samples
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def _write_metrics(out_dir: Path, cfg: DictConfig, cache_config: CacheConfig, flops, device, world: int,

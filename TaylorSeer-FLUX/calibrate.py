@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
-from taylorseer.harness import calibrate, distributed, runs
+from taylorseer.harness import calibrate, distributed, runs, settings
+from taylorseer.harness.diffusers_io import weights_fingerprint
 from taylorseer.harness.settings import Setting
 
 from . import sample as sample_app
@@ -40,6 +41,8 @@ def out_path(cfg: DictConfig) -> Path:
 
 
 def main(cfg: DictConfig) -> Path:
+    # the model's family first: a DiT model config has no model.path to resolve
+    settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "flux", TAG, sample_app.CONFIG_DIR)
     sample_app.resolve_model_path(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
     extra = {k: plain.pop(k) for k in EXTRA}  # the rest is sample_flux's settings, checked by its own schema
@@ -74,8 +77,10 @@ def main(cfg: DictConfig) -> Path:
     config, vae_scale = dict(pipe.transformer.config), pipe.vae_scale_factor
     flops = sample_app.count_flops(cfg, CacheConfig(enabled=False), config, vae_scale, {})
     settings_used = {k: v for k, v in plain.items() if k not in ("cache", "hydra")}
+    weights = weights_fingerprint(cfg.model.path)
+    made_for = calibrate.pipeline_target("flux", settings_used, None if weights.startswith("hub:") else weights)
     summary = calibrate.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
-                                flops.flops_uncached * cfg.samples, {"app": "flux", **settings_used})
+                                flops.flops_uncached * cfg.samples, {"app": "flux", **settings_used}, made_for)
     print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
           f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} images)")
     return out

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
 from taylorseer.core.schedule import warm_up_steps
-from taylorseer.harness import distributed, runfolder, runs, settings
+from taylorseer.harness import calibrate, distributed, runfolder, runs, settings
 from taylorseer.harness.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
 from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
@@ -79,6 +79,14 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     return cache_config, prompts
 
 
+def check_config(cfg: DictConfig) -> None:
+    """What a sweep checks for each point before it launches anything (settings, prompts, calibration)."""
+    validate(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("flux", plain, None),
+                                   bool(plain.get("accept_calibration_mismatch")))
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
     tag, label = run_folder_parts(cfg)
@@ -96,7 +104,11 @@ def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: st
         resolved["resolved.image"] = runfolder.file_fingerprint(Path(cfg.image).expanduser())
     if weights is not None:
         resolved["resolved.weights"] = weights
-    return runfolder.identity(OmegaConf.to_container(cfg, resolve=True), resolved, ignore=("image",))
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    known = weights if weights is not None and not weights.startswith("hub:") else None
+    resolved.update(calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("flux", plain, known),
+                                                   bool(plain.get("accept_calibration_mismatch"))))
+    return runfolder.identity(plain, resolved, ignore=("image",))
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -154,7 +166,8 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
         folder = runfolder.claim(out_dir, run_identity(cfg, prompts, device, dtype, weights), session)
         if folder is None:
             return None
-        with folder:
+        with folder:  # config.yaml and metrics.json both describe this invocation
+            runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             config, vae_scale = flux_configs(cfg.model.path)
             metrics = _metrics(cfg, cache_config, count_flops(cfg, cache_config, config, vae_scale, {}), done,
                                device, dtype, complete=True)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import taylorseer
 from taylorseer import CacheConfig
-from taylorseer.harness import distributed, runfolder, runs, settings
+from taylorseer.harness import calibrate, distributed, runfolder, runs, settings
 from taylorseer.harness.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
 from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
@@ -72,6 +72,14 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     return cache_config, prompts
 
 
+def check_config(cfg: DictConfig) -> None:
+    """What a sweep checks for each point before it launches anything (settings, prompts, calibration)."""
+    validate(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("hunyuan_video", plain, None),
+                                   bool(plain.get("accept_calibration_mismatch")))
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """Where this app writes a run of ``cfg`` (the sweep harness asks every app the same question)."""
     tag, label = run_folder_parts(cfg)
@@ -82,7 +90,11 @@ def run_dir(cfg: DictConfig) -> Path:
 def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: str) -> dict:
     resolved = {"resolved.prompts": runfolder.digest(prompts), "resolved.device": device.type,
                 "resolved.dtype": str(dtype).replace("torch.", ""), "resolved.weights": weights}
-    return runfolder.identity(OmegaConf.to_container(cfg, resolve=True), resolved)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    known = None if weights.startswith("hub:") else weights
+    resolved.update(calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target(
+        "hunyuan_video", plain, known), bool(plain.get("accept_calibration_mismatch"))))
+    return runfolder.identity(plain, resolved)
 
 
 def main(cfg: DictConfig) -> dict | None:
@@ -123,7 +135,8 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
         folder = runfolder.claim(out_dir, run_identity(cfg, prompts, device, dtype, weights), session)
         if folder is None:
             return None
-        with folder:
+        with folder:  # config.yaml and metrics.json both describe this invocation
+            runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             metrics = _write_metrics(cfg, cache_config, transformer_config(cfg.model.path), items, done, device,
                                      dtype)
         print(f"[{TAG}] all {len(items)} videos are already in {out_dir}; metrics.json rewritten")

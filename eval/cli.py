@@ -23,11 +23,11 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from taylorseer.harness.runs import clear_errors, record_eval
+from taylorseer.harness.runs import clear_errors, record_eval, resolve_device
 
 from .external import RunnerFailed
 from .report import markdown_table
-from .rundir import open_run
+from .rundir import check_reference, completeness, open_run
 
 TAG = "eval"
 
@@ -37,6 +37,8 @@ def _common(parser: argparse.ArgumentParser, media: bool = True) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--tag", help="store the result as <metric>@TAG (keeps results against other references)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--partial", action="store_true",
+                        help="compute on an incomplete run folder too; the result is stored marked partial")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +111,17 @@ def _validate(args: argparse.Namespace) -> None:
     for key in ("batch_size",):
         if getattr(args, key, 1) < 1:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid: expected >= 1")
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"--device {args.device}: {err}") from None
+    for run in args.runs:  # an incomplete run is refused (or, with --partial, marked) before anything loads
+        completeness(run, args.partial)
+    for reference in (getattr(args, "reference", None), getattr(args, "ref", None)):
+        if reference:
+            completeness(reference, args.partial, what="the reference")
+            for run in (args.runs if getattr(args, "reference", None) == reference else ()):
+                check_reference(run, reference)
     if args.metric in ("clip", "imagereward", "fidelity", "digits"):
         for run in args.runs:
             open_run(run, "any" if args.metric == "fidelity" else "image")
@@ -170,7 +183,9 @@ def run_metric(args: argparse.Namespace) -> list[dict]:
             from .digits_metrics import compute_digits
 
             entries["digits"] = compute_digits(open_run(path, "image"), args.reference)
+        marks = completeness(path, args.partial)
         for name, result in entries.items():
+            result = {**result, **marks}
             key = _record(path, name, result, args.tag)
             rows.append({"run": str(path), "entry": key, **{k: v for k, v in result.items()
                                                              if isinstance(v, (int, float)) and k != "num_items"},

@@ -70,6 +70,11 @@ def compute_digits(run: RunFolder, reference=None) -> dict:
     if reference is not None:
         ref_path, ref_items = reference_items(run, reference)
         pairs, unmatched = pair_items(run.items, ref_items)
+        for a, b in pairs:  # PSNR after averaging a larger image down would compare two different things
+            with Image.open(a.path) as x, Image.open(b.path) as y:
+                if x.size != y.size:
+                    raise ValueError(f"{a.path.name} is {x.size[0]}x{x.size[1]} but its reference {b.path} is "
+                                     f"{y.size[0]}x{y.size[1]}: the reference must be of the same model and size")
         mine, theirs = _load([a for a, _ in pairs]), _load([b for _, b in pairs])
         with torch.no_grad():
             mine_features, ref_features = classifier.features(mine * 2 - 1), classifier.features(theirs * 2 - 1)

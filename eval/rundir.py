@@ -110,7 +110,55 @@ def reference_items(run: RunFolder, reference: str | Path | None) -> tuple[Path,
             raise NotARunFolderError(f"{reference}: {len(missing)} uncached twins are missing "
                                      f"(e.g. {missing[0].path.name})")
         return reference, items
+    check_reference(run.path, reference)
     return reference, open_run(reference, "any").items
+
+
+def completeness(path: str | Path, partial: bool = False, what: str = "run") -> dict:
+    """Whether the run folder at ``path`` holds every output its run was asked for. A metric over an
+    incomplete run would judge whatever happens to be there: it is refused in one line, or with
+    ``partial=True`` computed and marked (``{"partial": True, "num_items_expected": n}``). A path that is no
+    run folder of this project (an image folder, an .npz) has nothing to check: ``{}``."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or not ((path / "run.json").is_file() or (path / "records").is_dir()):
+        return {}
+    metrics = read_json(path / "metrics.json")
+    if metrics is None:
+        have, expected = "no metrics.json", None
+    elif metrics.get("complete") is False:
+        have, expected = f"{metrics.get('num_items', '?')} of its {metrics.get('num_samples', '?')}", \
+            metrics.get("num_samples")
+    else:
+        return {}
+    if not partial:
+        raise NotARunFolderError(f"{what} {path} is incomplete ({have} outputs): finish it (rerun its sampling "
+                                 f"command, it resumes) or pass --partial to compute on what is there, marked partial")
+    return {"partial": True, "num_items_expected": expected}
+
+
+# What a reference run must share with the run it is compared with (run.json identity keys; a prefix ends in
+# "."). The cache settings and the step count may differ: that is what a comparison measures.
+SAME_AS_REFERENCE = ("model.", "resolved.weights", "resolved.checkpoint", "resolved.architecture", "resolved.vae",
+                     "height", "width", "num_frames", "seed", "resolved.prompts", "class_labels", "resolved.image",
+                     "num_images_per_prompt", "videos_per_prompt")
+NOT_COMPARED = ("model.num_steps", "model.default_prompt", "model.guidance_scale")
+
+
+def check_reference(run_path: str | Path, ref_path: str | Path) -> None:
+    """Refuse a reference run made with another model, size or seed set, in one line naming the first
+    difference (both folders' ``run.json``; folders without one are not checked)."""
+    run_ident = (read_json(Path(run_path) / "run.json") or {}).get("identity")
+    ref_ident = (read_json(Path(ref_path) / "run.json") or {}).get("identity")
+    if not isinstance(run_ident, dict) or not isinstance(ref_ident, dict):
+        return
+    for key in sorted(set(run_ident) | set(ref_ident)):
+        if key in NOT_COMPARED or not any(key == k or (k.endswith(".") and key.startswith(k))
+                                          for k in SAME_AS_REFERENCE):
+            continue
+        if key in run_ident and key in ref_ident and run_ident[key] != ref_ident[key]:
+            raise NotARunFolderError(f"the reference {ref_path} is not the same model, size and seeds as {run_path}: "
+                                     f"{key} is {ref_ident[key]!r} there and {run_ident[key]!r} here; pass the "
+                                     f"uncached run of the same settings")
 
 
 def _match_key(items: list[Item]):

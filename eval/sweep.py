@@ -37,6 +37,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from taylorseer.harness import runs
+from taylorseer.harness.slurm_launcher import FAILURE_RECORD, SweepFailures
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "configs" / "experiment"
@@ -113,8 +114,10 @@ def app_module(exp: Experiment):
     return module
 
 
-def run_dirs(exp: Experiment, pts: list[Point]) -> dict[Point, Path]:
-    """Where each point's app writes (the app's own ``run_dir`` on the composed config); two points that
+def run_dirs(exp: Experiment, pts: list[Point], check: bool = True) -> dict[Point, Path]:
+    """Where each point's app writes (the app's own ``run_dir`` on the composed config), after composing and
+    checking every point's configuration (the app's ``check_config``: every key and value, the calibration's
+    match) so that a bad point fails the sweep in one line before anything is launched; two points that
     would share a folder are refused (they would be one run)."""
     from hydra import compose, initialize_config_dir
 
@@ -122,8 +125,15 @@ def run_dirs(exp: Experiment, pts: list[Point]) -> dict[Point, Path]:
     out: dict[Point, Path] = {}
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         for point in pts:
-            config_overrides = [o for o in point.overrides if not o.startswith(("hydra.", "hydra/"))]
-            out[point] = Path(module.run_dir(compose(config_name=module.CONFIG_NAME, overrides=config_overrides)))
+            config_overrides = [o for o in point.overrides if not o.startswith(("hydra.", "hydra/", "++hydra."))]
+            try:
+                cfg = compose(config_name=module.CONFIG_NAME, overrides=config_overrides)
+                if check and hasattr(module, "check_config"):
+                    module.check_config(cfg)
+                out[point] = Path(module.run_dir(cfg))
+            except Exception as err:  # noqa: BLE001 - Hydra's, OmegaConf's and the app's errors alike: one line
+                raise ValueError(f"experiment {exp.name}, block {point.block!r}, point "
+                                 f"{' '.join(point.overrides)}: {_one_line(err)} (nothing was launched)") from err
     seen: dict[Path, Point] = {}
     for point, path in out.items():
         if path in seen:
@@ -133,11 +143,24 @@ def run_dirs(exp: Experiment, pts: list[Point]) -> dict[Point, Path]:
     return out
 
 
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    cause = err.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip().splitlines()[0] not in text:
+        text += f": {str(cause).strip().splitlines()[0]}"  # Hydra wraps the real reason
+    return text
+
+
+# Every job of a sweep leaves <sweep dir>/<job num>/job_failed.json when it fails, whatever the launcher
+CALLBACK = f"++hydra.callbacks.sweep_failures._target_={SweepFailures.__module__}.{SweepFailures.__name__}"
+
+
 def sample(exp: Experiment, extra: list[str], table_dir: Path) -> dict[str, int]:
     """Launch every block as one Hydra multirun; returns each block's exit status."""
     status = {}
     for block, sweep in exp.blocks.items():
-        cmd = [sys.executable, "-m", exp.app, "--multirun", *exp.common, *sweep, *extra,
+        cmd = [sys.executable, "-m", exp.app, "--multirun", *exp.common, *sweep, *extra, CALLBACK,
                f"hydra.sweep.dir={table_dir / 'multirun' / block}"]
         print(f"[{TAG}] {exp.name}/{block}: {' '.join(cmd[3:])}", flush=True)
         status[block] = subprocess.run(cmd).returncode  # in the user's folder: relative paths mean the same
@@ -147,18 +170,50 @@ def sample(exp: Experiment, extra: list[str], table_dir: Path) -> dict[str, int]
     return status
 
 
-def evaluate(exp: Experiment, dirs: dict[Point, Path]) -> dict[str, str]:
-    """Every metric on every finished run folder; returns errors by run folder."""
+def job_failures(table_dir: Path) -> dict[frozenset, str]:
+    """The reason every failed job of the sweep gave (its ``job_failed.json``), by its overrides."""
+    out = {}
+    for record in sorted((table_dir / "multirun").glob(f"*/*/{FAILURE_RECORD}"), key=lambda p: p.stat().st_mtime):
+        data = runs.read_json(record) or {}
+        overrides = _normalized(data.get("overrides") or [])
+        error = " ".join(str(data.get("error", "")).split()) or "(no message)"
+        out[overrides] = f"{data.get('error_type', 'Error')}: {error} (log: {data.get('stderr', record)})"
+    return out
+
+
+def _normalized(overrides) -> frozenset:
+    """Overrides as (key, value) pairs parsed by Hydra's grammar: ``progress=false`` and the ``progress=False``
+    a job records are the same."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    kept = [str(o) for o in overrides if not str(o).lstrip("+").startswith(("hydra.", "hydra/"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(kept)
+    except Exception:  # noqa: BLE001 - not parseable: compare the text
+        return frozenset(kept)
+    return frozenset((o.get_key_element(), repr(o.value())) for o in parsed)
+
+
+def failure_reason(point: Point, failures: dict[frozenset, str]) -> str | None:
+    return failures.get(_normalized(point.overrides))
+
+
+def evaluate(exp: Experiment, dirs: dict[Point, Path], table_dir: Path | None = None) -> dict[str, str]:
+    """Every metric on every finished run folder; returns errors by run folder (for a point whose run did
+    not finish: the reason its job gave)."""
     from .cli import main as eval_main
 
+    failures = job_failures(table_dir) if table_dir is not None else {}
     reference = None
     if exp.reference is not None:
         reference = next(path for point, path in dirs.items() if point.block == exp.reference)
     errors: dict[str, str] = {}
-    for path in dirs.values():
+    for point, path in dirs.items():
         metrics = runs.read_json(path / "metrics.json")
         if not metrics or metrics.get("complete") is False:
-            errors[str(path)] = "no finished run folder"
+            errors[str(path)] = failure_reason(point, failures) or (
+                "no finished run folder" if not metrics else
+                f"incomplete: {metrics.get('num_items')} of {metrics.get('num_samples', '?')} outputs")
             continue
         for spec in exp.metrics:
             paired = any("{reference}" in a for a in spec)
@@ -197,26 +252,39 @@ def main(argv: list[str] | None = None) -> dict:
         extra.append(f"out_root={Path('runs') / 'tables' / exp.name}")
     table_dir = Path(next(o for o in extra if o.startswith("out_root=")).split("=", 1)[1])
     pts = points(exp, extra)
-    dirs = run_dirs(exp, pts)  # every setting is checked here, before anything is launched
+    dirs = run_dirs(exp, pts, check=args.stage in ("all", "sample"))  # every point checked before any launch
     print(f"[{TAG}] {exp.name}: {len(pts)} runs in {len(exp.blocks)} blocks -> {table_dir}")
     state = {"experiment": exp.name, "points": [{"block": p.block, "overrides": list(p.overrides),
                                                  "run_dir": str(d)} for p, d in dirs.items()]}
     if args.stage in ("all", "sample"):
         state["sample_status"] = sample(exp, extra, table_dir)
     if args.stage in ("all", "metrics"):
-        state["metric_errors"] = evaluate(exp, dirs)
+        state["metric_errors"] = evaluate(exp, dirs, table_dir)
     if args.stage in ("all", "table"):
-        from .aggregate import write_table
+        from .aggregate import rows_of, write_table
 
-        errors = state.get("metric_errors") or {}
+        errors = state.get("metric_errors")
+        if errors is None:  # the table alone: the failed jobs' reasons are still on disk
+            failures = job_failures(table_dir)
+            errors = {str(path): reason for point, path in dirs.items()
+                      if (reason := failure_reason(point, failures)) is not None}
         state["table"] = {k: str(v) for k, v in write_table(exp, dirs, table_dir, errors).items()}
+        state["failed_points"] = [row["run"] for row in rows_of(exp, dirs, errors) if row["status"] != "ok"]
+    elif args.stage == "sample":
+        state["failed_points"] = [block for block, status in state["sample_status"].items() if status]
     runs.write_json(table_dir / "sweep.json", state)
     return state
 
 
 @runs.clear_errors(TAG)
 def cli() -> None:
-    main()
+    state = main()
+    failed = state.get("failed_points") or []
+    if failed:
+        print(f"[{TAG}] error: {len(failed)} of {len(state['points'])} points did not finish ok: "
+              f"{', '.join(failed[:4])}{' ...' if len(failed) > 4 else ''} (the table's status column says why)",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

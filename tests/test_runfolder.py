@@ -75,10 +75,16 @@ def test_one_run_at_a_time_per_folder(tmp_path):
         pass
 
 
+def _png(path, value=0):
+    from PIL import Image
+
+    Image.new("L", (8, 8), value).save(path)
+
+
 def test_records_merge_writers_skip_torn_lines_and_require_their_files(tmp_path):
     a, b = Records(tmp_path, "rank0"), Records(tmp_path, "rank1")
     for i, rec in enumerate((a, b, a)):
-        (tmp_path / f"{i}.png").write_bytes(b"x")
+        _png(tmp_path / f"{i}.png", i)
         rec.append({"index": i, "file": f"{i}.png", "latency_s": 0.1})
     with open(tmp_path / "records" / "rank1.jsonl", "a") as f:
         f.write('{"index": 7, "file": "7.p')  # a writer killed mid-line

@@ -171,6 +171,8 @@ def test_failed_job_surfaces_its_traceback_and_log(slurm_cluster, tmp_path):
     assert (record["job_id"], record["error_type"], record["stderr"]) == (failed, "RuntimeError", m.group(1))
     assert "fail=True" in record["overrides"]
     check_items(tmp_path / "toy" / "a1-b5", 1, 5, 2)  # the other run of the sweep completed
+    # A job whose Python raised ends FAILED (it used to end COMPLETED: Hydra and submitit catch the error).
+    assert result.jobs[failed]["JobState"] == "FAILED" and result.jobs[result.job_ids[0]]["JobState"] == "COMPLETED"
 
 
 def test_two_tasks_of_one_job_are_two_gloo_ranks(slurm_cluster, tmp_path):

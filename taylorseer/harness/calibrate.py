@@ -1,6 +1,14 @@
-"""Making a calibration file: record the trajectory sketch and the per-step sensitivity of an uncached model.
+"""Making a calibration file, and matching one to the run that wants to use it.
 
 The file format, and what ``schedule: calibrated`` reads from it, is :mod:`taylorseer.core.calibration`.
+
+A calibration measures one sampler on one model: its ``made_for`` record names the app, the weights'
+fingerprint, the model, the sampler and its step spacing, the step count, the guidance and the resolution
+(:func:`target`). A run with ``cache.schedule=calibrated`` states the same fields for itself and
+:func:`calibration_identity` refuses a file made for anything else, in one line naming every difference,
+unless ``accept_calibration_mismatch=true`` (then the run folder's identity records the differences).
+Files written before ``made_for`` existed are matched from their ``settings`` (the app config they were
+made with); their weights cannot be compared (they recorded a path, not a fingerprint).
 """
 
 from __future__ import annotations
@@ -15,7 +23,92 @@ from pathlib import Path
 import torch
 
 from ..core.calibration import FORMAT
+from ..core.calibration import load as load_calibration
+from ..core.config import calibration_path
 from . import runs
+from .runfolder import file_fingerprint
+
+MATCHED = ("app", "model", "weights", "sampler", "spacing", "num_steps", "guidance", "resolution")
+
+
+class CalibrationMismatchError(ValueError):
+    """A calibration file was made for other settings than the run's; the message names the differences."""
+
+
+def target(app: str, model: str, weights: str | None, sampler: str, spacing: str, num_steps: int, guidance: dict,
+           resolution: str) -> dict:
+    """What a calibration is made for (written into the file) or wanted for (a run's settings)."""
+    return {"app": app, "model": model, "weights": weights, "sampler": sampler, "spacing": spacing,
+            "num_steps": int(num_steps), "guidance": {k: float(v) for k, v in guidance.items()},
+            "resolution": resolution}
+
+
+def dit_target(cfg: dict, weights: str | None) -> dict:
+    """The DiT apps' :func:`target` from their (plain) config."""
+    size = cfg["model"]["image_size"]
+    return target("dit", cfg["model"]["name"], weights, cfg["sampler"], cfg["spacing"], cfg["num_steps"],
+                  {"cfg_scale": cfg["cfg_scale"]}, f"{size}x{size}")
+
+
+def pipeline_target(app: str, cfg: dict, weights: str | None) -> dict:
+    """The diffusers apps' (FLUX, HunyuanVideo) :func:`target`: the pipeline's own scheduler (its config is in
+    the weights' fingerprint)."""
+    size = f"{cfg['height']}x{cfg['width']}" + (f"x{cfg['num_frames']}" if "num_frames" in cfg else "")
+    guidance = {"guidance_scale": cfg["guidance_scale"], "true_cfg_scale": cfg.get("true_cfg_scale", 1.0)}
+    return target(app, cfg["model"]["name"], weights, "pipeline", "pipeline", cfg["num_steps"], guidance, size)
+
+
+def recorded_target(meta: dict) -> dict:
+    """What a loaded calibration file says it was made for: its ``made_for``, else (older files) what its
+    ``settings`` (the app config it was made with) and step count say."""
+    if isinstance(meta.get("made_for"), dict):
+        return meta["made_for"]
+    cfg = meta.get("settings") or {}
+    app = cfg.get("app")
+    try:
+        if app == "dit":
+            return dit_target({**cfg, "num_steps": meta.get("num_steps", cfg.get("num_steps"))}, None)
+        if app in ("flux", "hunyuan_video"):
+            return pipeline_target(app, {**cfg, "num_steps": meta.get("num_steps", cfg.get("num_steps"))}, None)
+    except (KeyError, TypeError):
+        pass
+    return {"num_steps": meta.get("num_steps")}  # unknown origin: only the step count can be matched
+
+
+def differences(have: dict, want: dict) -> list[str]:
+    """``key: made for X, this run Y`` for every field both sides know and that differ."""
+    out = []
+    for key in MATCHED:
+        a, b = have.get(key), want.get(key)
+        if a is not None and b is not None and a != b:
+            out.append(f"{key}: made for {_show(a)}, this run {_show(b)}")
+    return out
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def calibration_identity(cache: dict, want: dict, accept: bool = False) -> dict:
+    """The identity entries of a run's calibration file (its content's fingerprint, and the accepted
+    differences), after matching it to ``want`` (:func:`target` of the run). A file made for other settings
+    raises :class:`CalibrationMismatchError` unless ``accept``. Nothing for a run that reads no calibration."""
+    if not cache.get("enabled", True) or cache.get("schedule") != "calibrated" or not cache.get("calibration"):
+        return {}
+    path = calibration_path(cache["calibration"])
+    have = recorded_target(load_calibration(path).meta)
+    out = {"resolved.calibration": file_fingerprint(path)}
+    diffs = differences(have, want)
+    if diffs and not accept:
+        raise CalibrationMismatchError(
+            f"cache.calibration={cache['calibration']} was made for other settings ({'; '.join(diffs)}): make one for "
+            f"these settings (bash scripts/calibrate.sh {want.get('app')} ...) or pass "
+            f"accept_calibration_mismatch=true to use it anyway")
+    if diffs:
+        out["resolved.calibration_mismatch"] = "; ".join(diffs)
+    return out
 
 
 def check_samples(samples: int, num_steps: int) -> None:
@@ -174,8 +267,9 @@ def sensitivity_curve(raw: torch.Tensor) -> torch.Tensor:
 
 
 def write(path: str | Path, recorder: Recorder, reference: torch.Tensor, perturbed: torch.Tensor,
-          flops_per_run: int | None, settings: dict) -> dict:
-    """Save the calibration file (atomically) and return its summary (without the trajectory)."""
+          flops_per_run: int | None, settings: dict, made_for: dict | None = None) -> dict:
+    """Save the calibration file (atomically) and return its summary (without the trajectory).
+    ``made_for`` is the :func:`target` the runs that use the file must match."""
     trajectory = recorder.trajectory()
     raw = recorder.sensitivity(reference, perturbed)
     sensitivity = sensitivity_curve(raw)
@@ -192,6 +286,8 @@ def write(path: str | Path, recorder: Recorder, reference: torch.Tensor, perturb
                   "convention": "torch FlopCounterMode, 2 FLOPs per multiply-add; both uncached runs of all samples"},
         "settings": settings,
     }
+    if made_for is not None:
+        summary["made_for"] = made_for
     data = dict(summary, timesteps=timesteps, sensitivity=[float(f"{v:.6g}") for v in sensitivity.tolist()],
                 sensitivity_raw=[float(f"{v:.6g}") for v in raw.tolist()],
                 trajectory=[[float(f"{v:.5g}") for v in row] for row in trajectory.tolist()])

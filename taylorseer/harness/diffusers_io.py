@@ -85,14 +85,16 @@ def weights_fingerprint(source: str) -> str:
 def read_prompts(prompt: str | list[str] | None = None, prompt_file: str | None = None) -> list[str]:
     """Prompts from the command line (a string or a list) or a text file with one per line.
 
-    Blank lines and lines starting with ``#`` in the file are skipped.
+    The file is read as text files are: UTF-8 with or without a byte-order mark (the mark is not part of the
+    first prompt), any line ending. Blank lines and lines whose first non-blank character is ``#`` (comments)
+    are skipped; a prompt that must start with ``#`` cannot be given in a file (pass it as prompt=...).
     """
     if prompt_file:
         path = Path(prompt_file).expanduser()
         if not path.is_file():
             raise ValueError(f"prompt_file={prompt_file!r} does not exist (give a text file with one prompt per line)")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as err:
             raise ValueError(f"prompt_file={prompt_file!r} is not UTF-8 text: {err}") from err
         prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]

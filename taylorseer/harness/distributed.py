@@ -179,12 +179,20 @@ def select_device(requested: str, env: DistEnv | None = None) -> torch.device:
     env = env if env is not None else DistEnv()
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={requested!r} is invalid: expected auto, cpu, cuda or cuda:<index>")
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
         raise ValueError(f"device={requested!r} but no CUDA device is visible: use device=cpu or run on a GPU node")
     count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device={requested!r} but only {count} CUDA device(s) are visible: use device=cuda:0 .. "
+                         f"cuda:{count - 1}, or device=cuda")
     if env.world_size == 1:
         return device if device.index is not None else torch.device("cuda", min(env.local_rank, count - 1))
     if device.index is not None:
@@ -196,6 +204,28 @@ def select_device(requested: str, env: DistEnv | None = None) -> torch.device:
         raise ValueError(f"local rank {env.local_rank} of {env.local_world_size} on this node but only {count} GPUs "
                          f"are visible: start one task per GPU (tasks_per_node={count} or --nproc_per_node {count})")
     return torch.device("cuda", env.local_rank)
+
+
+def die_with_launcher(environ: Mapping[str, str] | None = None) -> bool:
+    """A worker started by torchrun's agent (``TORCHELASTIC_RUN_ID`` set) ends when that agent dies, even by
+    ``kill -9`` (which gives the agent no chance to stop its workers): Linux's parent-death signal, SIGTERM.
+    Returns True when it was set."""
+    environ = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent or parent == 1:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def _export(env: DistEnv) -> None:
@@ -311,6 +341,8 @@ def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
     cannot form a fresh group on torchrun's store after destroying one); it is torn down at exit.
     """
     env = detect(environ)
+    if environ is None and env.distributed:
+        die_with_launcher()
     if env.note and env.is_main:
         print(f"[distributed] {env.note}", file=sys.stderr)
     dev = select_device(device, env)

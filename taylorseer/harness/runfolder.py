@@ -25,12 +25,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .distributed import detect
 from .runs import slug, write_json
 
 # Settings that cannot change an output, for every app. Settings that resolve to something else are
 # denied here and their resolved value is put into the identity by the app (see ``identity``).
 NOT_OUTPUT_CHANGING = (
-    "out_root", "run_name", "progress", "warmup", "batch_size", "compare_uncached", "num_samples",
+    "out_root", "run_name", "progress", "warmup", "compare_uncached", "num_samples",
+    "batch_size",     # sample i is a function of (seed, i) alone, except under a batch-wide schedule (BATCH_WIDE)
     "cpu_offload",    # diffusers' model offload moves whole models between uses; the arithmetic is the same
     "cache.offload",  # factors kept in host memory come back bit for bit (tested)
     "cache.prefetch",  # the same copies, on a side stream and earlier
@@ -39,6 +41,10 @@ NOT_OUTPUT_CHANGING = (
     "prompt", "prompt_file",  # -> digest of the prompts' text
     "model.path", "model.checkpoint", "model.ckpt_dir",  # -> fingerprint of the weights
 )
+# Schedules whose full/forecast decision is taken once for a whole batch (a probe over every sample): under them
+# which samples share a batch changes the outputs, so the batch size and the number of ranks the samples are
+# dealt to are in the identity.
+BATCH_WIDE = ("adaptive",)
 IDENTITY_FILE = "run.json"
 BOOKKEEPING = {IDENTITY_FILE, "config.yaml", "metrics.json", ".metrics.lock", ".lock", "records"}
 
@@ -64,6 +70,10 @@ def identity(config: dict, resolved: dict | None = None, ignore: Iterable[str] =
     denied = set(NOT_OUTPUT_CHANGING) | set(ignore)
     flat = flatten(config)
     kept = {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in denied)}
+    if flat.get("cache.schedule") in BATCH_WIDE and flat.get("cache.enabled", True):
+        if "batch_size" in flat:
+            kept["batch_size"] = flat["batch_size"]
+        kept["resolved.world_size"] = detect().world_size
     kept.update(resolved or {})
     return dict(sorted(kept.items()))
 
@@ -74,22 +84,58 @@ def digest(values) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Size and the first and last MiB of a weights file, hashed.
+def file_fingerprint(path: str | Path) -> str:
+    """SHA-256 of a file's whole content (first 16 hex digits), prefixed ``sha256:``.
 
-    Cheap on 24 GB of FLUX weights, and it changes with the content: a torch zip checkpoint ends in a
-    central directory holding a CRC-32 of every stored tensor, and retrained safetensors differ in their
-    first and last tensors' bytes.
+    Every byte counts: a retrained or edited checkpoint of the same size is another model. Hashing 24 GB
+    of FLUX weights takes minutes, so the hash is cached by (real path, size, mtime): a rerun reads no
+    weight twice (:data:`FINGERPRINT_CACHE`; ``TAYLORSEER_CACHE_DIR`` moves it).
     """
     path = Path(path)
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
+    real = str(path.resolve())
+    stat = path.stat()
+    key = [stat.st_size, stat.st_mtime_ns]
+    cache_file = fingerprint_cache_file()
+    cached = _read_fingerprint_cache(cache_file).get(real)
+    if isinstance(cached, dict) and cached.get("stat") == key and isinstance(cached.get("hash"), str):
+        return cached["hash"]
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        h.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(size - chunk, chunk))
-            h.update(f.read(chunk))
-    return h.hexdigest()[:16]
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    value = "sha256:" + h.hexdigest()[:16]
+    _store_fingerprint(cache_file, real, {"stat": key, "hash": value})
+    return value
+
+
+def fingerprint_cache_file() -> Path:
+    """Where weight hashes are cached: ``$TAYLORSEER_CACHE_DIR`` or ``$XDG_CACHE_HOME/taylorseer`` (``~/.cache``)."""
+    root = os.environ.get("TAYLORSEER_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "taylorseer")
+    return Path(root) / "fingerprints.json"
+
+
+def _read_fingerprint_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_fingerprint(path: Path, real: str, entry: dict) -> None:
+    """Best effort (a read-only home still runs, it only hashes again next time)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import fcntl
+
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = _read_fingerprint_cache(path)
+            data[real] = entry
+            write_json(path, data)
+    except OSError:
+        pass
 
 
 def folder_fingerprint(path: str | Path) -> str:
@@ -171,6 +217,8 @@ class RunFolder:
         try:
             check_identity(path, ident)
             write_json(path / IDENTITY_FILE, {"identity": ident})
+            if handle is not None:
+                remove_debris(path)
         except BaseException:
             if handle is not None:
                 handle.close()
@@ -187,6 +235,17 @@ class RunFolder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def remove_debris(path: Path) -> None:
+    """Delete the temporary files of writers killed mid-write (``.tmp-*``, :func:`.runs.atomic_write`): with the
+    folder's lock held nobody else is writing, so they are no one's; left there they look like outputs."""
+    for debris in path.rglob(".tmp-*"):
+        try:
+            if debris.is_file():
+                debris.unlink()
+        except OSError:
+            pass
 
 
 def claim(path: str | Path, ident: dict, session) -> RunFolder | None:
@@ -256,9 +315,33 @@ class Records:
         return out
 
     def done(self, files_of) -> dict:
-        """The records whose output files all exist; ``files_of(record)`` lists a record's files (relative)."""
+        """The records whose output files all exist and are intact (:func:`output_ok`); ``files_of(record)``
+        lists a record's files (relative). A damaged output is not done: the run makes it again."""
         root = self.dir.parent
-        return {k: r for k, r in self.load().items() if all((root / f).is_file() for f in files_of(r))}
+        return {k: r for k, r in self.load().items() if all(output_ok(root / f) for f in files_of(r))}
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def output_ok(path: Path) -> bool:
+    """An output file that exists, is not empty, and (an image) decodes: PIL checks a PNG's chunk CRCs, so a
+    truncated or overwritten image is caught; other files (videos) must be non-empty."""
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+    except OSError:
+        return False
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return True
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # noqa: BLE001 - any decoding failure means the file is damaged
+        return False
 
 
 def _read_lines(path: Path) -> Iterator[dict]:

@@ -10,6 +10,7 @@ before any model or weight is touched.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ class Setting:
     nullable: bool = False
     multiple_of: int | None = None
     hint: str = ""
+    pattern: str | None = None  # a str must match it whole (re.fullmatch)
+    safe_path: bool = False  # a str that must stay below its folder: relative, no '..' part
 
     def problem(self, value) -> str | None:
         """Why ``value`` is not allowed (None when it is)."""
@@ -49,6 +52,11 @@ class Setting:
             "any": True,
         }[self.kind]
         if not ok:
+            return f"expected {self._expected()}"
+        if self.kind == "str" and self.pattern is not None and not re.fullmatch(self.pattern, value):
+            return f"expected {self._expected()}"
+        if self.kind == "str" and self.safe_path and (
+                not value.strip() or value.startswith(("/", "~")) or ".." in re.split(r"[/\\]", value)):
             return f"expected {self._expected()}"
         if self.kind in ("int", "float"):
             low = self.minimum is not None and value < self.minimum
@@ -73,11 +81,13 @@ class Setting:
 # Keys of configs/base.yaml, shared by every app.
 BASE = {
     "out_root": Setting("str"),
-    "device": Setting("str", hint="auto, cpu, cuda or cuda:<index>"),
+    "device": Setting("str", hint="auto, cpu, cuda or cuda:<index>", pattern=r"auto|cpu|cuda(:\d+)?"),
     "dtype": Setting("str", choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")),
     "seed": Setting("int", minimum=0),
     "progress": Setting("bool"),
-    "run_name": Setting("str", nullable=True, hint="a folder name, or null for one built from the settings"),
+    "run_name": Setting("str", nullable=True, safe_path=True,
+                        hint="a folder under out_root (relative, no '..'), or null for a name from the settings"),
+    "accept_calibration_mismatch": Setting("bool", nullable=True, hint="true: use a calibration made for others"),
 }
 
 

@@ -17,14 +17,21 @@ switched on (``configs/hydra/callbacks/sweep_failures.yaml``). It runs inside ea
   sweep afterwards can mark that run failed instead of missing it. Hydra stops at the first failed job
   it reads back; the other jobs still run to their end and leave their own records.
 
-Limits: Hydra calls callbacks inside a try/except, so the job itself still ends normally (Slurm
-state COMPLETED); the failure lives in the sweep's error and the record. Hydra writes nothing per
+* **A failed job ends FAILED.** Hydra catches the job's exception and submitit pickles it back, so the
+  job's process would exit 0 and Slurm would call it COMPLETED. Inside a submitit job, the process of a
+  failed job exits with status 1 once everything else is done (the result is already written), so
+  ``sacct`` says FAILED. Hydra's basic launcher runs the jobs in the sweep's own process: nothing is
+  changed there.
+
+Hydra writes nothing per
 task as long as ``hydra.output_subdir`` is null and job logging goes to the console, as
 ``configs/base.yaml`` sets for every app; the app's shared files are written by rank 0.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import sys
 import traceback
@@ -48,12 +55,30 @@ def _overrides_text(overrides) -> str:
     return " ".join(str(o) for o in (overrides or []) if not str(o).startswith("hydra."))
 
 
+_FAILED: dict = {}
+
+
+def _exit_failed() -> None:
+    """Registered before the app's own exit handlers, so it runs after them: the exit status of a failed job."""
+    if _FAILED.get("failed"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(1)
+
+
 class SweepFailures(Callback):
     """A Hydra callback (``hydra.callbacks``) that the launcher configs switch on; runs inside each job."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("SUBMITIT_EXECUTOR") and not _FAILED.get("armed"):  # a job process of its own
+            atexit.register(_exit_failed)
+            _FAILED["armed"] = True
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status != JobStatus.FAILED:
             return
+        _FAILED["failed"] = True
         error = job_return._return_value
         trace = "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
         job_id, rank, tasks, log, out = _job_place()
