@@ -68,6 +68,8 @@ def train(cfg: TrainConfig) -> dict:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
+        if "rng" in state:  # the label dropout draws from torch's global generator
+            torch.set_rng_state(state["rng"])
         start, losses = state["step"], state["losses"]
         print(f"[train_digits] resuming at step {start}")
 
@@ -93,7 +95,7 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{lr_at(step, cfg):.1e}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                         generator=g.get_state(), step=step + 1, losses=losses)
+                         generator=g.get_state(), rng=torch.get_rng_state(), step=step + 1, losses=losses)
             runs.atomic_write(resume_path, lambda p, s=state: torch.save(s, p))
 
     final_loss = sum(losses[-200:]) / len(losses[-200:])

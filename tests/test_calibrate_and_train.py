@@ -1,0 +1,76 @@
+"""The apps' calibrate commands and the digits DiT's training, in seconds: before the fast tier (tests/conftest.py)
+these ran only as README commands (tests/test_readme.py, full tier). Calibration files written by the apps are
+read back by the calibrated schedule; training resumes after a kill to the same weights."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from taylorseer import CacheConfig, full_steps
+from taylorseer.core import calibration
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize("app, overrides", [
+    ("dit", ["model=digits", "num_steps=5", "samples=10", "batch_size=5", "cfg_scale=2.0"]),
+    ("flux", ["model=digits_flux", "num_steps=4", "samples=4", "batch_size=4", "warmup=false"]),
+])
+def test_calibrate_writes_a_file_the_calibrated_schedule_reads(app, overrides, tmp_path):
+    if app == "dit":
+        from taylorseer_dit.calibrate import main
+    else:
+        from taylorseer_flux.calibrate import main
+    steps = int(next(o for o in overrides if o.startswith("num_steps=")).split("=")[1])
+    out = main(_compose(f"calibrate_{app}", [*overrides, f"out_root={tmp_path}", "progress=false",
+                                             "sketch_size=64"]))
+    assert out.parent == tmp_path / "calibrations" and out.is_file()
+    cal = calibration.load(out)
+    assert cal.trajectory.shape[0] == steps and bool((cal.sensitivity > 0).all())
+    assert calibration.flops_of(out) > 0
+    config = CacheConfig(schedule="calibrated", budget=3, calibration=str(out), first_enhance=1)
+    placed = full_steps(steps, config)
+    assert len(placed) == 3 and placed[0] == 0
+    with pytest.raises(ValueError, match="expected a multiple of num_steps"):
+        main(_compose(f"calibrate_{app}", [*overrides, f"out_root={tmp_path}", "samples=3"]))
+
+
+def test_digits_dit_training_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
+    from taylorseer_dit import train_digits
+
+    settings = ["steps=4", "batch_size=8", "save_every=2", "warmup=2", "classifier_steps=0"]
+
+    def train(out: Path, kill_at: int | None = None):
+        calls = {"n": 0}
+        real = torch.nn.functional.mse_loss
+
+        def mse(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "mse_loss", mse)
+        try:
+            train_digits.main([*settings, f"out={out}"])
+        finally:
+            monkeypatch.setattr(torch.nn.functional, "mse_loss", real)
+
+    train(tmp_path / "straight.pt")
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "killed.pt", kill_at=3)  # after the checkpoint of step 2
+    assert (tmp_path / "killed.resume.pt").is_file()
+    train(tmp_path / "killed.pt")
+    assert not (tmp_path / "killed.resume.pt").exists()
+    straight, resumed = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("straight", "killed"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    with pytest.raises(SystemExit, match="unknown option 'stpes'"):
+        train_digits.main(["stpes=4"])
