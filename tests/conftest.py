@@ -55,7 +55,8 @@ FULL_TIER = {
     "tests/test_dit.py::test_sample_ddp_two_processes_and_resume": "sample_ddp on 2 torchrun ranks, then resumed",
     "tests/test_distributed_launch.py::test_settings_error_is_one_line_from_rank_0_with_its_status":
         "2 torchrun ranks (the report's parsing stays fast: test_describe_failure_*)",
-    "tests/test_distributed_launch.py::test_crash_names_the_rank_that_raised_and_its_traceback_log": "2 torchrun ranks",
+    "tests/test_distributed_launch.py::test_crash_names_the_rank_that_raised_and_its_traceback_log":
+        "2 torchrun ranks",
     "tests/test_distributed_launch.py::test_success_prints_no_report_and_keeps_explicit_options": "2 torchrun ranks",
     "tests/test_distributed.py::test_two_gloo_ranks_from_slurm_variables": "2 processes",
     "tests/test_distributed.py::test_missing_rank_fails_within_the_timeout": "waits out a rendezvous timeout",
@@ -66,6 +67,18 @@ FULL_TIER = {
     "tests/test_digits_quality.py": "TaylorSeer vs FORA on the digits DiT, 100 samples x 50 steps per setting",
     "tests/test_digits_flux.py::test_uncached_samples_are_the_digits_their_prompts_name": "digits FLUX quality",
     "tests/test_digits_flux.py::test_paper_flux_defaults_on_the_learned_trajectory": "digits FLUX quality",
+    "tests/test_store_models.py::test_digits_fidelity_of_8bit_factors": "8-bit factors' PSNR on 100 digits samples",
+    # training (the digits DiT's resume stays fast: tests/test_calibrate_and_train.py)
+    "tests/test_digits_flux.py::test_training_resumes_after_a_kill_to_the_same_weights": "trains the digits FLUX 3x",
+    # a fresh Python process through a script (the same code runs in-process in the fast tier)
+    "tests/test_flux.py::test_sample_script_reports_one_line_error":
+        "scripts/sample_flux.sh in a fresh process (in-process: test_sample_app_clear_errors_write_nothing)",
+    "tests/test_benchmark.py::test_gpu_script_dry_run_covers_every_code_path":
+        "scripts/bench_gpu.sh --dry-run in a fresh process, compiling every variant with inductor",
+    "tests/test_fused.py::test_triton_kernel_in_the_interpreter":
+        "the Triton kernel in Triton's CPU interpreter, a fresh process (the inductor kernel stays fast)",
+    "tests/test_discover.py::test_script_runs_an_unknown_class_static_only":
+        "python -m taylorseer.attach.discover in a fresh process (in-process: test_cli_on_a_folder_...)",
 }
 
 # Tests that start process groups (torchrun, several ranks on ports), a Slurm cluster, or time themselves: with

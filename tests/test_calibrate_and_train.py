@@ -1,6 +1,6 @@
-"""The apps' calibrate commands and the digits DiT's training, in seconds: before the fast tier (tests/conftest.py)
-these ran only as README commands (tests/test_readme.py, full tier). Calibration files written by the apps are
-read back by the calibrated schedule; training resumes after a kill to the same weights."""
+"""Entry points that only README commands ran before the fast tier (tests/conftest.py), each in seconds: the apps'
+calibrate commands (their files read back by the calibrated schedule), the digits DiT's training (resumed after a
+kill to the same weights), the GPU benchmark's dry run."""
 
 from pathlib import Path
 
@@ -74,3 +74,18 @@ def test_digits_dit_training_resumes_after_a_kill_to_the_same_weights(tmp_path, 
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     with pytest.raises(SystemExit, match="unknown option 'stpes'"):
         train_digits.main(["stpes=4"])
+
+
+def test_gpu_benchmark_dry_run_in_process(tmp_path):
+    """eval/bench_gpu.py's every-variant dry run, one model and no compile (the whole script, compiling: the full
+    tier's tests/test_benchmark.py::test_gpu_script_dry_run_covers_every_code_path)."""
+    import json
+
+    from taylorseer_eval.bench_gpu import main
+
+    main(["--dry-run", "--out", str(tmp_path), "--models", "dit", "--compile-models"])
+    data = json.loads((tmp_path / "bench_gpu.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"] if r["family"] == "dit"}
+    for variant in ("uncached", "ours O=1", "ours O=2", "ideal"):
+        assert rows[variant]["error"] is None and rows[variant]["times"], variant
+    assert rows["uncached"]["rel_error"] == 0.0 and data["setup"]["device"].startswith("CPU")

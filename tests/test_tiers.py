@@ -189,8 +189,8 @@ def test_every_module_is_imported_by_a_fast_test(collected):
     missing = sorted(m for m in modules if m not in reached)
     assert not missing, (
         "modules no fast-tier test imports (directly or through the modules it imports): "
-        f"{[str(modules[m].resolve().relative_to(ROOT)) for m in missing]} -- keep a short test of each in the fast tier "
-        "(tests/conftest.py FULL_TIER)")
+        f"{[str(modules[m].resolve().relative_to(ROOT)) for m in missing]} -- keep a short test of each in the fast "
+        "tier (tests/conftest.py FULL_TIER)")
 
 
 def test_the_tests_that_stand_for_the_fast_tier_stay_in_it(collected):
