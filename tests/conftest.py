@@ -29,7 +29,7 @@ def one_thread():
 
 
 # ---- the tiers -------------------------------------------------------------------------------------------------
-# node id (a file, a test, or a test's parametrizations) -> why it is in the full tier only (times: 2 free cores)
+# node id (a file, a test, or all parametrizations of a test) -> why it is in the full tier only
 FULL_TIER = {
     # every README command, end to end
     "tests/test_readme.py::test_every_readme_command_runs_on_the_tiny_models":
@@ -111,7 +111,8 @@ def listed(nodeid: str, entries) -> str | None:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: runs jobs on a private local Slurm cluster (skips without Slurm)")
-    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist runs the tests of a group on one worker")
+    if not config.pluginmanager.hasplugin("xdist"):  # which registers it itself
+        config.addinivalue_line("markers", "xdist_group(name): pytest-xdist runs the tests of a group on one worker")
     # `pytest -n 2` (xdist's default distribution, "load") would split the SERIAL group over the workers (two Slurm
     # clusters at once): group-aware distribution keeps it together and is otherwise the same.
     if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "load":
