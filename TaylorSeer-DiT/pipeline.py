@@ -133,8 +133,8 @@ def load_dit(path: str | Path, model: str = "DiT-XL/2", image_size: int = 256, n
     elif model not in DiT_models:
         raise CheckpointError(f"model.name={model!r} is not an official DiT, so its architecture is read from "
                               f"{meta} beside the checkpoint {path}, and that file is missing: copy it from where "
-                              f"the checkpoint was trained (scripts/train_digits.sh writes both), or pass the model.name of "
-                              f"an official DiT ({', '.join(sorted(DiT_models))})")
+                              f"the checkpoint was trained (scripts/train_digits.sh writes both), or pass the "
+                              f"model.name of an official DiT ({', '.join(sorted(DiT_models))})")
     else:
         dit = build_model(model, image_size, num_classes, in_channels, latent)
     state = load_state_dict(path)

@@ -23,11 +23,12 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from taylorseer.harness.runs import clear_errors, record_eval, resolve_device
+from taylorseer.harness.runs import clear_errors, record_eval
 
 from .external import RunnerFailed
 from .report import markdown_table
 from .rundir import check_reference, completeness, open_run
+from .sources import resolve_device
 
 TAG = "eval"
 

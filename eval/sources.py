@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from taylorseer.harness.distributed import select_device
 from taylorseer.harness.runs import atomic_write, read_json
 
 from .media import IMAGE_SUFFIXES, NpzImages, file_batches
@@ -123,8 +124,7 @@ def cached_reference(source: ImageSource, tag: str, compute: Callable[[], dict[s
 
 
 def resolve_device(name: str) -> torch.device:
-    from taylorseer.harness.distributed import select_device
-
+    """A metric's ``--device``, resolved as the apps resolve theirs."""
     return select_device(name)
 
 

@@ -32,13 +32,21 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def load_resume(path: str | Path) -> dict | None:
-    """The resume state a killed training run left at ``path``, or None when there is none."""
+    """The resume state a killed training run left at ``path``, or None when there is none. Torch's global
+    generator is restored too (DiT's label dropout draws from it), so a resumed run ends at the same weights."""
     path = Path(path)
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    return state
 
 
 def save_resume(path: str | Path, state: dict) -> None:
-    """Write a resume state atomically (a kill while writing leaves the previous one)."""
+    """Write a resume state atomically (a kill while writing leaves the previous one), with torch's global
+    generator."""
+    state = {**state, "torch_rng": torch.get_rng_state()}
     atomic_write(path, lambda p: torch.save(state, p))
 
 
