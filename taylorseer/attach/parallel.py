@@ -105,8 +105,8 @@ def check(model, ulysses: int = 1, ring: int = 1, *, world_size: int | None = No
                                        f"{sorted(_AttentionBackendRegistry._supports_context_parallel)} "
                                        f"(attention_backend=sdpa is 'native')")
         if ring > 1 and name == AttentionBackendName.NATIVE and _device(model).type == "cpu":
-            raise ContextParallelError("parallel.ring > 1 needs attention that returns the log-sum-exp; native SDPA on "
-                                       "a CPU does not (diffusers: 'Native attention does not support "
+            raise ContextParallelError("parallel.ring > 1 needs attention that returns the log-sum-exp; native SDPA on"
+                                       " a CPU does not (diffusers: 'Native attention does not support "
                                        "return_lse=True'). Use parallel.ulysses, or Ring on GPUs with flash/cudnn")
 
 
@@ -189,8 +189,16 @@ def enable(target, ulysses: int = 1, ring: int = 1, *, tokens: dict[str, int] | 
     device = _device(model)
     mesh = make_mesh(layout, ulysses, ring, device.type)
     config = ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring, mesh=mesh)
+    extra = EXTRA_HOOKS.get(type(model).__name__)
+    if extra is not None:
+        extra[0](model, layout.degree)
+    engine_plan, inner_inputs = _outside_forward(plan or plan_for(model))
     with _cpu_device_count(device):
-        model.enable_parallelism(config=config, cp_plan=plan or plan_for(model))
+        model.enable_parallelism(config=config, cp_plan=engine_plan)
+    for name, inputs in inner_inputs.items():
+        _split_inputs_before(model.get_submodule(name), inputs, config._flattened_mesh)
+    if extra is not None:
+        extra[1](model, layout.local, layout.degree)
     group = config._flattened_mesh.get_group()  # diffusers flattened (ring, ulysses) of this generation
     cp = ContextParallel(layout, ulysses, ring, mesh, group)
     setattr(model, ATTR, cp)
@@ -198,6 +206,56 @@ def enable(target, ulysses: int = 1, ring: int = 1, *, tokens: dict[str, int] | 
     if cache is not None:
         shard_cache(cache, cp)
     return cp
+
+
+def _outside_forward(plan: dict) -> tuple[dict, dict]:
+    """(the plan for diffusers, the input splits of inner modules to do as torch pre-hooks).
+
+    diffusers splits a module's inputs by wrapping its ``forward``; the cache replaces the ``forward`` of the blocks it
+    caches (a forecast step does not call the original). A split at a block's input (Wan: ``blocks.0``) would then
+    be skipped on forecast steps, so inner modules' input splits run as ``register_forward_pre_hook``s, which torch
+    calls before whichever ``forward`` the module has. The model's own inputs (``""``), output splits and gathers stay
+    diffusers' hooks (the cache never replaces the model's forward)."""
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    engine, inner = {}, {}
+    for name, entry in plan.items():
+        if name and isinstance(entry, dict) and all(isinstance(v, ContextParallelInput) and not v.split_output
+                                                    for v in entry.values()):
+            inner[name] = entry
+        else:
+            engine[name] = entry
+    return engine, inner
+
+
+def _split_inputs_before(module, inputs: dict, mesh) -> None:
+    """Shard ``module``'s named inputs with diffusers' own sharder, before its forward (whichever it is)."""
+    import inspect
+
+    from diffusers.hooks.context_parallel import EquipartitionSharder
+
+    params = [p for p in inspect.signature(type(module).forward).parameters][1:]  # without self
+
+    def pre_hook(_module, args, kwargs):
+        args = list(args)
+        for name, how in inputs.items():
+            index = params.index(name) if name in params else None
+            if name in kwargs:
+                value = kwargs[name]
+            elif index is not None and index < len(args):
+                value = args[index]
+            else:
+                continue
+            if not isinstance(value, torch.Tensor) or (how.expected_dims and value.dim() != how.expected_dims):
+                continue
+            value = EquipartitionSharder.shard(value, how.split_dim, mesh)
+            if name in kwargs:
+                kwargs[name] = value
+            else:
+                args[index] = value
+        return tuple(args), kwargs
+
+    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
 def shard_cache(cache, cp: ContextParallel | None) -> None:
@@ -210,4 +268,65 @@ def get(target) -> ContextParallel | None:
     return getattr(model, ATTR, None)
 
 
-PLANS: dict[str, dict] = {}  # class name -> cp plan, for models diffusers has none for (filled below)
+# ------------------------------------------------------------------------------------------- HunyuanVideo
+def _hunyuan_video_plan() -> dict:
+    """HunyuanVideoTransformer3DModel (diffusers 0.42.1 has no ``_cp_plan`` for it).
+
+    The split is after the embedders, not at the model's input: RoPE and the patch embedding need the whole latent
+    (its frame/height/width grid) and the token refiner attends over the whole prompt under its mask. So the outputs
+    of ``rope`` (cos, sin: (video tokens, head_dim)), ``x_embedder`` (B, video tokens, C) and ``context_embedder``
+    (B, text tokens, C) are split by tokens, every block runs on its rank's video and text tokens (a block's
+    attention concatenates [video_r; text_r], and Ulysses gathers [video_0; text_0; video_1; ...]), and ``proj_out``'s
+    output is gathered before the model un-patchifies. The attention mask the model builds from the local lengths
+    would be wrong for the text shards (padding is at the end of the *whole* prompt): :func:`_hunyuan_mask_hooks`
+    gives every block the mask of its rank's tokens, which Ulysses all-gathers in the same order as the keys."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    def split(dim: int, dims: int):
+        return ContextParallelInput(split_dim=dim, expected_dims=dims, split_output=True)
+
+    return {
+        "rope": {0: split(0, 2), 1: split(0, 2)},
+        "x_embedder": {0: split(1, 3)},
+        "context_embedder": {0: split(1, 3)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+def _hunyuan_mask_hooks(model, rank: int, degree: int) -> list:
+    """Give every block the key mask of its own tokens: [its video tokens (all valid); its slice of the prompt,
+    valid where the prompt's token index < the prompt's length]. Returns the hook handles."""
+    seen: dict = {}
+
+    def remember(_module, args, kwargs):
+        mask = kwargs.get("encoder_attention_mask", args[3] if len(args) > 3 else None)
+        seen["lengths"] = mask.sum(dim=1, dtype=torch.int)  # [B]: the model's own rule (valid tokens first)
+        seen["text"] = mask.shape[1]
+        seen["local"] = None
+
+    def local_mask(_module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        local = seen.get("local")
+        if local is None or local.shape[-1] != hidden.shape[1] + seen["text"] // degree:
+            index = torch.arange(seen["text"], device=hidden.device).unsqueeze(0)
+            text = (index < seen["lengths"].to(hidden.device).unsqueeze(1)).chunk(degree, dim=1)[rank]
+            video = torch.ones(hidden.shape[0], hidden.shape[1], dtype=torch.bool, device=hidden.device)
+            local = seen["local"] = torch.cat([video, text], dim=1)[:, None, None, :]  # [B, 1, 1, local tokens]
+        if "attention_mask" in kwargs or len(args) <= 3:
+            return args, {**kwargs, "attention_mask": local}
+        return (*args[:3], local, *args[4:]), kwargs
+
+    handles = [model.register_forward_pre_hook(remember, with_kwargs=True)]
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        handles.append(block.register_forward_pre_hook(local_mask, with_kwargs=True))
+    return handles
+
+
+def _hunyuan_check(model, degree: int) -> None:
+    if getattr(model.config, "image_condition_type", None) == "token_replace":
+        raise ContextParallelError("HunyuanVideo's token-replace image-to-video blocks index the first frame's tokens;"
+                                   " context parallelism here covers text-to-video (image_condition_type=None)")
+
+
+PLANS: dict[str, dict] = {"HunyuanVideoTransformer3DModel": _hunyuan_video_plan()}
+EXTRA_HOOKS = {"HunyuanVideoTransformer3DModel": (_hunyuan_check, _hunyuan_mask_hooks)}  # class -> (check, install)
