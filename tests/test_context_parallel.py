@@ -105,3 +105,90 @@ def test_inner_input_splits_run_before_any_forward():
     assert list(inner) == ["blocks.0"] and "blocks.0" not in engine and "proj_out" in engine
     assert set(parallel.PLANS["HunyuanVideoTransformer3DModel"]) == {"rope", "x_embedder", "context_embedder",
                                                                      "proj_out"}
+
+
+# ------------------------------------------------------------------------------------------------ the FLUX app
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny_flux import IMAGE_SIZE, TEXT_TOKENS, save_tiny_flux  # noqa: E402
+
+PROMPTS = ["a photo of the cat", "a dog on a skateboard", "the cat sleeps", "a red cat", "cat and dog"]
+
+
+def _flux(nproc: int, *overrides: str, check: bool = True):
+    cmd = [sys.executable, "-m", "taylorseer_flux.sample", *overrides]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "taylorseer_flux.sample", *overrides]
+    run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def _pixels(folder: Path) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    return {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(folder.glob("*.png"))}
+
+
+def _same_images(a: Path, b: Path) -> int:
+    pa, pb = _pixels(a), _pixels(b)
+    assert pa.keys() == pb.keys() and pa
+    return max(int(abs(pa[k] - pb[k]).max()) for k in pa)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted((run / "records").glob("*.jsonl")) for line in f.read_text().splitlines()
+            if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def flux_base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cp_flux")
+    folder = save_tiny_flux(root / "model")
+    (root / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    base = [f"model.path={folder}", f"out_root={root}", f"height={IMAGE_SIZE}", f"width={IMAGE_SIZE}",
+            f"max_sequence_length={TEXT_TOKENS}", "num_steps=8", f"prompt_file={root / 'p.txt'}", "warmup=false",
+            "progress=false", "device=cpu", "cache.interval=3", "cache.first_enhance=2"]
+    _flux(1, *base, "run_name=one")
+    return root, base
+
+
+def test_flux_app_ulysses_2_equals_one_process(flux_base):
+    root, base = flux_base
+    _flux(2, *base, "parallel.ulysses=2", "run_name=cp2")
+    one, cp2 = root / "flux" / "one", root / "flux" / "cp2"
+    assert _same_images(one, cp2) <= 1  # fp32 rounding moves a pixel by one level at most
+    metrics = json.loads((cp2 / "metrics.json").read_text())
+    assert metrics["context_parallel"] == 2 and metrics["complete"] and metrics["num_items"] == 5
+    one_bytes = {r["cache_bytes"] for r in _records(one)}
+    assert len(one_bytes) == 1 and metrics["cache_bytes_per_rank"] == [one_bytes.pop() // 2] * 2
+    assert sorted(r["index"] for r in _records(cp2)) == [0, 1, 2, 3, 4]  # one rank of the generation writes
+    assert json.loads((cp2 / "run.json").read_text()) == json.loads((one / "run.json").read_text())
+
+
+def test_flux_app_refuses_a_degree_before_loading(flux_base):
+    root, base = flux_base
+    run = _flux(2, *base, "parallel.ulysses=2", "height=48", "width=48", "run_name=odd", check=False)
+    assert run.returncode != 0 and "9 image tokens are not divisible by the parallel degree 2" in run.stderr
+    assert not (root / "flux" / "odd").exists()
+
+
+@pytest.mark.slow
+def test_flux_app_dp_x_cp_on_four_ranks_resumes_a_one_process_folder(flux_base):
+    """2 generations x 2 ranks = one process's images; a folder started by one process and cut short is finished by
+    DP x CP (the folder's identity does not depend on the split), making only what is missing."""
+    root, base = flux_base
+    _flux(4, *base, "parallel.ulysses=2", "run_name=dpcp")
+    assert _same_images(root / "flux" / "one", root / "flux" / "dpcp") <= 1
+    assert sorted(r["rank"] for r in _records(root / "flux" / "dpcp")) == [0, 0, 0, 2, 2]  # a writer per group
+    part = root / "flux" / "part"
+    _flux(1, *base, "run_name=part")
+    missing = sorted(part.glob("*.png"))[2:]
+    for png in missing:  # as if the run had been killed after two images
+        png.unlink()
+    _flux(4, *base, "parallel.ulysses=2", "run_name=part")
+    indices = sorted(r["index"] for r in _records(part))
+    assert indices == sorted([0, 1, 2, 3, 4] + [int(p.name[:5]) for p in missing])
+    assert _same_images(root / "flux" / "one", part) <= 1

@@ -77,37 +77,45 @@ def heads_of(model) -> int | None:
 def check(model, ulysses: int = 1, ring: int = 1, *, world_size: int | None = None,
           tokens: dict[str, int] | None = None) -> None:
     """Refuse, before any compute, what the engine cannot split: a degree that does not divide the world, the heads
-    (Ulysses) or the token counts; a model without a plan; an attention backend without context parallelism."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
+    (Ulysses) or the token counts; a model without a plan; an attention backend without context parallelism.
+    ``model=None`` checks the numbers only (an app, before it loads the weights)."""
     degree = ulysses * ring
     if ulysses < 1 or ring < 1 or degree < 2:
         raise ContextParallelError(f"parallel.ulysses={ulysses} x parallel.ring={ring}: context parallelism needs a "
                                    f"degree of at least 2")
     if world_size is not None:
         Layout(0, world_size, degree)
-    heads = heads_of(model)
-    if heads is not None and heads % ulysses:
-        raise ContextParallelError(f"parallel.ulysses={ulysses} does not divide the {heads} attention heads of "
-                                   f"{type(model).__name__}: Ulysses gives each rank heads/K heads")
     for what, count in (tokens or {}).items():
         if count % degree:
             raise ContextParallelError(f"{count} {what} tokens are not divisible by the parallel degree {degree}: "
                                        f"each rank holds tokens/K of them; choose a size whose token count K divides")
+    if model is None:
+        return
+    heads = heads_of(model)
+    if heads is not None and heads % ulysses:
+        raise ContextParallelError(f"parallel.ulysses={ulysses} does not divide the {heads} attention heads of "
+                                   f"{type(model).__name__}: Ulysses gives each rank heads/K heads")
     if plan_for(model) is None:
         raise ContextParallelError(f"{type(model).__name__} has no context-parallel plan (diffusers' _cp_plan or "
                                    f"taylorseer.attach.parallel.PLANS)")
+    _check_backend(model, ring)
+
+
+def _check_backend(model, ring: int) -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
     backend = _backend(model)
-    if backend is not None:
-        name = backend if isinstance(backend, AttentionBackendName) else AttentionBackendName(backend)
-        if not _AttentionBackendRegistry._is_context_parallel_available(name):
-            raise ContextParallelError(f"attention backend {name.value!r} cannot do context parallelism; use one of "
-                                       f"{sorted(_AttentionBackendRegistry._supports_context_parallel)} "
-                                       f"(attention_backend=sdpa is 'native')")
-        if ring > 1 and name == AttentionBackendName.NATIVE and _device(model).type == "cpu":
-            raise ContextParallelError("parallel.ring > 1 needs attention that returns the log-sum-exp; native SDPA on"
-                                       " a CPU does not (diffusers: 'Native attention does not support "
-                                       "return_lse=True'). Use parallel.ulysses, or Ring on GPUs with flash/cudnn")
+    if backend is None:
+        return
+    name = backend if isinstance(backend, AttentionBackendName) else AttentionBackendName(backend)
+    if not _AttentionBackendRegistry._is_context_parallel_available(name):
+        raise ContextParallelError(f"attention backend {name.value!r} cannot do context parallelism; use one of "
+                                   f"{sorted(_AttentionBackendRegistry._supports_context_parallel)} "
+                                   f"(attention_backend=sdpa is 'native')")
+    if ring > 1 and name == AttentionBackendName.NATIVE and _device(model).type == "cpu":
+        raise ContextParallelError("parallel.ring > 1 needs attention that returns the log-sum-exp; native SDPA on"
+                                   " a CPU does not (diffusers: 'Native attention does not support "
+                                   "return_lse=True'). Use parallel.ulysses, or Ring on GPUs with flash/cudnn")
 
 
 def _backend(model):
@@ -256,6 +264,16 @@ def _split_inputs_before(module, inputs: dict, mesh) -> None:
         return tuple(args), kwargs
 
     module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def setup(target, ulysses: int, ring: int, *, rank: int, world_size: int,
+          tokens: dict[str, int] | None = None) -> tuple[ContextParallel | None, Layout]:
+    """For the apps: context parallelism when ``ulysses x ring > 1`` (else None), and this rank's :class:`Layout`
+    (plain data parallel: every rank a generation of its own)."""
+    if ulysses * ring == 1:
+        return None, Layout(rank, world_size, 1)
+    cp = enable(target, ulysses, ring, tokens=tokens)
+    return cp, cp.layout
 
 
 def shard_cache(cache, cp: ContextParallel | None) -> None:
