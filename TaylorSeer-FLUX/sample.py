@@ -82,6 +82,8 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     if cfg.parallel.ulysses * cfg.parallel.ring > 1:
         if cfg.cache_impl != "taylorseer" and cache_config.enabled:
             raise ValueError("parallel.ulysses/ring > 1 runs the cache on each rank's tokens: cache_impl=taylorseer")
+        if cfg.cpu_offload:
+            raise ValueError("parallel.ulysses/ring > 1 keeps the transformer on each rank's GPU: cpu_offload=false")
         parallel.check(None, cfg.parallel.ulysses, cfg.parallel.ring, tokens=flux_tokens(cfg))
     return cache_config, prompts
 

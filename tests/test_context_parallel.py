@@ -192,3 +192,35 @@ def test_flux_app_dp_x_cp_on_four_ranks_resumes_a_one_process_folder(flux_base):
     indices = sorted(r["index"] for r in _records(part))
     assert indices == sorted([0, 1, 2, 3, 4] + [int(p.name[:5]) for p in missing])
     assert _same_images(root / "flux" / "one", part) <= 1
+
+
+# ------------------------------------------------------------------------------------- the HunyuanVideo app
+def _frames(folder: Path) -> dict:
+    import imageio.v3 as iio
+    import numpy as np
+
+    return {p.name: np.asarray(iio.imread(p), dtype=np.int16) for p in sorted(folder.glob("*.mp4"))}
+
+
+def test_hunyuan_video_app_ulysses_2_equals_one_process(tmp_path):
+    from tiny_hunyuan import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "hv")
+    base = [f"model.path={folder}", f"out_root={tmp_path}", "height=32", "width=32", "num_frames=5",
+            "max_sequence_length=8", "num_steps=6", "videos_per_prompt=1", "prompt=[a cat walks,a dog runs]",
+            "warmup=false", "progress=false", "device=cpu", "cache.interval=2", "cache.first_enhance=2"]
+    for nproc, name, extra in ((1, "one", ()), (2, "cp2", ("parallel.ulysses=2",))):
+        cmd = [sys.executable, "-m", "taylorseer_hunyuan_video.sample", *base, f"run_name={name}", *extra]
+        if nproc > 1:
+            cmd[1:3] = ["-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node", str(nproc), "-m",
+                        "taylorseer_hunyuan_video.sample"]
+        run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+    one, cp2 = tmp_path / "hunyuan_video" / "one", tmp_path / "hunyuan_video" / "cp2"
+    a, b = _frames(one), _frames(cp2)
+    assert a.keys() == b.keys() and len(a) == 2
+    assert max(int(abs(a[k] - b[k]).max()) for k in a) <= 2  # fp32 rounding, then the codec
+    metrics = json.loads((cp2 / "metrics.json").read_text())
+    one_bytes = json.loads((one / "metrics.json").read_text())["cache_bytes"]
+    assert metrics["context_parallel"] == 2 and metrics["cache_bytes_per_rank"] == [one_bytes // 2] * 2
+    assert json.loads((cp2 / "run.json").read_text()) == json.loads((one / "run.json").read_text())
