@@ -241,7 +241,7 @@ def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, session
         for k, (index, prompt) in enumerate(batch if layout.writes else []):
             record = dict(index=index, prompt=prompt, seed=seeds[k], file=names[index],
                           latency_s=gen.seconds / len(batch), cache_bytes=gen.cache_bytes,
-                          full_steps=gen.full_steps, rank=session.rank)
+                          full_steps=gen.full_steps, rank=session.rank, context_parallel=layout.degree)
             if reference is not None:
                 x, ref = to_tensor([gen.images[k]]), to_tensor([reference.images[k]])
                 record.update(uncached_latency_s=reference.seconds / len(batch),

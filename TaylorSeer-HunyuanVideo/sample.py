@@ -189,7 +189,7 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
             records.append(dict(prompt=item.prompt, index=item.index, seed=item.seed, file=item.file,
                                 latency_s=video.seconds, denoise_s=video.denoise_seconds,
                                 cache_bytes=video.stats.cache_bytes, full_steps=video.stats.full_steps(),
-                                rank=session.rank))
+                                rank=session.rank, context_parallel=layout.degree))
             if session.is_main:  # every rank's videos so far: true after a kill
                 _write_metrics(cfg, cache_config, config, items, _done(out_dir, items), device, dtype)
         probe.remove()
