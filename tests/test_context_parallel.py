@@ -36,9 +36,9 @@ def _check(rows: list[dict], ulysses: int, nproc: int) -> None:
         assert r["max_diff"] <= TOLERANCE, f"{what}: {r['max_diff']:.2e} from the one-process output"
         assert r["full"] == r["full_one"], f"{what}: decisions {r['full']} != one process {r['full_one']}"
         assert r["nbytes"] * ulysses == r["nbytes_one"], f"{what}: {r['nbytes']} bytes, one process {r['nbytes_one']}"
-    for family in {r["family"] for r in rows}:  # every rank of a generation made the same decisions
-        for config in {r["config"] for r in rows}:
-            assert len({json.dumps(r["full"]) for r in rows if (r["family"], r["config"]) == (family, config)}) == 1
+    runs = {(r["family"], r["config"], r["group"]) for r in rows}  # every rank of a generation decided alike
+    for run in runs:
+        assert len({json.dumps(r["full"]) for r in rows if (r["family"], r["config"], r["group"]) == run}) == 1
 
 
 def test_two_ranks_equal_one_process_with_the_cache_off_and_on(tmp_path):
