@@ -24,4 +24,4 @@ def test_bytes_moved_follow_the_ulysses_all_to_alls():
 def test_the_table_runs(capsys):
     cost.main(["--degrees", "1", "2"])
     out = capsys.readouterr().out
-    assert "| FLUX.1-dev 1024x1024 | 2 | 1.78 |" in out and out.count("\n") == 7
+    assert "| FLUX.1-dev 1024x1024 | 2 | 1.78 |" in out and out.count("\n") == 8
