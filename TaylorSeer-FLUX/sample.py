@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
+from taylorseer.attach import parallel
 from taylorseer.core.schedule import warm_up_steps
 from taylorseer.harness import calibrate, distributed, runfolder, runs, settings
 from taylorseer.harness.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
@@ -58,6 +59,8 @@ SCHEMA = {
     "forecast_text": Setting("bool"),
     "compare_uncached": Setting("bool"),
     "vae_slicing": Setting("bool"),
+    "parallel.ulysses": Setting("int", minimum=1),
+    "parallel.ring": Setting("int", minimum=1),
 }
 
 
@@ -76,6 +79,12 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
                              "calls, so the cache cannot keep them apart; use true_cfg_scale=1 or cache=none")
     elif cfg.image:
         raise ValueError(f"image={cfg.image!r} is only used by FLUX Kontext (model=flux_kontext)")
+    if cfg.parallel.ulysses * cfg.parallel.ring > 1:
+        if cfg.cache_impl != "taylorseer" and cache_config.enabled:
+            raise ValueError("parallel.ulysses/ring > 1 runs the cache on each rank's tokens: cache_impl=taylorseer")
+        if cfg.cpu_offload:
+            raise ValueError("parallel.ulysses/ring > 1 keeps the transformer on each rank's GPU: cpu_offload=false")
+        parallel.check(None, cfg.parallel.ulysses, cfg.parallel.ring, tokens=flux_tokens(cfg))
     return cache_config, prompts
 
 
@@ -85,6 +94,11 @@ def check_config(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("flux", plain, None),
                                    bool(plain.get("accept_calibration_mismatch")))
+
+
+def flux_tokens(cfg: DictConfig) -> dict[str, int]:
+    """Image and text tokens of one FluxPipeline call (8x VAE, 2x2 packing; the T5 prompt padded to its length)."""
+    return {"image": (cfg.height // 16) * (cfg.width // 16), "text": cfg.max_sequence_length}
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -108,7 +122,8 @@ def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: st
     known = weights if weights is not None and not weights.startswith("hub:") else None
     resolved.update(calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("flux", plain, known),
                                                    bool(plain.get("accept_calibration_mismatch"))))
-    return runfolder.identity(plain, resolved, ignore=("image",))
+    return runfolder.identity(plain, resolved, ignore=("image", "parallel"),
+                              ranks_per_generation=cfg.parallel.ulysses * cfg.parallel.ring)
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -194,6 +209,9 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
 
 def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, session, dtype) -> dict | None:
     device = session.device
+    # Context parallel: the ranks of one generation sample the same images, split by tokens; one of them writes.
+    cp, layout = parallel.setup(pipe, cfg.parallel.ulysses, cfg.parallel.ring, rank=session.rank,
+                                world_size=session.world_size, tokens=flux_tokens(cfg))
     handle = FluxCache(pipe, cache_config, cfg.num_steps, forecast_text=cfg.forecast_text, impl=cfg.cache_impl,
                        compile=cfg.compile)
     handle.attach()
@@ -206,7 +224,7 @@ def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, session
     records = runfolder.Records(out_dir, writer=f"rank{session.rank}")
     todo = [item for item in items if item[0] not in finished_records(out_dir, names, compare)]
     session.barrier()  # every rank has read the same state before anyone writes
-    mine = session.shard(todo)
+    mine = layout.shard(todo)
 
     shapes = _ShapeCapture(pipe.transformer)
     if mine and cfg.warmup:
@@ -234,10 +252,10 @@ def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, session
                 reference = generate(pipe, batch_prompts, seeds, **call)
             finally:
                 handle.attach()
-        for k, (index, prompt) in enumerate(batch):
+        for k, (index, prompt) in enumerate(batch if layout.writes else []):
             record = dict(index=index, prompt=prompt, seed=seeds[k], file=names[index],
                           latency_s=gen.seconds / len(batch), cache_bytes=gen.cache_bytes,
-                          full_steps=gen.full_steps, rank=session.rank)
+                          full_steps=gen.full_steps, rank=session.rank, context_parallel=layout.degree)
             if reference is not None:
                 x, ref = to_tensor([gen.images[k]]), to_tensor([reference.images[k]])
                 record.update(uncached_latency_s=reference.seconds / len(batch),
@@ -254,13 +272,15 @@ def _sample(cfg, cache_config, items, names, pipe, image, out_dir: Path, session
         bar.update(len(batch))
     bar.close()
     shapes.remove()
+    rank_bytes = session.gather(gen.cache_bytes if mine and cache_config.enabled else 0)
     flops = flops or count_flops(cfg, cache_config, dict(pipe.transformer.config), pipe.vae_scale_factor, shapes.found)
     session.barrier(distributed.WAIT_FOR_PEERS_S)  # the others may have a batch more to make
     if not session.is_main:
         return None
     done = finished_records(out_dir, names, compare)
     metrics = _metrics(cfg, cache_config, flops, done, device, dtype, world_size=session.world_size,
-                       complete=len(done) == len(items))
+                       complete=len(done) == len(items), context_parallel=layout.degree,
+                       cache_bytes_per_rank=rank_bytes)
     runs.write_metrics(out_dir, metrics)
     print(f"[{TAG}] {len(todo)} new, {len(done)} images in {out_dir}")
     summary = runs.summary_line(TAG, cache_config.tag, metrics, cfg.num_steps)

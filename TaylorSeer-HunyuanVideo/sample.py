@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 import taylorseer
 from taylorseer import CacheConfig
+from taylorseer.attach import parallel
 from taylorseer.harness import calibrate, distributed, runfolder, runs, settings
 from taylorseer.harness.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
 from taylorseer.harness.settings import Setting
@@ -53,6 +54,8 @@ SCHEMA = {
     "fps": Setting("float", minimum=1e-9, hint="> 0"),
     "video_quality": Setting("float", minimum=0, maximum=10, nullable=True, hint="imageio's 0-10 scale"),
     "record_single_attention": Setting("bool"),
+    "parallel.ulysses": Setting("int", minimum=1),
+    "parallel.ring": Setting("int", minimum=1),
 }
 
 
@@ -69,6 +72,12 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     if (frames - 1) % t:
         raise ValueError(f"num_frames={frames} is invalid: expected {t}k+1 (the VAE compresses time {t}x), "
                          f"e.g. {(frames - 1) // t * t + 1} or {((frames - 1) // t + 1) * t + 1}")
+    if cfg.parallel.ulysses * cfg.parallel.ring > 1:
+        if cfg.cache_impl != "taylorseer" and cache_config.enabled:
+            raise ValueError("parallel.ulysses/ring > 1 runs the cache on each rank's tokens: cache_impl=taylorseer")
+        if cfg.cpu_offload:
+            raise ValueError("parallel.ulysses/ring > 1 keeps the transformer on each rank's GPU: cpu_offload=false")
+        parallel.check(None, cfg.parallel.ulysses, cfg.parallel.ring, tokens=video_tokens(cfg))
     return cache_config, prompts
 
 
@@ -78,6 +87,14 @@ def check_config(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("hunyuan_video", plain, None),
                                    bool(plain.get("accept_calibration_mismatch")))
+
+
+def video_tokens(cfg: DictConfig) -> dict[str, int]:
+    """Video and text tokens of one call: latent frames x (H / 2s) x (W / 2s) (VAE, then 2x2 patches); the prompt
+    padded to max_sequence_length."""
+    frames = (cfg.num_frames - 1) // cfg.model.temporal_compression + 1
+    side = 2 * cfg.model.spatial_compression
+    return {"video": frames * (cfg.height // side) * (cfg.width // side), "text": cfg.max_sequence_length}
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -94,7 +111,8 @@ def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: st
     known = None if weights.startswith("hub:") else weights
     resolved.update(calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target(
         "hunyuan_video", plain, known), bool(plain.get("accept_calibration_mismatch"))))
-    return runfolder.identity(plain, resolved)
+    return runfolder.identity(plain, resolved, ignore=("parallel",),
+                              ranks_per_generation=cfg.parallel.ulysses * cfg.parallel.ring)
 
 
 def main(cfg: DictConfig) -> dict | None:
@@ -154,6 +172,9 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
     try:
         cache = enable_cache(pipe, cache_config, cfg.num_steps, cfg.record_single_attention, cfg.cache_impl)
         place(pipe, device, cfg.cpu_offload)
+        # Context parallel (after placing: the mesh is on the model's device): a generation's ranks share a video.
+        _, layout = parallel.setup(pipe, cfg.parallel.ulysses, cfg.parallel.ring, rank=session.rank,
+                                   world_size=session.world_size, tokens=video_tokens(cfg))
         if cfg.compile:
             taylorseer.compile(pipe.transformer)  # after the cache: the cache's own code stays out of the graphs
         pipe.set_progress_bar_config(disable=not cfg.progress or not session.is_main, leave=False)
@@ -165,7 +186,7 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
                     negative_prompt=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length, device=device)
         records = runfolder.Records(out_dir, writer=f"rank{session.rank}", key="file")
         session.barrier()  # every rank has read the same state before anyone writes
-        mine = session.shard(todo)
+        mine = layout.shard(todo)
         probe = StepProbe(pipe.transformer, cache, cfg.num_steps, device)
         if cfg.warmup and mine:
             # Untimed: the first call of a process pays for kernel selection and allocator growth.
@@ -176,19 +197,23 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
                    unit="video")
         for item in bar:
             video = generate(pipe, item.prompt, item.seed, probe=probe, **call)
+            if not layout.writes:
+                continue
             write_mp4(out_dir / item.file, video.frames, fps=cfg.fps, quality=cfg.video_quality)
             records.append(dict(prompt=item.prompt, index=item.index, seed=item.seed, file=item.file,
                                 latency_s=video.seconds, denoise_s=video.denoise_seconds,
                                 cache_bytes=video.stats.cache_bytes, full_steps=video.stats.full_steps(),
-                                rank=session.rank))
+                                rank=session.rank, context_parallel=layout.degree))
             if session.is_main:  # every rank's videos so far: true after a kill
                 _write_metrics(cfg, cache_config, config, items, _done(out_dir, items), device, dtype)
         probe.remove()
+        rank_bytes = session.gather(video.stats.cache_bytes if mine and cache is not None else 0)
         session.barrier(distributed.WAIT_FOR_PEERS_S)  # the others may have a video more to make
         if not session.is_main:
             return None
         done = _done(out_dir, items)
-        metrics = _write_metrics(cfg, cache_config, config, items, done, device, dtype, world_size=session.world_size)
+        metrics = _write_metrics(cfg, cache_config, config, items, done, device, dtype, world_size=session.world_size,
+                                 context_parallel=layout.degree, cache_bytes_per_rank=rank_bytes)
     finally:
         if folder is not None:
             folder.close()

@@ -128,6 +128,8 @@ def _apply_one(model, pipeline, config, modules, blocks, preset, overrides, num_
         raise ValueError(f"cache.last_full_steps={config.last_full_steps} needs the number of sampling steps: pass "
                          f"num_steps=... to taylorseer.apply, or apply it to the pipeline (which gives the count)")
     cache = ForecastCache(config, num_steps=num_steps)
+    # On a context-parallel model (attach.parallel.enable) the adaptive probe error is summed over the ranks.
+    cache.error_reducer = getattr(getattr(model, "_taylorseer_context_parallel", None), "reduce_sums", None)
     named = dict(model.named_modules())
     plan = _plan(model, named, cache, [modules] if isinstance(modules, str) else list(modules), blocks, preset,
                  overrides, skip_all)

@@ -90,6 +90,9 @@ class ForecastCache:
         self._announced = False  # the current call was announced with its step count (begin_call)
         self._announced_step: int | None = None  # diffusers' step index for the next call of the current context
         self._contexts: dict[str, _Context] = {}
+        # Context parallelism: each rank sees its own tokens of the probe, so (sum |error|, sum |probe|) is summed
+        # over the ranks of one generation before the policy decides (every rank then decides alike).
+        self.error_reducer: Callable[[float, float], tuple[float, float]] | None = None
 
     # ----------------------------------------------------------------------------------- life cycle
     def reset(self, num_steps: int | None = None) -> None:
@@ -256,7 +259,7 @@ class ForecastCache:
         ctx = self._ctx
         if ctx.undecided:
             error = relative_l1([self._predict(s) for s in self._factors_of(PROBE)],
-                                _as_tuple(output))
+                                _as_tuple(output), self.error_reducer)
             ctx.full = self.policy.decide(error, ctx.step, ctx.last_full, ctx.computed)
             ctx.undecided = False
             if ctx.full:
@@ -419,14 +422,17 @@ def _detached(out: torch.Tensor, factors: list) -> torch.Tensor:
     return out
 
 
-def relative_l1(predicted, actual) -> float:
+def relative_l1(predicted, actual, reduce: Callable | None = None) -> float:
     """sum |predicted - actual| / sum |actual| over every tensor (TeaCache/FBCache's change measure).
 
+    ``reduce(num, den) -> (num, den)`` sums both over the ranks that each hold a part of the tokens.
     Meta tensors (FLOPs counted without weights) have no values: 0, the FLOPs count decides by itself."""
     if any(a.is_meta for a in actual):
         return 0.0
     num = sum(float((p.to(a.dtype) - a).abs().sum()) for p, a in zip(predicted, actual, strict=True))
     den = sum(float(a.abs().sum()) for a in actual)
+    if reduce is not None:
+        num, den = reduce(num, den)
     return num / max(den, 1e-30)
 
 

@@ -64,16 +64,21 @@ def flatten(tree, prefix: str = "") -> dict:
     return out
 
 
-def identity(config: dict, resolved: dict | None = None, ignore: Iterable[str] = ()) -> dict:
+def identity(config: dict, resolved: dict | None = None, ignore: Iterable[str] = (), ranks_per_generation: int = 1
+             ) -> dict:
     """The identity of a run: ``config`` (a plain, resolved dict) minus the deny-list and ``ignore``
-    (app-specific settings that cannot change an output), plus ``resolved`` values (flat keys)."""
+    (app-specific settings that cannot change an output), plus ``resolved`` values (flat keys).
+
+    Under a batch-wide schedule the batch size and the number of data-parallel writers are in it too: the
+    samples a writer batches together decide together. Context-parallel ranks of one generation
+    (``ranks_per_generation``) decide as one process does, so only the generations count."""
     denied = set(NOT_OUTPUT_CHANGING) | set(ignore)
     flat = flatten(config)
     kept = {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in denied)}
     if flat.get("cache.schedule") in BATCH_WIDE and flat.get("cache.enabled", True):
         if "batch_size" in flat:
             kept["batch_size"] = flat["batch_size"]
-        kept["resolved.world_size"] = detect().world_size
+        kept["resolved.world_size"] = max(detect().world_size // max(ranks_per_generation, 1), 1)
     kept.update(resolved or {})
     return dict(sorted(kept.items()))
 
