@@ -22,6 +22,7 @@ import functools
 import warnings
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .kernels import resolve_kernel
 
@@ -93,6 +94,8 @@ def stream_update(x0: torch.Tensor, factors: torch.Tensor, coeffs: torch.Tensor)
     device = x0.device
     if device.type == "meta" or torch.compiler.is_compiling():
         return _formula(x0, factors, coeffs)
+    if _get_current_dispatch_mode() is not None:
+        return _eager(x0, factors, coeffs)  # under a dispatch mode (an op count) dynamo compiles nothing
     kernel = resolve_kernel(device, numel=None)
     if kernel == "addcmul" and device.type == "cuda" and device.type not in _broken:
         kernel = "inductor"  # one launch instead of one per slot: worth it whenever the arena holds a few slots
@@ -102,7 +105,8 @@ def stream_update(x0: torch.Tensor, factors: torch.Tensor, coeffs: torch.Tensor)
         except Exception as error:  # no compiler, a driver problem: the eager form from now on, said once
             _broken.add(device.type)
             warnings.warn(f"taylorseer: the compiled collapsed forecast failed on {device.type} "
-                          f"({type(error).__name__}); using the eager form from now on", RuntimeWarning, stacklevel=2)
+                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); using the eager form "
+                          f"from now on", RuntimeWarning, stacklevel=2)
     return _eager(x0, factors, coeffs)
 
 
