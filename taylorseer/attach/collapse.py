@@ -151,6 +151,9 @@ class Collapser:
                 self.next.pop(before.name, None)
         outs = _outputs(entry.spec.returns, out)
         self._previous = (token, entry, outs, args, kwargs)
+        config = self.cache.config
+        if config.schedule == "interval" and config.interval == 1:
+            return  # every step computed: nothing will read an arena
         for gate in entry.gates:
             state = self._state(gate)
             if state is not None and state.tensors:
