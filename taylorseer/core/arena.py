@@ -100,8 +100,9 @@ def stream_update(x0: torch.Tensor, factors: torch.Tensor, coeffs: torch.Tensor)
     if kernel == "addcmul" and device.type == "cuda" and device.type not in _broken:
         kernel = "inductor"  # one launch instead of one per slot: worth it whenever the arena holds a few slots
     if kernel in ("inductor", "triton") and device.type not in _broken:
+        layout = tuple((t.dtype, t.dim(), t.is_contiguous()) for t in (x0, factors, coeffs))
         try:
-            return _compiled()(x0, factors, coeffs)
+            return _compiled(layout)(x0, factors, coeffs)
         except Exception as error:  # no compiler, a driver problem: the eager form from now on, said once
             _broken.add(device.type)
             warnings.warn(f"taylorseer: the compiled collapsed forecast failed on {device.type} "
@@ -116,8 +117,15 @@ def _formula(x0, factors, coeffs):
 
 
 @functools.cache
-def _compiled():
-    return torch.compile(_formula, fullgraph=True, dynamic=True)
+def _compiled(layout: tuple):
+    """One compiled function per layout (dtypes, ranks, contiguity), each its own code object: dynamo's per-code
+    recompile limit is never reached, and ``dynamic=True`` keeps one kernel over token counts and depths."""
+    src = ("def stream_update(x0, factors, coeffs):\n"
+           "    acc = (factors * coeffs.unsqueeze(2)).sum(0, dtype=torch.float32)\n"
+           "    return (x0 + acc).to(x0.dtype)\n")
+    namespace: dict = {"torch": torch}
+    exec(compile(src, f"<taylorseer.arena {layout}>", "exec"), namespace)  # noqa: S102
+    return torch.compile(namespace["stream_update"], fullgraph=True, dynamic=True)
 
 
 def _eager(x0, factors, coeffs):
