@@ -88,7 +88,7 @@ class Collapser:
         self.cache = cache
         self.entries: dict[str, _Entry] = {}
         self.counts: dict[str, int] = {}  # stream -> branch adds registered into it (slot groups of its arena)
-        self.next: dict[str, str] = {}  # block -> the block linked after it (checked on full steps)
+        self._links: dict[str, dict[str, str]] = {}  # context -> {block: the block linked after it}
         self.arenas: dict[tuple[str, str], Arena] = {}  # (context, stream) -> arena
         self.covered: dict[str, tuple] = {}  # block -> step token of the run that already added its forecasts
         self.last_outs: dict[str, torch.Tensor] = {}
@@ -116,6 +116,12 @@ class Collapser:
         entry.checks = tuple(dict.fromkeys([g.stream for g in entry.gates] + list(returned)))
         entry.gate_inputs = tuple(dict.fromkeys(g.gate.input for g in entry.gates if g.gate is not None))
         self.entries[name] = entry
+
+    @property
+    def next(self) -> dict[str, str]:
+        """Block -> the block linked after it in the current context (checked on its full steps: a context whose
+        calls skip blocks, SD3's skip-layer guidance, has runs of its own)."""
+        return self._links.setdefault(self.cache.context_name, {})
 
     @property
     def per_gate(self) -> int:
@@ -274,7 +280,7 @@ class Collapser:
             return None
         per = arena.per_gate
         weights = [0.0] * (len(gates) * per)
-        for k, (_, gate) in enumerate(gates):
+        for _, gate in gates:
             state = self._state(gate)
             if state is None or not state.tensors:
                 return None

@@ -29,8 +29,8 @@ from ..core.config import CacheConfig
 from . import presets as preset_registry
 from .attachment import AttachSummary, children_hint
 from .blocks import BlockSpec, build_block, check_inputs
-from .collapse import Collapser
 from .boundaries import install_call_boundaries, register_diffusers_relay
+from .collapse import Collapser
 
 _ATTR = "_taylorseer_attachment"
 

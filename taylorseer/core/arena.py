@@ -105,9 +105,10 @@ def stream_update(x0: torch.Tensor, factors: torch.Tensor, coeffs: torch.Tensor)
             return _compiled(layout)(x0, factors, coeffs)
         except Exception as error:  # no compiler, a driver problem: the eager form from now on, said once
             _broken.add(device.type)
+            first = str(error).splitlines()[0] if str(error) else ""
             warnings.warn(f"taylorseer: the compiled collapsed forecast failed on {device.type} "
-                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); using the eager form "
-                          f"from now on", RuntimeWarning, stacklevel=2)
+                          f"({type(error).__name__}: {first}); using the eager form from now on", RuntimeWarning,
+                          stacklevel=2)
     return _eager(x0, factors, coeffs)
 
 
