@@ -59,7 +59,7 @@ def _hunyuan(depth: float):
               "num_single_layers": max(1, round(40 * depth))}
     model = meta_transformer(config)
     kwargs = dummy_inputs(model, VideoShape(height=480, width=640, num_frames=65))
-    return model, (lambda: model(**kwargs)), {"preset": "hunyuan_video"}
+    return model, (lambda: model(**kwargs)), {"preset": "auto"}  # lean under collapsed, upstream per block
 
 
 _BUILDERS = {"dit-xl-2": _dit, "flux-dev": _flux, "hunyuan-video": _hunyuan}

@@ -95,6 +95,9 @@ def test_hunyuan_video_is_lean_by_default_under_collapsed_and_upstream_per_block
     taylorseer.remove(case.model)
     assert per_block.collapser is None
     assert _rel(lean, upstream) < 1e-5
+    named = taylorseer.apply(case.model, config, preset="hunyuan_video", num_steps=STEPS)  # asked for by name
+    taylorseer.remove(case.model)
+    assert named.collapser.entries == {}  # upstream's form: every block per block
 
 
 @pytest.mark.parametrize("forecaster", ["taylor", "newton", "hermite", "feedback"])
