@@ -176,3 +176,16 @@ def test_forecast_step_kernels_at_full_size_do_not_grow_with_depth(name):
     assert full["collapsed"] - full["bound"] == half["collapsed"] - half["bound"] <= 10
     assert full["collapsed"] == {"dit-xl-2": 33, "flux-dev": 97, "hunyuan-video": 190}[name]
     assert full["bound"] == {"dit-xl-2": 25, "flux-dev": 89, "hunyuan-video": 182}[name]
+
+
+def test_the_compiled_stream_update_equals_the_eager_one():
+    from taylorseer.core import arena
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 512, 256, generator=g)  # 2^17 elements: the compiled kernel on a CPU with a compiler
+    factors = torch.randn(6, 1, 512, 256, generator=g)
+    coeffs = torch.randn(1, 6, 256, generator=g).transpose(0, 1)
+    out = arena.stream_update(x, factors, coeffs)
+    torch.testing.assert_close(out, arena._eager(x, factors, coeffs), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, x + (factors * coeffs[:, :, None]).sum(0), rtol=1e-6, atol=1e-5)
+    assert not arena._broken
