@@ -80,21 +80,26 @@ class Row:
 
 
 def standard_variants(family: Family, orders=(0, 1, 2), kernels=(None,), diffusers: bool = True,
-                      attention: str = "sdpa", compiled: bool = False, stores=("dense",)) -> list[Variant]:
-    """uncached, ours at each order (and forecast kernel and factor store), ideal, diffusers' hook."""
+                      attention: str = "sdpa", compiled: bool = False, stores=("dense",),
+                      forecast_steps=("collapsed",)) -> list[Variant]:
+    """uncached, ours at each order (and forecast kernel, factor store and forecast step: ``collapsed``, the
+    default, or ``per_block``), ideal, diffusers' hook."""
     tag = (" compiled" if compiled else "") + ("" if attention == "sdpa" else f" {attention}")
     out = [Variant("uncached" + tag, None, compiled=compiled, attention=attention)]
     for store in stores:
         for kernel in kernels:
-            for order in orders:
-                name = (f"ours O={order}" + (f" [{kernel}]" if kernel else "")
-                        + ("" if store == "dense" else f" {store}") + tag)
+            for step in forecast_steps:
+                for order in orders:
+                    name = (f"ours O={order}" + (f" [{kernel}]" if kernel else "")
+                            + ("" if store == "dense" else f" {store}")
+                            + ("" if step == "collapsed" else " per-block") + tag)
 
-                def attach(m, s, o=order, st=store):
-                    return family.attach(m, dataclasses.replace(family.config(o), factor_store=st), s)
+                    def attach(m, s, o=order, st=store, fs=step):
+                        config = dataclasses.replace(family.config(o), factor_store=st, forecast_step=fs)
+                        return family.attach(m, config, s)
 
-                out.append(Variant(name, attach, taylorseer.remove, compiled=compiled, attention=attention,
-                                   kernel=kernel))
+                    out.append(Variant(name, attach, taylorseer.remove, compiled=compiled, attention=attention,
+                                       kernel=kernel))
     out.append(Variant("ideal" + tag, lambda m, s: family.attach_ideal(m, family.config(1), s), taylorseer.remove,
                        compiled=compiled, attention=attention))
     if diffusers and family.diffusers_config is not None:
@@ -337,6 +342,8 @@ def main(argv=None) -> dict:
                         help="forecast kernels to compare for our variants (default: the process setting, auto)")
     parser.add_argument("--stores", nargs="+", default=["dense"], choices=list(FACTOR_STORES),
                         help="factor stores (cache.factor_store) to compare for our variants (default: dense)")
+    parser.add_argument("--forecast-steps", nargs="+", default=["collapsed"], choices=["collapsed", "per_block"],
+                        help="the forecast step of the 'ours' rows (cache.forecast_step); both to compare them")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round, 8 steps: checks that it all runs")
@@ -354,7 +361,8 @@ def main(argv=None) -> dict:
     rows: list[Row] = []
     for name in args.models:
         family = FAMILIES[name]
-        variants = standard_variants(family, orders=args.orders, kernels=args.kernels or (None,), stores=args.stores)
+        variants = standard_variants(family, orders=args.orders, kernels=args.kernels or (None,), stores=args.stores,
+                                     forecast_steps=args.forecast_steps)
         rows += run_family(family, variants, size=args.size, device=args.device, steps=args.steps,
                            rounds=args.rounds)
     title = (f"{args.steps} steps, {args.device} ({setup['threads']} threads), median of {args.rounds} alternating "

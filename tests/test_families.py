@@ -132,9 +132,10 @@ def _gated_add_kernels(shape) -> int:
 PLAIN = families.PLAIN_MODULES  # the generic recipe (docs/any_model.md): the pre-gate branches by name
 
 
-def _forecast_call(model, inputs, **apply_kwargs):
+def _forecast_call(model, inputs, forecast_step="per_block", **apply_kwargs):
     """Ops and FLOPs of step 6 of a bare call loop: a forecast from two factors (full steps 0 and 5)."""
-    taylorseer.apply(model, CacheConfig(interval=5, max_order=1, first_enhance=1), num_steps=STEPS, **apply_kwargs)
+    config = CacheConfig(interval=5, max_order=1, first_enhance=1, forecast_step=forecast_step)
+    taylorseer.apply(model, config, num_steps=STEPS, **apply_kwargs)
     try:
         with torch.no_grad():
             for _ in range(6):

@@ -57,7 +57,7 @@ def hunyuan():
 @pytest.mark.parametrize("forecast_text", [False, True])
 def test_flux_preset_equals_the_hand_written_attachment(flux, order, forecast_text):
     model, inputs = flux
-    config = CacheConfig(interval=6, max_order=order, first_enhance=3)
+    config = CacheConfig(interval=6, max_order=order, first_enhance=3, forecast_step="per_block")  # the oracle
     # full steps 0, 1, 2, 8, 14, 20, 26: step 21 forecasts from the most factors
     ref.apply_flux(model, config, STEPS, forecast_text=forecast_text)
     expected, expected_ops = _sample(model, inputs, STEPS, count_at=21)
@@ -84,7 +84,7 @@ def test_flux_preset_equals_the_hand_written_attachment(flux, order, forecast_te
 def test_generic_apply_on_flux_is_the_dedicated_attachment(flux):
     """``taylorseer.apply(transformer, config)`` finds the flux preset: the outputs and ops of attach_cache."""
     model, inputs = flux
-    config = CacheConfig(interval=6, max_order=1, first_enhance=3)
+    config = CacheConfig(interval=6, max_order=1, first_enhance=3, forecast_step="per_block")  # the oracle
     ref.apply_flux(model, config, STEPS)
     expected, expected_ops = _sample(model, inputs, STEPS, count_at=10)
     taylorseer.remove(model)
@@ -103,7 +103,7 @@ def test_hunyuan_video_preset_equals_the_hand_written_attachment(hunyuan, order,
     from taylorseer_hunyuan_video.cache import attach_cache
 
     model, inputs = hunyuan
-    config = CacheConfig(interval=5, max_order=order, first_enhance=1)
+    config = CacheConfig(interval=5, max_order=order, first_enhance=1, forecast_step="per_block")  # the oracle
     ref.apply_hunyuan(model, config, STEPS, single_attention=single_attention)
     expected, expected_ops = _sample(model, inputs, STEPS, count_at=16, timestep_scale=1000)
     expected_bytes = taylorseer.get_cache(model).nbytes()
@@ -120,7 +120,7 @@ def test_hunyuan_video_preset_equals_the_hand_written_attachment(hunyuan, order,
 def test_hunyuan_video_lean_option_is_close_and_cheaper(hunyuan):
     """``lean=True`` (short double blocks, no text forecast): same video up to float rounding, fewer ops and bytes."""
     model, inputs = hunyuan
-    config = CacheConfig(interval=5, max_order=1, first_enhance=1)
+    config = CacheConfig(interval=5, max_order=1, first_enhance=1, forecast_step="per_block")
     results = {}
     for lean in (False, True):
         taylorseer.apply(model, config, preset=presets.get("hunyuan_video", lean=lean), num_steps=STEPS)
@@ -144,7 +144,7 @@ def test_dit_preset_equals_the_hand_written_attachment(order):
     model = DiT_models["DiT-Tiny/2"](input_size=8, num_classes=10).eval()
     model.initialize_weights(zero_init=False)
     diffusion = GaussianDiffusion(20, "ddim")
-    config = CacheConfig(interval=4, max_order=order, first_enhance=2)
+    config = CacheConfig(interval=4, max_order=order, first_enhance=2, forecast_step="per_block")  # the oracle
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2])
 
     def run(attach):

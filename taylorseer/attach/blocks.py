@@ -42,6 +42,7 @@ import torch
 
 from ..core.cache import ForecastCache
 from ..core.kernels import gated_add
+from .collapse import PER_BLOCK, Collapser
 from .spec import BlockSpec, Branch, Gate, LinearGate, TableGate, _getter, _validate  # noqa: F401
 
 
@@ -65,7 +66,7 @@ class BuiltBlock:
 
 
 def build_block(block: torch.nn.Module, name: str, spec: BlockSpec, cache: ForecastCache,
-                skip_all: bool = False) -> BuiltBlock:
+                skip_all: bool = False, collapser: Collapser | None = None) -> BuiltBlock:
     """The forwards that make ``block`` (named ``name`` in the model) follow ``spec``.
 
     ``skip_all=True`` builds the bound a cache is measured against instead: on forecast steps the block
@@ -118,8 +119,12 @@ def build_block(block: torch.nn.Module, name: str, spec: BlockSpec, cache: Forec
     if plain:
         return built
     split_streams = sorted({s for b in spec.branches if b.tokens for s in b.tokens[:-1]})
+    if collapser is not None:
+        for module_name in selections:
+            layouts.setdefault(module_name, [])
+        collapser.register(name, block, spec, adds, layouts, read_arg)
     built.forwards.append((block, _short_forward(block, original, read_arg, spec, cache, adds, layouts, lengths,
-                                                 split_streams)))
+                                                 split_streams, collapser, name)))
     return built
 
 
@@ -155,14 +160,22 @@ def _selecting_forward(cache, key, forward, chosen, optional, tokens, lengths, l
     return functools.partial(cache.run_recording, key, forward, select)
 
 
-def _short_forward(block, original, read_arg, spec: BlockSpec, cache, adds, layouts, lengths, split_streams):
+def _short_forward(block, original, read_arg, spec: BlockSpec, cache, adds, layouts, lengths, split_streams,
+                   collapser=None, name_of: str = ""):
     returns = spec.returns
 
     def forward(*args, **kwargs):
         if cache.is_full:
             for stream in split_streams:
                 lengths[stream] = read_arg(args, kwargs, stream).shape[1]
-            return original(*args, **kwargs)
+            out = original(*args, **kwargs)
+            if collapser is not None:
+                collapser.observe(name_of, args, kwargs, out)
+            return out
+        if collapser is not None:
+            result = collapser.forecast(name_of, args, kwargs)
+            if result is not PER_BLOCK:
+                return result
 
         def read(arg):
             return read_arg(args, kwargs, arg)

@@ -354,6 +354,16 @@ class ForecastCache:
         return [list(zip(self.forecaster.weights(s.positions, position, len(s.tensors)), s.tensors, strict=True))
                 for s in self._factors_of(name)]
 
+    def factors(self, name: str) -> list[Factors]:
+        """The factor records of ``name`` in the current context (one per output tensor), as the cache holds them:
+        a forecast step that reads them in place (:mod:`taylorseer.core.arena`) may move their tensors into
+        buffers of its own, in place in ``Factors.tensors``."""
+        return self._factors_of(name)
+
+    def weights_of(self, state: Factors) -> list[float]:
+        """The forecaster's weights of ``state``'s factors at the current step (forecast = sum w_i * factor_i)."""
+        return self.forecaster.weights(state.positions, self._ctx.position, len(state.tensors))
+
     def _factors_of(self, name: str) -> list[Factors]:
         """The factors of ``name`` in the current context, on the module's device."""
         states = self._ctx.states.get(name)

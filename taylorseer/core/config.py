@@ -16,6 +16,7 @@ FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STEP_DISTANCES = ("index", "timestep")
 FORECASTERS = ("taylor", "newton", "hermite", "feedback")
 SCHEDULES = ("interval", "budget", "calibrated", "adaptive")
+FORECAST_STEPS = ("collapsed", "per_block")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,13 @@ class CacheConfig:
         threshold: "adaptive": a step is computed when the probe's relative L1 forecast error exceeds it.
         probe: "adaptive": the module whose output is checked on every step (computed on every step, its
             cost counted in the FLOPs); None takes the model's default (its first block).
+        forecast_step: how a forecast step runs the described blocks. "collapsed" (default): each run of
+            consecutive blocks that only add gated forecasts to their residual streams is one update per stream,
+            ``x_L = x_0 + sum_b,k g_bk * sum_i w_i D_bki``, with every gate of the run from one batched matmul and
+            the factors in one arena per stream (a number of kernels that does not grow with depth; equal to the
+            per-block result to float rounding, :mod:`taylorseer.attach.collapse`). "per_block": every block adds
+            its own gated forecasts in turn (the upstream-exact op order; HunyuanVideo keeps upstream's plain
+            double blocks). Blocks or settings the collapsed form does not cover run per block either way.
     """
 
     interval: int = 6
@@ -86,6 +94,7 @@ class CacheConfig:
     calibration: str | None = None
     threshold: float = 0.05
     probe: str | None = None
+    forecast_step: str = "collapsed"
 
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, minimum=1, hint="1 computes every step; the paper uses 3..7")
@@ -97,6 +106,7 @@ class CacheConfig:
         _check_choice("factor_scale", self.factor_scale, FACTOR_SCALES)
         _check_choice("step_distance", self.step_distance, STEP_DISTANCES)
         _check_choice("forecaster", self.forecaster, FORECASTERS)
+        _check_choice("forecast_step", self.forecast_step, FORECAST_STEPS)
         for name in ("offload", "prefetch", "enabled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"cache.{name}={getattr(self, name)!r} is invalid: expected true or false")
@@ -167,6 +177,8 @@ class CacheConfig:
             # -f8 / -f8e5 (e5m2 differences), c: one scale per channel instead of per token
             tag += "-f8" + ("e5" if self.factor_store == "float8_e5m2" else "")
             tag += "c" if self.factor_scale == "channel" else ""
+        if self.forecast_step != "collapsed":
+            tag += "-pb"  # per-block forecast steps (upstream's op order): other float rounding
         return tag
 
     def to_dict(self) -> dict:

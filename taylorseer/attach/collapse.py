@@ -1,0 +1,425 @@
+"""The collapsed forecast step: a run of described blocks as one update per residual stream.
+
+On a forecast step a described block only adds gated forecasts to its residual streams, and reads nothing of
+them (no attention, no norm runs). So a run of such blocks, each fed the previous one's outputs, is
+
+    x_L = x_0 + sum_{b in run} sum_{k in branches of b} g_bk(c) * sum_i w_i D_bki          (per stream)
+
+and is computed at the run's first block (its *head*): every gate of the run from one matmul per conditioning
+input (the gate rows of all the run's modulation Linears stacked once, or a gather from the tables), the
+factors of the stream read from one :class:`taylorseer.core.arena.Arena` in one pass
+(:func:`taylorseer.core.arena.stream_update`). The run's other blocks pass their inputs through. The number of
+kernels does not grow with the number of blocks.
+
+What makes a run is checked, never assumed. On every full step (the blocks run whole) each block's stream inputs
+must be the very tensors the block called before it returned, and its gate inputs the same tensors as that
+block's (``temb``, ``c``): work between blocks (a ControlNet residual, a concatenation, a cast) breaks the run
+there and that part stays per block. On forecast steps the followers check the same identities and refuse
+(RuntimeError) a model whose calls changed under the cache. Blocks or settings the collapsed form does not cover
+run per block: ``short=False`` descriptions, optional branches (FLUX's IP-adapter output), factors stored over
+several streams and sliced (``split_storage="whole"``), per-token gates, fp16 streams clipped between blocks,
+8-bit factors (``factor_store``) and offloaded ones (``offload``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..core.arena import Arena, stream_update
+from ..core.cache import ForecastCache
+from .spec import ACTIVATIONS, BlockSpec, Gate, LinearGate, TableGate, _getter
+
+PER_BLOCK = object()  # Collapser.forecast's answer: run this block per block
+
+
+@dataclass
+class _Gate:
+    """One branch add of a block: the slot group ``index`` of its stream's arena."""
+
+    key: str
+    add: object  # blocks._Add
+    gate: Gate | None
+    stream: str
+    index: int
+    layouts: dict  # module -> the selections its last record stored (the block's recorders keep it)
+
+
+@dataclass
+class _Entry:
+    name: str
+    block: torch.nn.Module
+    spec: BlockSpec
+    read_arg: Callable
+    layouts: dict
+    gates: list[_Gate] = field(default_factory=list)
+    returned: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()  # streams whose inputs must be the previous block's outputs
+    gate_inputs: tuple[str, ...] = ()
+    optional: list[_Gate] = field(default_factory=list)  # adds of outputs a module may not return (IP-adapter)
+
+
+def _collapsible(spec: BlockSpec, adds) -> bool:
+    if not spec.short:
+        return False
+    for add in adds:
+        gate = add.branch.gate
+        if add.part is not None:
+            return False
+        if isinstance(gate, LinearGate) and not gate.unsqueeze:
+            return False
+        if gate is not None and not isinstance(gate, (LinearGate, TableGate)):
+            return False
+    return True
+
+
+def _plain_linear(linear) -> bool:
+    return (type(linear) is torch.nn.Linear and "forward" not in linear.__dict__ and not linear._forward_hooks
+            and not linear._forward_pre_hooks)
+
+
+class Collapser:
+    """The collapsed forecast step of one attached model (one per :func:`taylorseer.apply`)."""
+
+    def __init__(self, cache: ForecastCache):
+        self.cache = cache
+        self.entries: dict[str, _Entry] = {}
+        self.counts: dict[str, int] = {}  # stream -> branch adds registered into it (slot groups of its arena)
+        self._links: dict[str, dict[str, str]] = {}  # context -> {block: the block linked after it}
+        self.arenas: dict[tuple[str, str], Arena] = {}  # (context, stream) -> arena
+        self.covered: dict[str, tuple] = {}  # block -> step token of the run that already added its forecasts
+        self.last_outs: dict[str, torch.Tensor] = {}
+        self.head_inputs: dict[str, object] = {}
+        self.heads = 0  # collapsed runs computed (for tests and summaries)
+        self._previous: tuple | None = None  # (token, entry, outputs by stream, args, kwargs) of the last block call
+        self._stacks: dict = {}
+
+    # ---------------------------------------------------------------------------------------- building
+    def register(self, name: str, block: torch.nn.Module, spec: BlockSpec, adds, layouts: dict,
+                 read_arg: Callable) -> None:
+        if not _collapsible(spec, adds):
+            return
+        returns = (spec.returns,) if isinstance(spec.returns, str) else spec.returns
+        returned = tuple(s for s in returns if s is not None)
+        entry = _Entry(name, block, spec, read_arg, layouts, returned=returned)
+        for add in adds:
+            stream = add.branch.into
+            if add.branch.optional:  # present on a step: that step runs per block
+                entry.optional.append(_Gate(add.key, add, add.branch.gate, stream, -1, layouts))
+                continue
+            index = self.counts.get(stream, 0)
+            self.counts[stream] = index + 1
+            entry.gates.append(_Gate(add.key, add, add.branch.gate, stream, index, layouts))
+        entry.checks = tuple(dict.fromkeys([g.stream for g in entry.gates] + list(returned)))
+        entry.gate_inputs = tuple(dict.fromkeys(g.gate.input for g in entry.gates if g.gate is not None))
+        self.entries[name] = entry
+
+    @property
+    def next(self) -> dict[str, str]:
+        """Block -> the block linked after it in the current context (checked on its full steps: a context whose
+        calls skip blocks, SD3's skip-layer guidance, has runs of its own)."""
+        return self._links.setdefault(self.cache.context_name, {})
+
+    @property
+    def per_gate(self) -> int:
+        config = self.cache.config
+        return config.max_order + 1 + (config.forecaster == "feedback")
+
+    def active(self) -> bool:
+        config = self.cache.config
+        return (config.enabled and config.forecast_step == "collapsed" and self.cache.store is None
+                and not config.offload)
+
+    def _token(self) -> tuple:
+        cache = self.cache
+        return len(cache.history), cache.context_name, cache.step
+
+    # -------------------------------------------------------------------------------------- full steps
+    def observe(self, name: str, args: tuple, kwargs: dict, out) -> None:
+        """A full step of block ``name``: link it to the block called before it, move its factors into the arenas."""
+        entry = self.entries.get(name)
+        if entry is None or not self.active():
+            return
+        token = self._token()
+
+        def read(arg):
+            return entry.read_arg(args, kwargs, arg)
+
+        previous = self._previous if self._previous is not None and self._previous[0] == token else None
+        if previous is not None:
+            _, before, outs, pargs, pkwargs = previous
+            if self._linked(entry, read, outs, lambda a: before.read_arg(pargs, pkwargs, a)):
+                self.next[before.name] = name
+            else:
+                self.next.pop(before.name, None)
+        outs = _outputs(entry.spec.returns, out)
+        self._previous = (token, entry, outs, args, kwargs)
+        config = self.cache.config
+        if config.schedule == "interval" and config.interval == 1:
+            return  # every step computed: nothing will read an arena
+        for gate in entry.gates:
+            state = self._state(gate)
+            if state is not None and state.tensors:
+                arena = self._arena(gate.stream, state.tensors[0])
+                if arena is not None:
+                    arena.adopt(gate.index, state.tensors)
+
+    @staticmethod
+    def _linked(entry: _Entry, read, outs: dict, read_before) -> bool:
+        for stream in entry.checks:
+            if stream not in outs or read(stream) is not outs[stream]:
+                return False
+        for arg in entry.gate_inputs:
+            try:
+                if read(arg) is not read_before(arg):
+                    return False
+            except TypeError:
+                return False
+        return True
+
+    def _arena(self, stream: str, like) -> Arena | None:
+        if not isinstance(like, torch.Tensor):
+            return None  # 8-bit factors
+        key = (self.cache.context_name, stream)
+        arena = self.arenas.get(key)
+        if arena is None or not arena.fits(like):
+            arena = self.arenas[key] = Arena(tuple(like.shape), like.dtype, like.device, self.counts[stream],
+                                             self.per_gate)
+        return arena
+
+    def _state(self, gate: _Gate):
+        """The factor record a branch add reads (as blocks._short_forward finds it), or None."""
+        add, branch = gate.add, gate.add.branch
+        if add.selection is None:
+            position = 0 if branch.output is None else branch.output
+        else:
+            layout = gate.layouts.get(branch.module, [])
+            if add.selection not in layout:
+                return None
+            position = layout.index(add.selection)
+        try:
+            states = self.cache.factors(gate.key)
+        except RuntimeError:
+            return None
+        return states[position] if position < len(states) else None
+
+    # ---------------------------------------------------------------------------------- forecast steps
+    def forecast(self, name: str, args: tuple, kwargs: dict):
+        """A forecast step of block ``name``: the run's update at its head, the inputs passed through by its other
+        blocks; :data:`PER_BLOCK` where the collapsed form does not apply."""
+        entry = self.entries.get(name)
+        if entry is None or not self.active():
+            return PER_BLOCK
+
+        def read(arg):
+            return entry.read_arg(args, kwargs, arg)
+
+        token = self._token()
+        if self.covered.get(name) == token:
+            return self._pass_through(entry, read)
+        run = [entry]
+        while run[-1].name in self.next and self.next[run[-1].name] in self.entries:
+            follower = self.entries[self.next[run[-1].name]]
+            if follower in run:
+                break
+            run.append(follower)
+        outs = self._collapse(run, read)
+        if outs is None:
+            return PER_BLOCK
+        self.heads += 1
+        for follower in run[1:]:
+            self.covered[follower.name] = token
+        self.head_inputs = {arg: read(arg) for e in run for arg in e.gate_inputs}
+        result = _assemble(entry.spec.returns, outs, read)
+        self.last_outs = _outputs(entry.spec.returns, result)
+        return result
+
+    def _pass_through(self, entry: _Entry, read):
+        for stream in entry.checks:
+            if read(stream) is not self.last_outs.get(stream):
+                raise RuntimeError(f"{entry.name}: on this forecast step its input {stream!r} is not what the block "
+                                   f"before it returned, though it was on the full steps; the collapsed forecast "
+                                   f"already added this block's forecast. Use cache.forecast_step=per_block for "
+                                   f"this model")
+        for arg in entry.gate_inputs:
+            if read(arg) is not self.head_inputs.get(arg):
+                raise RuntimeError(f"{entry.name}: its gate input {arg!r} differs from the run's first block's on "
+                                   f"this forecast step; use cache.forecast_step=per_block for this model")
+        result = _assemble(entry.spec.returns, {}, read)
+        self.last_outs = _outputs(entry.spec.returns, result)
+        return result
+
+    def _collapse(self, run: list[_Entry], read) -> dict | None:
+        streams: dict[str, list[tuple[_Entry, _Gate]]] = {}
+        for entry in run:
+            for gate in entry.gates:
+                streams.setdefault(gate.stream, []).append((entry, gate))
+        if any(self._state(gate) is not None for entry in run for gate in entry.optional):
+            return None
+        outs: dict[str, torch.Tensor] = {}
+        for stream, gates in streams.items():
+            try:
+                x0 = read(stream)
+            except TypeError:
+                return None
+            if x0.dtype == torch.float16 and any(stream in e.spec.clip_fp16 for e in run):
+                return None  # diffusers clips fp16 streams after each block: not one update
+            out = self._stream(stream, x0, gates, run[0], read)
+            if out is None:
+                return None
+            outs[stream] = out
+        return outs
+
+    def _stream(self, stream: str, x0: torch.Tensor, gates, head: _Entry, read) -> torch.Tensor | None:
+        arena = self.arenas.get((self.cache.context_name, stream))
+        indices = [g.index for _, g in gates]
+        if arena is None or tuple(x0.shape) != arena.shape or indices != list(range(indices[0], indices[-1] + 1)):
+            return None
+        per = arena.per_gate
+        weights = [0.0] * (len(gates) * per)
+        for _, gate in gates:
+            state = self._state(gate)
+            if state is None or not state.tensors:
+                return None
+            slots = arena.adopt(gate.index, state.tensors)
+            if slots is None:
+                return None
+            for slot, w in zip(slots, self.cache.weights_of(state), strict=True):
+                weights[slot - indices[0] * per] = w
+        g = self._gates([gt for _, gt in gates], [e for e, _ in gates], head, read, x0)
+        if g is None:
+            return None
+        w = torch.tensor(weights, dtype=torch.float32)
+        w = (w.pin_memory().to(x0.device, non_blocking=True) if x0.device.type == "cuda" else w.to(x0.device))
+        batch, channels = g.shape[0], g.shape[-1]
+        coeffs = (g.unsqueeze(2) * w.view(1, len(gates), per, 1)).reshape(batch, len(gates) * per, channels)
+        factors = arena.data[indices[0] * per:(indices[-1] + 1) * per]
+        return stream_update(x0, factors, coeffs.transpose(0, 1))
+
+    # ------------------------------------------------------------------------------------------ gates
+    def _gates(self, gates: list[_Gate], entries: list[_Entry], head: _Entry, read, x0) -> torch.Tensor | None:
+        """(B, n, C): the gate row of every add, in order (ones for ungated adds)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, gate in enumerate(gates):
+            g = gate.gate
+            if g is None:
+                kind = ("ones",)
+            elif isinstance(g, LinearGate):
+                plain = _plain_linear(_getter(g.linear)(entries[i].block))
+                kind = ("linear", g.input, g.activation) if plain else ("module", i)
+            else:
+                kind = ("table", g.input, g.float32, g.chunks)
+            groups.setdefault(kind, []).append(i)
+        values: dict[tuple, torch.Tensor] = {}
+        memo: dict = {}
+        for kind, members in groups.items():
+            if kind[0] == "ones":
+                continue
+            try:
+                value = self._group(kind, [gates[i] for i in members], [entries[i] for i in members], head, read,
+                                    memo)
+            except TypeError:
+                return None  # the head does not take an input a later block's gate reads
+            if value is None:
+                return None
+            values[kind] = value
+        if list(groups) == [next(iter(groups))] and "ones" not in groups:
+            return values[next(iter(groups))]  # one group in stream order: no copy
+        batch = next((v.shape[0] for v in values.values()), x0.shape[0])
+        ones = torch.ones(1, 1, x0.shape[-1], dtype=x0.dtype, device=x0.device).expand(batch, 1, -1)
+        position = {i: (kind, j) for kind, members in groups.items() for j, i in enumerate(members)}
+        pieces, i = [], 0
+        while i < len(gates):  # consecutive members of one group as one slice
+            kind, j = position[i]
+            n = 1
+            while i + n < len(gates) and position[i + n] == (kind, j + n):
+                n += 1
+            pieces.append(ones.expand(batch, n, -1) if kind[0] == "ones" else values[kind][:, j:j + n])
+            i += n
+        return torch.cat(pieces, dim=1)
+
+    def _group(self, kind: tuple, gates: list[_Gate], entries: list[_Entry], head: _Entry, read, memo):
+        if kind[0] == "module":  # a wrapped Linear (LoRA, quantised): its own gate, as per block
+            gate, entry = gates[0].gate, entries[0]
+            return gate.compute(entry.block, read, memo)
+        if kind[0] == "linear":
+            _, arg, activation = kind
+            emb = read(arg)
+            if activation is not None:
+                emb = ACTIVATIONS[activation](emb)
+            weight, bias = self._stack(gates, entries)
+            out = F.linear(emb, weight, bias)
+            return out.view(out.shape[0], len(gates), -1)
+        _, arg, float32, chunks = kind
+        t = read(arg)
+        if float32:
+            t = t.float()
+        if t.dim() == 2:
+            t = t.reshape(t.shape[0], chunks, -1)
+        if t.dim() != 3:
+            return None  # one gate per token (Wan 2.2 TI2V): per block
+        rows, index = self._table(gates, entries, t.device)
+        return torch.index_select(t, 1, index) + rows
+
+    def _stack(self, gates: list[_Gate], entries: list[_Entry]):
+        """The gate rows of every Linear, stacked once (rebuilt when a weight changes)."""
+        linears = [_getter(g.gate.linear)(e.block) for g, e in zip(gates, entries, strict=True)]
+        stamp = tuple((id(m.weight), m.weight._version, m.weight.device, m.weight.dtype,
+                       None if m.bias is None else m.bias._version) for m in linears)
+        key = ("linear", tuple((e.name, g.key, g.gate) for g, e in zip(gates, entries, strict=True)))
+        found = self._stacks.get(key)
+        if found is not None and found[0] == stamp:
+            return found[1], found[2]
+        rows, biases = [], []
+        for gate, m in zip(gates, linears, strict=True):
+            n = m.out_features // gate.gate.chunks
+            rows.append(m.weight.detach()[gate.gate.index * n:(gate.gate.index + 1) * n])
+            biases.append(None if m.bias is None else m.bias.detach()[gate.gate.index * n:(gate.gate.index + 1) * n])
+        with torch.no_grad():
+            weight = torch.cat(rows)
+            bias = None if any(b is None for b in biases) else torch.cat(biases)
+            if bias is None and any(b is not None for b in biases):
+                bias = torch.cat([b if b is not None else torch.zeros_like(r[:, 0]) for b, r in zip(biases, rows,
+                                                                                                    strict=True)])
+        self._stacks[key] = (stamp, weight, bias)
+        return weight, bias
+
+    def _table(self, gates: list[_Gate], entries: list[_Entry], device):
+        tables = [_getter(g.gate.table)(e.block) for g, e in zip(gates, entries, strict=True)]
+        stamp = tuple((id(t), t._version, t.device, t.dtype) for t in tables) + (device,)
+        key = ("table", tuple((e.name, g.key, g.gate) for g, e in zip(gates, entries, strict=True)))
+        found = self._stacks.get(key)
+        if found is not None and found[0] == stamp:
+            return found[1], found[2]
+        with torch.no_grad():
+            rows = torch.stack([t.detach().reshape(g.gate.chunks, -1)[g.gate.index]
+                                for g, t in zip(gates, tables, strict=True)])
+        index = torch.tensor([g.gate.index for g in gates], dtype=torch.long, device=device)
+        self._stacks[key] = (stamp, rows, index)
+        return rows, index
+
+    # ------------------------------------------------------------------------------------- accounting
+    def nbytes(self) -> int:
+        """Bytes of the stacked gate rows (the arenas hold the factors, counted by the cache)."""
+        return sum(t.nbytes for _, *tensors in self._stacks.values() for t in tensors if t is not None)
+
+
+def _outputs(returns, out) -> dict:
+    if isinstance(returns, str):
+        return {returns: out}
+    return {s: o for s, o in zip(returns, out, strict=False) if s is not None}
+
+
+def _assemble(returns, outs: dict, read: Callable):
+    def value(stream):
+        if stream is None:
+            return None
+        out = outs.get(stream)
+        return read(stream) if out is None else out
+
+    if isinstance(returns, str):
+        return value(returns)
+    return tuple(value(s) for s in returns)
