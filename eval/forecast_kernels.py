@@ -53,7 +53,7 @@ def _flux(depth: float):
 
 
 def _hunyuan(depth: float):
-    from taylorseer_hunyuan_video.estimate import HUNYUAN_VIDEO_CONFIG, VideoShape, dummy_inputs, meta_transformer
+    from taylorseer_hunyuan_video.flops import HUNYUAN_VIDEO_CONFIG, VideoShape, dummy_inputs, meta_transformer
 
     config = {**HUNYUAN_VIDEO_CONFIG, "num_layers": max(1, round(20 * depth)),
               "num_single_layers": max(1, round(40 * depth))}

@@ -27,7 +27,7 @@ CONFIGS = {
 def case(family: str, heads: int, seed: int):
     config = {**families.config_of(family, "smoke"), "num_attention_heads": heads}
     torch.manual_seed(0)  # the same weights on every rank and in every generation
-    model = getattr(__import__("diffusers"), families._CLASSES[family])(**config).eval()
+    model = getattr(__import__("diffusers"), families.class_name(family))(**config).eval()
     frames, height, width, text = families._SHAPES[family]["smoke"]
     inputs = families.inputs(family, model, frames=frames, height=height, width=width, text_tokens=text,
                              seed=seed)

@@ -92,6 +92,23 @@ PLANS = [
     Plan(r"bash scripts/setup_eval_envs.sh .*", external="builds a metric environment from PyPI (~1 GB); its "
          "runner protocol is tested in tests/test_eval_external.py"),
     Plan(r"bash scripts/test.sh.*", external="the test suite itself"),
+    Plan(r"NPROC=\d bash scripts/sample_flux.sh (parallel|out_root=/tmp/cp-gpu).*",
+         external="context parallelism on GPUs with the FLUX.1-dev weights (the prepared multi-GPU check)"),
+    # context parallelism on gloo CPU ranks (docs/context_parallel.md)
+    Plan(r"NPROC=\d bash scripts/sample_flux.sh model=digits_flux .*parallel\.ulysses=2.*"),
+    Plan(r"python -m taylorseer\.harness\.launch --standalone --nproc_per_node 2 tests/cp_worker\.py .*"),
+    Plan(r"python -m taylorseer\.attach\.parallel_cost.*"),
+    # any model (docs/any_model.md): a class it builds itself, and a saved transformer folder
+    Plan(r"python -m taylorseer\.attach\.discover my_transformer/",
+         replace=(("my_transformer/", "{flux}/transformer"),)),
+    Plan(r"python -m taylorseer\.attach\.discover \w+"),
+    # what a batch user can rely on (docs/run_folders.md)
+    Plan(r"bash scripts/sample_dit_ddp.sh model=digits num_samples=30 num_steps=50 run_name=digits-nocache",
+         error="holds outputs made with other settings"),
+    Plan(r"bash scripts/sample_dit_ddp.sh model=digits .*", append="progress=false"),
+    Plan(r"bash scripts/eval.sh digits runs/dit_fid/digits-n4 --reference runs/dit_fid/digits-ref"),
+    Plan(r"bash scripts/sweep.sh digits num_samples=-5", error="nothing was launched"),
+    Plan(r"bash scripts/sweep.sh digits num_samples=30 batch_size=30"),
     # the main jobs
     Plan(r"bash scripts/demo.sh.*", append="num_samples=20 batch_size=20 intervals=[4] orders=[1] progress=false"),
     Plan(r"bash scripts/sample_dit.sh model=digits.*", append="progress=false"),
@@ -265,11 +282,12 @@ def _fill(command: str, work: Path) -> str:
 
 def _shell(command: str, plan: Plan, tiny: dict) -> str:
     for old, new in plan.replace:
-        command = command.replace(old, new)
+        command = command.replace(old, new.format(**{k: str(v) for k, v in tiny.items()}) if "{" in new else new)
     command = _fill(command, tiny["work"])
     extra = plan.append.format(**{k: shlex.quote(str(v)) for k, v in tiny.items()})
     # The project's scripts live in the repository, the user's files in the working folder.
     command = re.sub(r"(^|\s)bash scripts/", rf"\1bash {ROOT}/scripts/", command)
+    command = re.sub(r"(^|\s)tests/", rf"\1{ROOT}/tests/", command)
     return f"{command} {extra}".strip()
 
 

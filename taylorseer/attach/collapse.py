@@ -326,7 +326,7 @@ class Collapser:
             if value is None:
                 return None
             values[kind] = value
-        if list(groups) == [next(iter(groups))] and "ones" not in groups:
+        if list(groups) == [next(iter(groups))] and ("ones",) not in groups:
             return values[next(iter(groups))]  # one group in stream order: no copy
         batch = next((v.shape[0] for v in values.values()), x0.shape[0])
         ones = torch.ones(1, 1, x0.shape[-1], dtype=x0.dtype, device=x0.device).expand(batch, 1, -1)

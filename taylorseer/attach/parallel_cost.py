@@ -16,7 +16,8 @@ For FLUX.1-dev at 1024x1024 and HunyuanVideo at 480x640x65 and 720x1280x129, bf1
   one layer's worth and 16 bytes of error sums);
 * **what is left of the speedup**: step time ``T1/K + bytes/bandwidth`` (no overlap of compute and transfer: a lower
   bound), T1 from the FLOPs of a step (linear layers ``2 x params x tokens``, attention ``4 x S^2 x hidden``) at the
-  throughput upstream's own HunyuanVideo 720x1280x129 run achieved on one GPU (1904 s for 50 steps, REFERENCE.md 7),
+  throughput upstream's own HunyuanVideo 720x1280x129 run achieved on one GPU (1904 s for 50 steps, upstream
+  TaylorSeer's xDiT table),
   and ``--bandwidth`` GB/s per GPU per direction (450: NVLink 4, H100 SXM; the all-to-all's achieved bandwidth is
   lower, so these are upper bounds on the speedup). The cache multiplies it: forecast steps cost no transfer.
 """
@@ -42,7 +43,7 @@ HUNYUAN_VIDEO = dict(in_channels=16, out_channels=16, num_attention_heads=24, at
                      num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
                      qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
                      rope_theta=256.0, rope_axes_dim=(16, 56, 56))
-# Upstream HunyuanVideo 720x1280x129, 50 steps on one GPU (REFERENCE.md section 7): the throughput the table assumes.
+# Upstream HunyuanVideo 720x1280x129, 50 steps on one GPU (upstream TaylorSeer's xDiT table): the throughput assumed.
 UPSTREAM_SECONDS_PER_STEP = 1904 / 50
 
 
