@@ -131,11 +131,14 @@ PLANS = [
     Plan(r"python -m taylorseer_eval.store_fidelity", append="--models flux-pipeline --no-progress"),
     Plan(r"bash scripts/count_flops.sh.*"),
     # tables: the digits sweep for real (smaller); the GPU tables up to what needs a GPU cluster: every point
-    # composed through the app's config and a table of not-yet-run points
+    # composed through the app's config and a table of not-yet-run points, and the sweep says they did not finish
+    # (exit status 1: a batch user's script must not take an unfinished table for a finished one)
     Plan(r"bash scripts/sweep.sh digits --stage table"),
-    Plan(r"bash scripts/sweep.sh (digits_schedules|digits_flux_schedules)", append="--stage table"),
+    Plan(r"bash scripts/sweep.sh (digits_schedules|digits_flux_schedules)", append="--stage table",
+         error="did not finish ok"),
     Plan(r"bash scripts/sweep.sh digits", append="num_samples=30 batch_size=30"),
-    Plan(r"(\w+=\S+ )?bash scripts/sweep.sh (dit_fid50k|flux_drawbench|hunyuan_vbench) .*", append="--stage table"),
+    Plan(r"(\w+=\S+ )?bash scripts/sweep.sh (dit_fid50k|flux_drawbench|hunyuan_vbench) .*", append="--stage table",
+         error="did not finish ok"),
     # metrics: every one on a run folder the commands above made, up to the weights this machine cannot fetch
     Plan(r"bash scripts/eval.sh fid .*", error="VIRTUAL_imagenet256_labeled.npz"),
     Plan(r"bash scripts/eval.sh inception .*", error="VIRTUAL_imagenet256_labeled.npz"),

@@ -43,7 +43,16 @@ import torch
 from ..core.cache import ForecastCache
 from ..core.kernels import gated_add
 from .collapse import PER_BLOCK, Collapser
-from .spec import BlockSpec, Branch, Gate, LinearGate, TableGate, _getter, _validate  # noqa: F401
+from .spec import (  # noqa: F401
+    BlockSpec,
+    Branch,
+    Gate,
+    LinearGate,
+    TableGate,
+    _getter,
+    _validate,
+    assemble_returns,
+)
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -217,7 +226,7 @@ def _short_forward(block, original, read_arg, spec: BlockSpec, cache, adds, layo
                 out = outs[stream] = out.to(residual.dtype)
             if stream in spec.clip_fp16 and out.dtype == torch.float16:
                 outs[stream] = out.clip(-65504, 65504)
-        return _assemble(returns, outs, read)
+        return assemble_returns(returns, outs, read)
 
     return forward
 
@@ -226,21 +235,9 @@ def _skip_forward(original, read_arg, spec: BlockSpec, cache):
     def forward(*args, **kwargs):
         if cache.is_full:
             return original(*args, **kwargs)
-        return _assemble(spec.returns, {}, lambda arg: read_arg(args, kwargs, arg))
+        return assemble_returns(spec.returns, {}, lambda arg: read_arg(args, kwargs, arg))
 
     return forward
-
-
-def _assemble(returns, outs: dict, read: Callable):
-    def value(stream):
-        if stream is None:
-            return None
-        out = outs.get(stream)
-        return read(stream) if out is None else out
-
-    if isinstance(returns, str):
-        return value(returns)
-    return tuple(value(s) for s in returns)
 
 
 def residual_add(residual: torch.Tensor, terms, out: torch.Tensor | None = None) -> torch.Tensor:

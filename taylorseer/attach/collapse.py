@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..core.arena import Arena, stream_update
 from ..core.cache import ForecastCache
-from .spec import ACTIVATIONS, BlockSpec, Gate, LinearGate, TableGate, _getter
+from .spec import ACTIVATIONS, BlockSpec, Gate, LinearGate, TableGate, _getter, assemble_returns
 
 PER_BLOCK = object()  # Collapser.forecast's answer: run this block per block
 
@@ -233,7 +233,7 @@ class Collapser:
         for follower in run[1:]:
             self.covered[follower.name] = token
         self.head_inputs = {arg: read(arg) for e in run for arg in e.gate_inputs}
-        result = _assemble(entry.spec.returns, outs, read)
+        result = assemble_returns(entry.spec.returns, outs, read)
         self.last_outs = _outputs(entry.spec.returns, result)
         return result
 
@@ -248,7 +248,7 @@ class Collapser:
             if read(arg) is not self.head_inputs.get(arg):
                 raise RuntimeError(f"{entry.name}: its gate input {arg!r} differs from the run's first block's on "
                                    f"this forecast step; use cache.forecast_step=per_block for this model")
-        result = _assemble(entry.spec.returns, {}, read)
+        result = assemble_returns(entry.spec.returns, {}, read)
         self.last_outs = _outputs(entry.spec.returns, result)
         return result
 
@@ -413,13 +413,3 @@ def _outputs(returns, out) -> dict:
     return {s: o for s, o in zip(returns, out, strict=False) if s is not None}
 
 
-def _assemble(returns, outs: dict, read: Callable):
-    def value(stream):
-        if stream is None:
-            return None
-        out = outs.get(stream)
-        return read(stream) if out is None else out
-
-    if isinstance(returns, str):
-        return value(returns)
-    return tuple(value(s) for s in returns)

@@ -204,3 +204,16 @@ def modulation_chunk(linear: torch.nn.Module, x: torch.Tensor, chunks: int, inde
     n = linear.out_features // chunks
     bias = None if linear.bias is None else linear.bias[index * n:(index + 1) * n]
     return F.linear(x, linear.weight[index * n:(index + 1) * n], bias)
+
+
+def assemble_returns(returns, outs: dict, read: Callable):
+    """What a block returns (``BlockSpec.returns``): the streams it updated from ``outs``, the others as read."""
+    def value(stream):
+        if stream is None:
+            return None
+        out = outs.get(stream)
+        return read(stream) if out is None else out
+
+    if isinstance(returns, str):
+        return value(returns)
+    return tuple(value(s) for s in returns)
