@@ -32,9 +32,7 @@ from .sample_ddp import class_label
 TAG = "calibrate_dit"
 CONFIG_NAME = "calibrate_dit"
 SCHEMA = {**SAMPLING_SCHEMA, "class_labels": Setting("list"), "compare_uncached": Setting("bool"),
-          "grid_nrow": Setting("int", minimum=1), "samples": Setting("int", minimum=1),
-          "sketch_size": Setting("int", minimum=64), "epsilon": Setting("float", minimum=1e-6, maximum=1.0),
-          "out": Setting("str", nullable=True)}
+          "grid_nrow": Setting("int", minimum=1), **calibrate.SETTINGS}
 
 
 def out_path(cfg: DictConfig) -> Path:

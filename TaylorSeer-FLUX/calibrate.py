@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from taylorseer import CacheConfig
 from taylorseer.harness import calibrate, distributed, runs, settings
 from taylorseer.harness.diffusers_io import weights_fingerprint
-from taylorseer.harness.settings import Setting
 
 from . import sample as sample_app
 from .cache import cached_module_names
@@ -29,8 +28,6 @@ from .pipeline import generate, load_flux
 
 TAG = "calibrate_flux"
 CONFIG_NAME = "calibrate_flux"
-EXTRA = {"samples": Setting("int", minimum=1), "sketch_size": Setting("int", minimum=64),
-         "epsilon": Setting("float", minimum=1e-6, maximum=1.0), "out": Setting("str", nullable=True)}
 
 
 def out_path(cfg: DictConfig) -> Path:
@@ -45,11 +42,7 @@ def main(cfg: DictConfig) -> Path:
     settings.check_model_family(OmegaConf.to_container(cfg.model, resolve=True), "flux", TAG, sample_app.CONFIG_DIR)
     sample_app.resolve_model_path(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    extra = {k: plain.pop(k) for k in EXTRA}  # the rest is sample_flux's settings, checked by its own schema
-    for key, setting in EXTRA.items():
-        why = setting.problem(extra[key])
-        if why:
-            raise ValueError(f"{key}={extra[key]!r} is invalid: {why}")
+    calibrate.pop_settings(plain)  # the rest is sample_flux's settings, checked by its own schema
     _, prompts = sample_app.validate(OmegaConf.create(plain))
     calibrate.check_samples(cfg.samples, cfg.num_steps)
     device = distributed.select_device(cfg.device)

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
 from taylorseer.harness import calibrate, distributed, runs
-from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
 
 from . import sample as sample_app
@@ -31,8 +30,6 @@ from .pipeline import generate, load_hunyuan_video, place
 
 TAG = "calibrate_hunyuan_video"
 CONFIG_NAME = "calibrate_hunyuan_video"
-EXTRA = {"samples": Setting("int", minimum=1), "sketch_size": Setting("int", minimum=64),
-         "epsilon": Setting("float", minimum=1e-6, maximum=1.0), "out": Setting("str", nullable=True)}
 
 
 def out_path(cfg: DictConfig) -> Path:
@@ -44,11 +41,7 @@ def out_path(cfg: DictConfig) -> Path:
 
 def main(cfg: DictConfig) -> Path:
     plain = OmegaConf.to_container(cfg, resolve=True)
-    extra = {k: plain.pop(k) for k in EXTRA}  # the rest is sample_hunyuan_video's settings, checked by its schema
-    for key, setting in EXTRA.items():
-        why = setting.problem(extra[key])
-        if why:
-            raise ValueError(f"{key}={extra[key]!r} is invalid: {why}")
+    calibrate.pop_settings(plain)  # the rest is sample_hunyuan_video's settings, checked by its own schema
     _, prompts = sample_app.validate(OmegaConf.create(plain))
     calibrate.check_samples(cfg.samples, cfg.num_steps)
     device = distributed.select_device(cfg.device)

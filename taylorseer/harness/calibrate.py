@@ -27,6 +27,7 @@ from ..core.calibration import load as load_calibration
 from ..core.config import calibration_path
 from . import runs
 from .runfolder import file_fingerprint
+from .settings import Setting
 
 MATCHED = ("app", "model", "weights", "sampler", "spacing", "num_steps", "guidance", "resolution")
 
@@ -109,6 +110,21 @@ def calibration_identity(cache: dict, want: dict, accept: bool = False) -> dict:
     if diffs:
         out["resolved.calibration_mismatch"] = "; ".join(diffs)
     return out
+
+
+# A calibration command's own settings; the rest of its config is the sampling app's, checked by that app's schema.
+SETTINGS = {"samples": Setting("int", minimum=1), "sketch_size": Setting("int", minimum=64),
+            "epsilon": Setting("float", minimum=1e-6, maximum=1.0), "out": Setting("str", nullable=True)}
+
+
+def pop_settings(plain: dict) -> dict:
+    """Take the calibration's own settings out of a resolved config (checked, one line per bad value)."""
+    extra = {key: plain.pop(key) for key in SETTINGS}
+    for key, setting in SETTINGS.items():
+        why = setting.problem(extra[key])
+        if why:
+            raise ValueError(f"{key}={extra[key]!r} is invalid: {why}")
+    return extra
 
 
 def check_samples(samples: int, num_steps: int) -> None:
