@@ -24,20 +24,26 @@ def install_call_boundaries(pipeline, cache: ForecastCache) -> Callable[[], None
     """Every diffusers pipeline opens ``self.progress_bar(total=num_inference_steps)`` around its denoising loop,
     after the scheduler's timesteps are set: that call starts a sampling call (fresh state, its step count) and
     leaving it ends one. Wrapping the pipeline's ``progress_bar`` survives a replaced scheduler. Returns the undo."""
-    previous = pipeline.__dict__.get("progress_bar")
     bound = pipeline.progress_bar
 
     def progress_bar(*args, **kwargs):
         cache.begin_call(_loop_length(pipeline, args, kwargs))
         return _CallBar(bound(*args, **kwargs), cache)
 
-    pipeline.progress_bar = progress_bar
+    return replace_attribute(pipeline, "progress_bar", progress_bar)
+
+
+def replace_attribute(obj, name: str, value) -> Callable[[], None]:
+    """Set ``obj.<name> = value`` on the instance; returns the undo, which restores the instance's own attribute
+    or deletes ours so that the class's shows through again (no instance attribute is left behind)."""
+    previous = obj.__dict__.get(name)
+    setattr(obj, name, value)
 
     def undo() -> None:
         if previous is None:
-            del pipeline.progress_bar  # the class's method shows through again
+            delattr(obj, name)
         else:
-            pipeline.progress_bar = previous
+            setattr(obj, name, previous)
 
     return undo
 

@@ -29,7 +29,7 @@ from ..core.config import CacheConfig
 from . import presets as preset_registry
 from .attachment import AttachSummary, children_hint
 from .blocks import BlockSpec, build_block, check_inputs
-from .boundaries import install_call_boundaries, register_diffusers_relay
+from .boundaries import install_call_boundaries, register_diffusers_relay, replace_attribute
 from .collapse import Collapser
 from .derive import AutoBlock, Derivation, auto_blocks
 from .pipelines import call_signature, denoisers, extra_context_name
@@ -407,16 +407,7 @@ def _probe_module(named: dict[str, torch.nn.Module], config: CacheConfig, defaul
 
 
 def _wrap_forward(attachment: _Attachment, module: torch.nn.Module, new_forward: Callable) -> None:
-    previous = module.__dict__.get("forward")
-    module.forward = new_forward
-
-    def undo() -> None:
-        if previous is None:
-            del module.forward  # the class's forward shows through again
-        else:
-            module.forward = previous
-
-    attachment.undo.append(undo)
+    attachment.undo.append(replace_attribute(module, "forward", new_forward))
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
