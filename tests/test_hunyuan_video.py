@@ -485,7 +485,8 @@ def test_calibrate_app_writes_a_file_the_sampler_reads(monkeypatch, tiny_dir, tm
     assert data["settings"]["app"] == "hunyuan_video" and len(data["sensitivity"]) == 6
     assert data["flops"]["per_run"] > 0
     # what the file was made for, as the FLUX and DiT files record it (matched by every app that reads it)
-    assert data["made_for"]["app"] == "hunyuan_video" and data["made_for"]["weights"] and not data["made_for"]["weights"].startswith("hub:")
+    made_for = data["made_for"]
+    assert made_for["app"] == "hunyuan_video" and made_for["weights"] and not made_for["weights"].startswith("hub:")
     monkeypatch.setattr(sys, "argv", ["sample", *common, "videos_per_prompt=1", "warmup=false",
                                       "cache.schedule=calibrated", "cache.budget=3", f"cache.calibration={path}"])
     sample.cli()
