@@ -27,7 +27,7 @@ import torch
 from ..core.config import CacheConfig
 from ..perf.flops import count_flops
 from ..perf.opcount import count_ops
-from . import families, presets, tiny
+from . import autobuild, families, presets, tiny
 from .attachment import block_lists
 from .blocks import BlockSpec
 from .hooks import apply, remove, summary
@@ -295,7 +295,9 @@ def load_meta(source: str) -> torch.nn.Module:
 def load(source: str) -> tuple[torch.nn.Module, dict | None]:
     """The model to discover and one call's inputs: a folder with ``inputs.pt`` (``torch.save`` of one call's
     keyword arguments) loads the real transformer; a class with a known small instance
-    (:mod:`taylorseer.attach.tiny`) builds it with random weights and inputs; anything else is shapes only."""
+    (:mod:`taylorseer.attach.tiny`) builds it with random weights and inputs; a benchmark family is traced at
+    its default size on the meta device; any other diffusers class gets a small instance and inputs found by
+    :mod:`taylorseer.attach.autobuild`, or, where none are found, is listed from its shapes only."""
     path = Path(source).expanduser()
     if path.exists():
         folder = path / "transformer" if (path / "model_index.json").is_file() else path
@@ -310,6 +312,16 @@ def load(source: str) -> tuple[torch.nn.Module, dict | None]:
     elif tiny.find(source) is not None:
         model, call = tiny.build(source)
         return model, call(500.0)
+    elif ":" not in source and families.family_of(load_meta(source)) is None:
+        # any other diffusers class: a small instance and inputs found by running it (autobuild)
+        try:
+            model, call = autobuild.build(source)
+            print(f"[discover] {source}: a small random instance, inputs found by autobuild "
+                  f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in call(500.0).items() if torch.is_tensor(v))})",
+                  file=sys.stderr)
+            return model, call(500.0)
+        except autobuild.AutobuildError as err:
+            print(f"[discover] {err}; listing it from its shapes only", file=sys.stderr)
     return load_meta(source), None
 
 
