@@ -79,6 +79,10 @@ FULL_TIER = {
         "the Triton kernel in Triton's CPU interpreter, a fresh process (the inductor kernel stays fast)",
     "tests/test_discover.py::test_script_runs_an_unknown_class_static_only":
         "python -m taylorseer.attach.discover in a fresh process (in-process: test_cli_on_a_folder_...)",
+    "tests/test_autobuild.py::test_every_class_autobuild_serves_runs_cached_or_says_why":
+        "all 65 diffusers transformer classes built and run (~1 min; ten run in the fast tier)",
+    "tests/test_autobuild.py::test_discover_command_traces_a_class_it_builds_itself":
+        "python -m taylorseer.attach.discover in a fresh process",
 }
 
 # Tests that start process groups (torchrun, several ranks on ports), a Slurm cluster, or time themselves: with

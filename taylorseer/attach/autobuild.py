@@ -192,7 +192,7 @@ def _value(name, t, sizes, axes, pooled, use_bool_mask, config, patch):
         mask = torch.ones(B, TEXT_TOKENS)
         return mask.bool() if use_bool_mask else mask
     if name.startswith("pooled"):
-        return torch.randn(B, pooled) if pooled else None
+        return torch.randn(B, pooled, generator=torch.Generator().manual_seed(2)) if pooled else None  # same each call
     if name == "guidance":
         return torch.full((B,), 3.5) if config.get("guidance_embeds", True) else None
     if name in ("original_size", "target_size"):
