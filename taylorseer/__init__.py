@@ -5,15 +5,16 @@ Public API:
     apply / remove         attach to / detach from an unmodified model or pipeline (family preset from its class,
                            or block descriptions / module patterns for any other model)
     get_cache, summary     the ForecastCache attached to a model (reset, contexts, bytes, history); what was wrapped
-    BlockSpec, Branch, LinearGate, TableGate   describe a block's residual branches (taylorseer.attach.blocks)
-    presets                the family presets (dit, flux, hunyuan_video, wan, sd3, pixart, cogvideox)
+    BlockSpec, Branch, LinearGate, TableGate, ChunkGate   describe a block's residual branches (attach.blocks)
+    presets                the family presets (dit, flux, hunyuan_video, wan, sd3, pixart, cogvideox, qwenimage,
+                           flux2, ltx, hunyuan_video15, sana, lumina2, cogview4)
     full_steps, compression, is_full_step      the schedule
     count_flops, count_schedule                FLOPs with torch's FlopCounterMode
     compile / uncompile    regional torch.compile that keeps the cache out of the graphs
 """
 
 from .attach import presets
-from .attach.blocks import BlockSpec, Branch, LinearGate, TableGate
+from .attach.blocks import BlockSpec, Branch, ChunkGate, LinearGate, TableGate
 from .attach.hooks import apply, get_cache, remove, summary
 from .core.cache import ForecastCache
 from .core.config import CacheConfig
@@ -34,6 +35,7 @@ __all__ = [
     "Branch",
     "LinearGate",
     "TableGate",
+    "ChunkGate",
     "full_steps",
     "compression",
     "is_full_step",

@@ -13,8 +13,11 @@ import taylorseer
 from taylorseer.perf.flops import count_flops
 
 FAMILIES = ["qwenimage", "ltx", "sana", "lumina2", "cogview4", "skyreels", "flux2", "hunyuan15", "hidream"]
-PATHS = {"skyreels": "derived description", "hunyuan15": "derived description"}  # the rest: branch modules
-PRESETS = {"qwenimage": "qwenimage"}  # a preset serves the class: apply(model) uses it; preset="derive" does not
+# the rest: branch modules (LTX-Video's (B, 1, 6C) temb is read as such since the presets of issue 19)
+PATHS = {"skyreels": "derived description", "hunyuan15": "derived description", "ltx": "derived description"}
+# A preset serves the class: apply(model) uses it; preset="derive" does not.
+PRESETS = {"qwenimage": "qwenimage", "flux2": "flux2", "ltx": "ltx", "hunyuan15": "hunyuan_video15", "sana": "sana",
+           "lumina2": "lumina2", "cogview4": "cogview4"}
 
 
 def _snapshot(model):
@@ -88,7 +91,8 @@ def test_unknown_family_forecast_step_flops_within_twice_the_bound(family, prese
 
 def test_module_called_twice_per_block_gets_a_feature_per_call():
     model, call = tiny_unknown.build("cogview4")
-    taylorseer.apply(model, taylorseer.CacheConfig(interval=2, max_order=1, first_enhance=1), num_steps=10)
+    taylorseer.apply(model, taylorseer.CacheConfig(interval=2, max_order=1, first_enhance=1), num_steps=10,
+                     preset="derive")
     with torch.no_grad():
         model(**call(900.0))
     summary = taylorseer.summary(model)
@@ -149,6 +153,8 @@ def test_adaptive_schedule_on_a_derived_model_sees_one_probe_output_per_step():
 def test_preset_is_exact_at_interval_one_and_forecasts(family):
     model, call = tiny_unknown.build(family)
     FAMILY_OF[id(model)] = family
+    before = _snapshot(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     ref = tiny_unknown.sample(model, call, 30)
     taylorseer.apply(model, taylorseer.CacheConfig(interval=1, max_order=1, first_enhance=2), num_steps=30)
     assert taylorseer.summary(model).preset == PRESETS[family]
@@ -156,3 +162,44 @@ def test_preset_is_exact_at_interval_one_and_forecasts(family):
     taylorseer.remove(model)
     errors = _errors(model, call, ref, preset="auto")
     assert 0 < errors[1] < errors[0], errors
+    assert _snapshot(model) == before  # remove(): every module's __dict__ as it was
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(tiny_unknown.sample(model, call, 30), ref)
+
+
+@pytest.mark.parametrize("family", sorted(PRESETS))
+def test_preset_forecast_of_order_zero_reproduces_the_full_step(family):
+    """The hand-written description checked as ``derive`` checks its own: the same inputs twice at interval 2,
+    order 0, so the forecast step's features are the full step's: the output must be the same to float rounding,
+    collapsed and per block."""
+    model, call = tiny_unknown.build(family)
+    kwargs = call(500.0)
+    with torch.no_grad():
+        real = model(**kwargs)[0]
+    for step in ("collapsed", "per_block"):
+        cache = taylorseer.apply(model, taylorseer.CacheConfig(interval=2, max_order=0, first_enhance=1,
+                                                               forecast_step=step), num_steps=4)
+        with torch.no_grad():
+            full, forecast = model(**kwargs)[0], model(**kwargs)[0]
+        heads = cache.collapser.heads if cache.collapser is not None else 0
+        taylorseer.remove(model)
+        assert [r.full for r in cache.last_call.history] == [True, False]
+        assert torch.equal(full, real)
+        assert (forecast - real).abs().max() <= 1e-5 * real.abs().max(), step
+        assert heads == (step == "collapsed")  # one run: every collapsible block in it
+
+
+@pytest.mark.parametrize("family", sorted(PRESETS))
+def test_preset_collapsed_equals_per_block(family):
+    model, call = tiny_unknown.build(family)
+    ref = tiny_unknown.sample(model, call, 12)
+    outs, runs = {}, {}
+    for step in ("per_block", "collapsed"):
+        cache = taylorseer.apply(model, taylorseer.CacheConfig(interval=3, max_order=1, first_enhance=1,
+                                                               forecast_step=step), num_steps=12)
+        outs[step] = tiny_unknown.sample(model, call, 12)
+        runs[step] = cache.collapser.heads if cache.collapser is not None else 0
+        taylorseer.remove(model)
+    assert (outs["per_block"] - ref).abs().max() > 1e-4 * ref.abs().max()  # forecasts happened
+    assert (outs["collapsed"] - outs["per_block"]).abs().max() <= 1e-6 * outs["per_block"].abs().max()
+    assert runs["collapsed"] > 0 and runs["per_block"] == 0

@@ -59,3 +59,29 @@ def test_wan22_caches_both_transformers():
     assert [_dicts(pipe.transformer), _dicts(pipe.transformer_2)] == before
     assert "progress_bar" not in pipe.__dict__
     assert torch.equal(tiny.run(pipe, "wan", 8), ref)
+
+
+def test_wan22_each_transformer_counts_the_steps_of_its_part_of_the_loop():
+    """``transformer`` runs the steps with t >= boundary_ratio * 1000, ``transformer_2`` the rest: each cache's
+    sampling call is its part (its own step count, warm-up and last full steps), not the pipeline's whole loop."""
+    pipe = _wan22()
+    pipe.register_to_config(boundary_ratio=0.875)  # 12 steps: 4 high-noise, 8 low-noise
+    steps = 12
+    ref = tiny.run(pipe, "wan", steps)
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    high = int((pipe.scheduler.timesteps >= boundary).sum())
+    assert (high, steps - high) == (4, 8)
+    config = CacheConfig(interval=2, max_order=1, first_enhance=2, last_full_steps=1)
+    first = taylorseer.apply(pipe, config)
+    second = taylorseer.get_cache(pipe.transformer_2)
+    out = tiny.run(pipe, "wan", steps)
+    taylorseer.remove(pipe)
+    for cache, count in ((first, high), (second, steps - high)):
+        cond = [r for r in cache.last_call.history if r.context == "cond"]
+        assert [r.step for r in cond] == list(range(count))  # indices from the part's first step
+        full = [r.step for r in cond if r.full]
+        # warm-up 2, then every 2nd step from the anchor (step 1), and the part's last step
+        expected = sorted({0, 1, count - 1} | set(range(1, count, 2)))
+        assert full == expected, (full, count)
+    assert not torch.equal(out, ref)
+    assert torch.equal(tiny.run(pipe, "wan", steps), ref)

@@ -170,7 +170,53 @@ def test_every_family_has_a_preset_found_from_its_class():
         model = families.build(name, "smoke", device="meta")
         found = presets.find(model)
         assert found is not None and found.name == name, name
-    extra = {"qwenimage"}  # presets of classes the benchmark has no size for: their small instance (attach.tiny)
-    for name in extra:
-        assert presets.find(tiny.build(name)[0]).name == name
-    assert set(presets.NAMES) == set(families.NAMES) | {"dit"} | extra
+    # presets of classes the benchmark has no size for: their small instance (attach.tiny) -> the preset's name
+    extra = {"qwenimage": "qwenimage", "flux2": "flux2", "ltx": "ltx", "hunyuan15": "hunyuan_video15", "sana": "sana",
+             "lumina2": "lumina2", "cogview4": "cogview4"}
+    for tiny_name, name in extra.items():
+        assert presets.find(tiny.build(tiny_name)[0]).name == name
+    assert set(presets.NAMES) == set(families.NAMES) | {"dit"} | set(extra.values())
+
+
+def test_wan_preset_on_wan22_ti2v_per_token_timesteps():
+    """Wan 2.2 TI2V passes one timestep per token (the first frame's tokens at 0): ``temb`` is (B, S, 6, C) and
+    the wan preset's gates are per token; the collapsed step runs such blocks per block (the same ops)."""
+    case = families.bench_case("wan", "smoke")
+    model, inputs = case.model, case.inputs
+    tokens = 8  # (2 frames, 4 x 4) latents, patch (1, 2, 2)
+
+    def timestep(t):
+        per_token = torch.full((1, tokens), t)
+        per_token[:, :tokens // 2] = 0.0  # the conditioning frame
+        return per_token
+
+    def loop(steps=12):
+        x = inputs["hidden_states"].clone()
+        for i in range(steps):
+            with torch.no_grad():
+                v = model(**{**inputs, "hidden_states": x, "timestep": timestep(1000.0 * (1 - i / steps))})[0]
+            x = x - v / steps
+        return x
+
+    ref = loop()
+    with torch.no_grad():
+        real = model(**{**inputs, "timestep": timestep(500.0)})[0]
+    outs = {}
+    for step in ("per_block", "collapsed"):
+        cache = taylorseer.apply(model, CacheConfig(interval=2, max_order=0, first_enhance=1, forecast_step=step),
+                                 num_steps=2)
+        with torch.no_grad():
+            model(**{**inputs, "timestep": timestep(500.0)})
+            forecast = model(**{**inputs, "timestep": timestep(500.0)})[0]
+        taylorseer.remove(model)
+        assert (forecast - real).abs().max() <= 1e-5 * real.abs().max()  # the per-token gates are the block's
+        cache = taylorseer.apply(model, CacheConfig(interval=3, max_order=1, first_enhance=1, forecast_step=step),
+                                 num_steps=12)
+        outs[step] = loop()
+        heads = cache.collapser.heads if cache.collapser is not None else 0
+        taylorseer.remove(model)
+        assert heads == 0  # per-token gates: per block under the collapsed step too
+    assert torch.equal(outs["collapsed"], outs["per_block"]) and not torch.equal(outs["per_block"], ref)
+    taylorseer.apply(model, CacheConfig(interval=1, max_order=1, first_enhance=1), num_steps=12)
+    assert torch.equal(loop(), ref)
+    taylorseer.remove(model)

@@ -46,6 +46,7 @@ from .collapse import PER_BLOCK, Collapser
 from .spec import (  # noqa: F401
     BlockSpec,
     Branch,
+    ChunkGate,
     Gate,
     LinearGate,
     TableGate,
@@ -93,9 +94,14 @@ def build_block(block: torch.nn.Module, name: str, spec: BlockSpec, cache: Forec
     adds: list[_Add] = []
     selections: dict[str, list[tuple]] = {}  # module -> what its recorder stores, in order
     whole: list[str] = list(spec.record_only)
+    per_call: dict[str, dict[int, str]] = {}  # module -> {call index: key} (a module called several times)
     for branch in spec.branches:
         key = f"{name}.{branch.module}"
-        elementwise = branch.output is None and branch.tokens is None
+        if branch.call is not None:
+            key = per_call.setdefault(branch.module, {}).setdefault(branch.call, f"{key}#{branch.call}")
+            adds.append(_Add(branch, key, None))
+            continue
+        elementwise = branch.output is None and branch.tokens is None and not branch.channels_first
         if plain or elementwise or (branch.tokens is not None and spec.split_storage == "whole"
                                      and branch.output is None):
             whole.append(branch.module)
@@ -106,10 +112,15 @@ def build_block(block: torch.nn.Module, name: str, spec: BlockSpec, cache: Forec
             if selection not in chosen:
                 chosen.append(selection)
             adds.append(_Add(branch, key, selection))
-    clash = set(whole) & set(selections)
+    clash = (set(whole) & set(selections)) | (set(per_call) & (set(whole) | set(selections)))
     if clash:
-        raise ValueError(f"{name}: module(s) {sorted(clash)} are read both whole and in parts; describe each "
-                         f"module's branches one way")
+        raise ValueError(f"{name}: module(s) {sorted(clash)} are read in more than one way (whole, in parts, per "
+                         f"call); describe each module's branches one way")
+    for module_name in selections:
+        layouts_of = {b.channels_first for b in spec.branches if b.module == module_name}
+        if len(layouts_of) > 1:
+            raise ValueError(f"{name}: the branches of {module_name!r} disagree on channels_first")
+    calls: dict[str, int] = {}  # per block call: how often each module of per_call ran
     layouts: dict[str, list[tuple]] = {}  # module -> the selections its last record really stored
     for module_name in dict.fromkeys(whole):
         module = block.get_submodule(module_name)
@@ -121,10 +132,15 @@ def build_block(block: torch.nn.Module, name: str, spec: BlockSpec, cache: Forec
         key = f"{name}.{module_name}"
         optional = {(b.output, b.into if b.tokens else None) for b in spec.branches
                     if b.module == module_name and b.optional}
-        tokens = next(b.tokens for b in spec.branches if b.module == module_name)
-        built.forwards.append((module, _selecting_forward(cache, key, module.forward, chosen, optional, tokens,
-                                                          lengths, layouts.setdefault(module_name, []))))
+        first = next(b for b in spec.branches if b.module == module_name)
+        built.forwards.append((module, _selecting_forward(cache, key, module.forward, chosen, optional, first.tokens,
+                                                          lengths, layouts.setdefault(module_name, []),
+                                                          first.channels_first)))
         built.keys.append(key)
+    for module_name, keys in per_call.items():
+        module = block.get_submodule(module_name)
+        built.forwards.append((module, _call_forward(cache, keys, module.forward, calls, module_name)))
+        built.keys += list(keys.values())
     if plain:
         return built
     split_streams = sorted({s for b in spec.branches if b.tokens for s in b.tokens[:-1]})
@@ -133,7 +149,7 @@ def build_block(block: torch.nn.Module, name: str, spec: BlockSpec, cache: Forec
             layouts.setdefault(module_name, [])
         collapser.register(name, block, spec, adds, layouts, read_arg)
     built.forwards.append((block, _short_forward(block, original, read_arg, spec, cache, adds, layouts, lengths,
-                                                 split_streams, collapser, name)))
+                                                 split_streams, collapser, name, calls)))
     return built
 
 
@@ -146,8 +162,29 @@ def _plain_forward(cache: ForecastCache, key: str, forward: Callable) -> Callabl
     return functools.partial(cache.run, key, forward)
 
 
-def _selecting_forward(cache, key, forward, chosen, optional, tokens, lengths, layout) -> Callable:
-    """Records, on full steps, only the elements / token parts of the output that forecast steps read."""
+def _call_forward(cache: ForecastCache, keys: dict[int, str], forward: Callable, calls: dict, module: str) -> Callable:
+    """A module the block calls more than once: call ``i`` of a block call is recorded under ``keys[i]`` on full
+    steps, the calls not described run as they are (a forecast step calls none of them)."""
+
+    def run(*args, **kwargs):
+        i = calls.get(module, 0)
+        calls[module] = i + 1
+        key = keys.get(i)
+        if key is None:
+            return forward(*args, **kwargs)
+        return cache.run_recording(key, forward, _whole, *args, **kwargs)
+
+    return run
+
+
+def _whole(out):
+    return out
+
+
+def _selecting_forward(cache, key, forward, chosen, optional, tokens, lengths, layout,
+                       channels_first: bool = False) -> Callable:
+    """Records, on full steps, only the elements / token parts of the output that forecast steps read
+    (``channels_first``: a ``(B, C, *spatial)`` output as the tokens ``(B, T, C)`` the block adds)."""
 
     def select(out) -> tuple:
         stored, present = [], []
@@ -159,6 +196,8 @@ def _selecting_forward(cache, key, forward, chosen, optional, tokens, lengths, l
                 if (output, stream) in optional:
                     continue
                 raise RuntimeError(f"{key} returned {len(out)} outputs; the description reads output {output}")
+            if channels_first:
+                tensor = tensor.flatten(2).transpose(1, 2)
             if stream is not None:
                 tensor = _token_part(tensor, tokens, stream, lengths)
             stored.append(tensor)
@@ -170,11 +209,13 @@ def _selecting_forward(cache, key, forward, chosen, optional, tokens, lengths, l
 
 
 def _short_forward(block, original, read_arg, spec: BlockSpec, cache, adds, layouts, lengths, split_streams,
-                   collapser=None, name_of: str = ""):
+                   collapser=None, name_of: str = "", calls: dict | None = None):
     returns = spec.returns
+    calls = {} if calls is None else calls
 
     def forward(*args, **kwargs):
         if cache.is_full:
+            calls.clear()  # the per-call recorders count this block call's calls from 0
             for stream in split_streams:
                 lengths[stream] = read_arg(args, kwargs, stream).shape[1]
             out = original(*args, **kwargs)

@@ -20,14 +20,21 @@ RELAY_HOOK = "taylorseer_context_relay"
 _REGISTRY_ATTR = "_diffusers_hook"  # where diffusers' HookRegistry keeps itself on a module
 
 
-def install_call_boundaries(pipeline, cache: ForecastCache) -> Callable[[], None]:
+def install_call_boundaries(pipeline, cache: ForecastCache, part: Callable | None = None) -> Callable[[], None]:
     """Every diffusers pipeline opens ``self.progress_bar(total=num_inference_steps)`` around its denoising loop,
     after the scheduler's timesteps are set: that call starts a sampling call (fresh state, its step count) and
-    leaving it ends one. Wrapping the pipeline's ``progress_bar`` survives a replaced scheduler. Returns the undo."""
+    leaving it ends one. Wrapping the pipeline's ``progress_bar`` survives a replaced scheduler. ``part(length)``
+    gives ``(first step, steps)`` where the denoiser runs only a part of the loop (Wan 2.2), or None. Returns the
+    undo."""
     bound = pipeline.progress_bar
 
     def progress_bar(*args, **kwargs):
-        cache.begin_call(_loop_length(pipeline, args, kwargs))
+        length = _loop_length(pipeline, args, kwargs)
+        found = part(length) if part is not None else None
+        if found is None:
+            cache.begin_call(length)
+        else:
+            cache.begin_call(found[1], first_step=found[0])
         return _CallBar(bound(*args, **kwargs), cache)
 
     return replace_attribute(pipeline, "progress_bar", progress_bar)

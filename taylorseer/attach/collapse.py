@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..core.arena import Arena, stream_update
 from ..core.cache import ForecastCache
-from .spec import ACTIVATIONS, BlockSpec, Gate, LinearGate, TableGate, _getter, assemble_returns
+from .spec import ACTIVATIONS, BlockSpec, ChunkGate, Gate, LinearGate, TableGate, _getter, assemble_returns
 
 PER_BLOCK = object()  # Collapser.forecast's answer: run this block per block
 
@@ -63,7 +63,7 @@ class _Entry:
 
 
 def _collapsible(spec: BlockSpec, adds) -> bool:
-    if not spec.short:
+    if not spec.short or not spec.collapse:
         return False
     for add in adds:
         gate = add.branch.gate
@@ -71,7 +71,7 @@ def _collapsible(spec: BlockSpec, adds) -> bool:
             return False
         if isinstance(gate, LinearGate) and not gate.unsqueeze:
             return False
-        if gate is not None and not isinstance(gate, (LinearGate, TableGate)):
+        if gate is not None and not isinstance(gate, (LinearGate, TableGate, ChunkGate)):
             return False
     return True
 
@@ -309,7 +309,9 @@ class Collapser:
                 kind = ("ones",)
             elif isinstance(g, LinearGate):
                 plain = _plain_linear(_getter(g.linear)(entries[i].block))
-                kind = ("linear", g.input, g.activation) if plain else ("module", i)
+                kind = ("linear", g.input, g.activation, g.gate_activation) if plain else ("module", i)
+            elif isinstance(g, ChunkGate):
+                kind = ("chunk", g.input, g.chunks, g.gate_activation)
             else:
                 kind = ("table", g.input, g.float32, g.chunks)
             groups.setdefault(kind, []).append(i)
@@ -346,22 +348,35 @@ class Collapser:
             gate, entry = gates[0].gate, entries[0]
             return gate.compute(entry.block, read, memo)
         if kind[0] == "linear":
-            _, arg, activation = kind
+            _, arg, activation, gate_activation = kind
             emb = read(arg)
             if activation is not None:
                 emb = ACTIVATIONS[activation](emb)
             weight, bias = self._stack(gates, entries)
             out = F.linear(emb, weight, bias)
-            return out.view(out.shape[0], len(gates), -1)
+            out = out.view(out.shape[0], len(gates), -1)
+            return out if gate_activation is None else ACTIVATIONS[gate_activation](out)
+        if kind[0] == "chunk":  # chunks of a modulation passed in (Flux2): one gather
+            _, arg, chunks, gate_activation = kind
+            t = read(arg)
+            if t.dim() == 3 and t.shape[1] == 1:
+                t = t[:, 0]
+            if t.dim() != 2:
+                return None  # one gate per token: per block
+            index = self._index(gates, t.device)
+            out = torch.index_select(t.reshape(t.shape[0], chunks, -1), 1, index)
+            return out if gate_activation is None else ACTIVATIONS[gate_activation](out)
         _, arg, float32, chunks = kind
         t = read(arg)
         if float32:
             t = t.float()
-        if t.dim() == 2:
-            t = t.reshape(t.shape[0], chunks, -1)
-        if t.dim() != 3:
-            return None  # one gate per token (Wan 2.2 TI2V): per block
         rows, index = self._table(gates, entries, t.device)
+        if t.shape[-1] != rows.shape[-1]:  # (B, chunks * C): PixArt; (B, 1, chunks * C): LTX-Video
+            t = t.reshape(*t.shape[:-1], chunks, -1)
+            if t.dim() == 4 and t.shape[1] == 1:
+                t = t[:, 0]
+        if t.dim() != 3:
+            return None  # one gate per token (Wan 2.2 TI2V, LTX-Video per token): per block
         return torch.index_select(t, 1, index) + rows
 
     def _stack(self, gates: list[_Gate], entries: list[_Entry]):
@@ -386,6 +401,15 @@ class Collapser:
                                                                                                     strict=True)])
         self._stacks[key] = (stamp, weight, bias)
         return weight, bias
+
+    def _index(self, gates: list[_Gate], device) -> torch.Tensor:
+        """The chunk index of every gate, as a tensor on ``device`` (made once)."""
+        key = ("index", tuple(g.key for g in gates), tuple(g.gate.index for g in gates), device)
+        found = self._stacks.get(key)
+        if found is None:
+            found = self._stacks[key] = (None, torch.tensor([g.gate.index for g in gates], dtype=torch.long,
+                                                            device=device))
+        return found[1]
 
     def _table(self, gates: list[_Gate], entries: list[_Entry], device):
         tables = [_getter(g.gate.table)(e.block) for g, e in zip(gates, entries, strict=True)]

@@ -32,7 +32,7 @@ from .blocks import BlockSpec, build_block, check_inputs
 from .boundaries import install_call_boundaries, register_diffusers_relay, replace_attribute
 from .collapse import Collapser
 from .derive import AutoBlock, Derivation, auto_blocks
-from .pipelines import call_signature, denoisers, extra_context_name
+from .pipelines import call_signature, denoisers, extra_context_name, loop_part
 
 _ATTR = "_taylorseer_attachment"
 
@@ -151,7 +151,9 @@ def _apply_one(model, pipeline, config, modules, blocks, preset, overrides, num_
     if relay is not None:
         attachment.undo.append(relay)
     if pipeline is not None and callable(getattr(pipeline, "progress_bar", None)):
-        attachment.undo.append(install_call_boundaries(pipeline, cache))
+        component = next((n for n, m in denoisers(pipeline) if m is model), None)
+        attachment.undo.append(install_call_boundaries(
+            pipeline, cache, functools.partial(loop_part, pipeline, component)))
     elif num_steps is None and relay is None:
         # Nothing will announce a new sampling call: watch the timestep go back to its start instead.
         cache.watch_timesteps = True

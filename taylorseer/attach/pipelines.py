@@ -3,6 +3,8 @@
 A pipeline may denoise with more than one transformer: Wan 2.2 runs ``transformer`` on the high-noise steps and
 ``transformer_2`` on the rest; two-stage pipelines do alike. ``taylorseer.apply(pipe)`` caches each of them (its own
 cache, its first call always computed, the schedule on the pipeline's step index where the pipeline gives it).
+Where the pipeline says which part of its loop each denoiser runs (Wan 2.2's ``boundary_ratio``), each cache's
+sampling call is its part: its own step count, warm-up and last steps (:func:`loop_part`).
 
 Within one step a pipeline may call a denoiser more than once with other arguments: SD3.5's skip-layer guidance
 calls the transformer again with ``skip_layers=[...]`` (and another batch). Such a call gets its own cache context,
@@ -44,3 +46,22 @@ def extra_context_name(base: str, first: frozenset, now: frozenset) -> str:
     """The context of a call whose signature differs from the context's first call (``default+skip_layers``)."""
     changed = sorted(str(k).lstrip("#") for k in first ^ now)
     return f"{base}+{'+'.join(changed)}"
+
+
+def loop_part(pipeline, component: str, length: int | None) -> tuple[int, int] | None:
+    """``(first step, steps)`` of the pipeline's denoising loop of ``length`` steps that denoiser ``component``
+    runs, where the pipeline splits its loop between two: Wan 2.2 (``config.boundary_ratio``) runs
+    ``transformer`` while ``t >= boundary_ratio * num_train_timesteps`` and ``transformer_2`` after (the
+    pipeline's own rule, on the scheduler's timesteps). None: the denoiser runs every step."""
+    ratio = getattr(getattr(pipeline, "config", None), "boundary_ratio", None)
+    scheduler = getattr(pipeline, "scheduler", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if (ratio is None or component not in ("transformer", "transformer_2") or timesteps is None
+            or getattr(pipeline, "transformer_2", None) is None or getattr(pipeline, "transformer", None) is None):
+        return None
+    timesteps = timesteps[int(getattr(scheduler, "begin_index", None) or 0):]
+    if length is not None and len(timesteps) != length:
+        return None  # a loop over other steps than the scheduler's: the part is not known
+    boundary = ratio * scheduler.config.num_train_timesteps
+    high = sum(1 for t in timesteps if t >= boundary)
+    return (0, high) if component == "transformer" else (high, len(timesteps) - high)

@@ -9,11 +9,17 @@ the core builds the full-step records and the forecast-step forwards from it (:m
 | dit | DiT (TaylorSeer-DiT) | attn, mlp (adaLN rows 2, 5 of 6) |
 | flux | FluxTransformer2DModel | double: attn image output, ff (norm1 rows 2, 5); single: proj_out's image tokens |
 | hunyuan_video | HunyuanVideoTransformer3DModel | double: attn, ff, ff_context (plain); single: proj_out (row 2/3) |
-| wan | WanTransformer3DModel | attn1, ffn (table rows 2, 5, fp32), attn2 ungated |
+| wan | WanTransformer3DModel (Wan 2.1, 2.2) | attn1, ffn (table rows 2, 5, fp32; TI2V: per token), attn2 ungated |
 | sd3 | SD3Transformer2DModel | attn image output, attn2 (SD3.5), ff (norm1 rows 2, 5, 8) |
 | pixart | PixArtTransformer2DModel | attn1, ff (table rows 2, 5), attn2 ungated |
 | cogvideox | CogVideoXTransformer3DModel | attn1 video output (norm1 row 2), ff video tokens (norm2 row 2) |
 | qwenimage | QwenImageTransformer2DModel | attn image output, img_mlp (img_mod rows 2, 5 of 6) |
+| flux2 | Flux2Transformer2DModel | double: attn image output, ff (chunks 2, 5 of input temb_mod_img); single: attn |
+| ltx | LTXVideoTransformer3DModel | attn1, ff (table rows 2, 5 of a (B, S, 6C) temb), attn2 ungated |
+| hunyuan_video15 | HunyuanVideo15Transformer3DModel | attn video output, ff (norm1 rows 2, 5) |
+| sana | SanaTransformer2DModel | attn1, ff (channels-first output as tokens; table rows 2, 5), attn2 ungated |
+| lumina2 | Lumina2Transformer2DModel | norm2, ffn_norm2: the post-norms' outputs (tanh of norm1 rows 1, 3 of 4) |
+| cogview4 | CogView4Transformer2DModel | attn1 image output, ff's first call (image tokens) (norm1 rows 4, 10 of 12) |
 
 Any other class: no preset needed, each block's path is derived and verified (:mod:`taylorseer.attach.derive`).
 
@@ -24,12 +30,13 @@ and HunyuanVideo its upstream behaviour by default.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .blocks import BlockSpec, Branch, LinearGate, TableGate
+from .blocks import BlockSpec, Branch, ChunkGate, LinearGate, TableGate
 
 H, E = "hidden_states", "encoder_hidden_states"
 
@@ -174,6 +181,87 @@ def _qwenimage(model) -> dict[str, BlockSpec]:
     return _each(model, "transformer_blocks", spec_of)
 
 
+# ------------------------------------------------------------------------------------------------ Flux2
+def _flux2(model) -> dict[str, BlockSpec]:
+    """Flux2 computes every block's modulation once per step and passes it in (``temb_mod_img``, ``temb_mod``):
+    the gates are chunks of a block input. The single blocks update ``cat(text, image)`` as one stream (the text
+    tokens are forecast too; the model drops them at the end). The double blocks' image stream has fewer tokens
+    than the single blocks' stream of the same name, so under the collapsed step the double blocks run per block
+    (``collapse=False``) and the single blocks, most of the model, as one run."""
+    double = BlockSpec((Branch("attn", ChunkGate("temb_mod_img", 2, 6), output=0),
+                        Branch("ff", ChunkGate("temb_mod_img", 5, 6))), returns=(E, H), clip_fp16=(E,),
+                       collapse=False)
+    single = BlockSpec((Branch("attn", ChunkGate("temb_mod", 2, 3)),), returns=H, clip_fp16=(H,))
+    return {**_each(model, "transformer_blocks", lambda _: double),
+            **_each(model, "single_transformer_blocks", lambda _: single)}
+
+
+# ------------------------------------------------------------------------------------------- LTX-Video
+def _ltx(model) -> dict[str, BlockSpec]:
+    """``scale_shift_table + temb.reshape(B, S, 6, C)``: ``temb`` is ``(B, S, 6C)`` (S = 1, or per token)."""
+    def gate(i):
+        return TableGate("scale_shift_table", i, 6, input="temb")
+
+    spec = BlockSpec((Branch("attn1", gate(2)), Branch("attn2"), Branch("ff", gate(5))))
+    return _each(model, "transformer_blocks", lambda _: spec)
+
+
+# ---------------------------------------------------------------------------------------- HunyuanVideo 1.5
+def _hunyuan_video15(model) -> dict[str, BlockSpec]:
+    """Double-stream blocks only (``AdaLayerNormZero`` rows 2, 5 of 6); the output reads the video tokens, so the
+    text stream is neither recorded nor forecast."""
+    def gate(i):
+        return LinearGate("norm1.linear", i, 6)
+
+    spec = BlockSpec((Branch("attn", gate(2), output=0), Branch("ff", gate(5))), returns=(H, E))
+    return _each(model, "transformer_blocks", lambda _: spec)
+
+
+# ------------------------------------------------------------------------------------------------- Sana
+def _sana(model) -> dict[str, BlockSpec]:
+    """The feed-forward is convolutional: its ``(B, C, H, W)`` output is added as tokens (``channels_first``)."""
+    def spec_of(block):
+        def gate(i):
+            return TableGate("scale_shift_table", i, 6, input="timestep")
+
+        cross = (Branch("attn2"),) if block.attn2 is not None else ()
+        return BlockSpec((Branch("attn1", gate(2)),) + cross + (Branch("ff", gate(5), channels_first=True),))
+
+    return _each(model, "transformer_blocks", spec_of)
+
+
+# ----------------------------------------------------------------------------------------------- Lumina2
+def _lumina2(model) -> dict[str, BlockSpec]:
+    """``x + tanh(g) * norm2(attn(...))``: the cached features are the post-norms' outputs, the gates the tanh of
+    rows 1 and 3 of 4 of ``norm1.linear``. The unmodulated context refiner's branches are ungated. The three
+    block lists update streams of one name with different token counts (text, image, joint): under the
+    collapsed step the refiners run per block and ``layers``, most of the model, as one run."""
+    def spec_of(block, collapse=True):
+        if not block.modulation:
+            return BlockSpec((Branch("norm2"), Branch("ffn_norm2")), collapse=collapse)
+
+        def gate(i):
+            return LinearGate("norm1.linear", i, 4, gate_activation="tanh")
+
+        return BlockSpec((Branch("norm2", gate(1)), Branch("ffn_norm2", gate(3))), collapse=collapse)
+
+    refiner = functools.partial(spec_of, collapse=False)
+    return {**_each(model, "context_refiner", refiner), **_each(model, "noise_refiner", refiner),
+            **_each(model, "layers", spec_of)}
+
+
+# ---------------------------------------------------------------------------------------------- CogView4
+def _cogview4(model) -> dict[str, BlockSpec]:
+    """``norm1.linear(temb)`` (``temb`` already through SiLU) in 12 chunks, image gates 4 and 10; ``ff`` runs on the
+    image tokens, then on the text: its first call is the image branch. The text stream is read by nothing on a
+    forecast step."""
+    def gate(i):
+        return LinearGate("norm1.linear", i, 12, activation=None)
+
+    spec = BlockSpec((Branch("attn1", gate(4), output=0), Branch("ff", gate(10), call=0)), returns=(H, E))
+    return _each(model, "transformer_blocks", lambda _: spec)
+
+
 _FAMILIES: dict[str, tuple[tuple[str, ...], Callable, str]] = {
     "dit": (("DiT",), _dit, "attn, mlp"),
     "flux": (("FluxTransformer2DModel",), _flux, "double: attn (image), ff; single: proj_out (image tokens)"),
@@ -184,6 +272,13 @@ _FAMILIES: dict[str, tuple[tuple[str, ...], Callable, str]] = {
     "pixart": (("PixArtTransformer2DModel",), _pixart, "attn1, ff (gated), attn2 (ungated)"),
     "cogvideox": (("CogVideoXTransformer3DModel",), _cogvideox, "attn1 (video), ff (video tokens)"),
     "qwenimage": (("QwenImageTransformer2DModel",), _qwenimage, "attn (image output), img_mlp (img_mod rows 2, 5)"),
+    "flux2": (("Flux2Transformer2DModel",), _flux2, "double: attn (image), ff; single: attn (gates: chunks of "
+              "temb_mod_img / temb_mod)"),
+    "ltx": (("LTXVideoTransformer3DModel",), _ltx, "attn1, ff (table rows 2, 5 of (B, S, 6C) temb), attn2 (ungated)"),
+    "hunyuan_video15": (("HunyuanVideo15Transformer3DModel",), _hunyuan_video15, "attn (video output), ff"),
+    "sana": (("SanaTransformer2DModel",), _sana, "attn1, ff (channels first; table rows 2, 5), attn2 (ungated)"),
+    "lumina2": (("Lumina2Transformer2DModel",), _lumina2, "norm2, ffn_norm2 (post-norm outputs; tanh gates)"),
+    "cogview4": (("CogView4Transformer2DModel",), _cogview4, "attn1 (image output), ff's first call (image tokens)"),
 }
 
 NAMES = tuple(_FAMILIES)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu, "tanh": torch.tanh}
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class LinearGate:
 
     ``linear`` is the path of the ``nn.Linear`` inside the block (``"norm1.linear"``,
     ``"adaLN_modulation.1"``), ``input`` the block ``forward`` argument it reads (``"temb"``, ``"c"``),
-    ``activation`` what the block applies to it first (computed once per block and input).
+    ``activation`` what the block applies to it first (computed once per block and input), ``gate_activation``
+    what it applies to the chunk (Lumina2: ``tanh``).
     """
 
     linear: str
@@ -31,6 +32,7 @@ class LinearGate:
     input: str = "temb"
     activation: str | None = "silu"
     unsqueeze: bool = True  # (B, C) -> (B, 1, C), broadcast over the tokens
+    gate_activation: str | None = None
 
     def compute(self, block: torch.nn.Module, read: Callable[[str], object], memo: dict) -> torch.Tensor:
         key = (self.input, self.activation)
@@ -41,13 +43,13 @@ class LinearGate:
                 emb = ACTIVATIONS[self.activation](emb)
             memo[key] = emb
         gate = modulation_chunk(_getter(self.linear)(block), emb, self.chunks, self.index)
-        return gate.unsqueeze(1) if self.unsqueeze else gate
+        gate = gate.unsqueeze(1) if self.unsqueeze else gate
+        return gate if self.gate_activation is None else ACTIVATIONS[self.gate_activation](gate)
 
     def validate(self, block: torch.nn.Module) -> None:
         _check_attr(block, self.linear, "LinearGate.linear")
-        if self.activation is not None and self.activation not in ACTIVATIONS:
-            raise ValueError(f"LinearGate.activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)} "
-                             f"or None")
+        _check_activation(self, "activation")
+        _check_activation(self, "gate_activation")
         _check_chunk(self)
 
 
@@ -56,8 +58,9 @@ class TableGate:
     """``g = (table + input).chunk(chunks, dim=-2)[index]`` with a learned ``(chunks, C)`` table.
 
     PixArt: ``scale_shift_table[None] + timestep.reshape(B, 6, -1)`` (``input`` is ``(B, 6C)``); Wan:
-    ``scale_shift_table + temb.float()`` (``(B, 6, C)``, or ``(B, S, 6, C)`` per token in Wan 2.2 TI2V).
-    Only row ``index`` of the table and of the input is read.
+    ``scale_shift_table + temb.float()`` (``(B, 6, C)``, or ``(B, S, 6, C)`` per token in Wan 2.2 TI2V); LTX-Video:
+    ``temb`` is ``(B, S, 6C)`` (``S = 1``, or one row per token): an input whose last dimension holds all the
+    chunks is split there. Only row ``index`` of the table and of the input is read.
     """
 
     table: str
@@ -71,8 +74,8 @@ class TableGate:
         if self.float32:
             t = t.float()
         row = _getter(self.table)(block).reshape(self.chunks, -1)[self.index]  # (C,)
-        if t.dim() == 2:  # (B, chunks * C): PixArt
-            t = t.reshape(t.shape[0], self.chunks, -1)
+        if t.shape[-1] != row.shape[-1]:  # (B, chunks * C): PixArt; (B, S, chunks * C): LTX-Video
+            t = t.reshape(*t.shape[:-1], self.chunks, -1)
         if t.dim() == 3:  # (B, chunks, C) -> (B, 1, C)
             return row + t[:, self.index : self.index + 1]
         return row + t[:, :, self.index]  # (B, S, chunks, C) -> (B, S, C): one gate per token
@@ -84,7 +87,32 @@ class TableGate:
         _check_chunk(self)
 
 
-Gate = LinearGate | TableGate
+@dataclass(frozen=True)
+class ChunkGate:
+    """``g = input.chunk(chunks, dim=-1)[index]``: the modulation computed outside the block and passed in.
+
+    Flux2 computes every block's modulation once per step (``temb_mod_img``, ``(B, 6C)`` or ``(B, 1, 6C)``) and
+    passes it to the blocks as an argument. ``gate_activation`` is applied to the chunk (e.g. ``"tanh"``).
+    """
+
+    input: str
+    index: int
+    chunks: int
+    gate_activation: str | None = None
+
+    def compute(self, block: torch.nn.Module, read: Callable[[str], object], memo: dict) -> torch.Tensor:
+        t = read(self.input)
+        if t.dim() == 2:  # (B, chunks * C) -> (B, 1, chunks * C), broadcast over the tokens
+            t = t.unsqueeze(1)
+        gate = t.chunk(self.chunks, dim=-1)[self.index]
+        return gate if self.gate_activation is None else ACTIVATIONS[self.gate_activation](gate)
+
+    def validate(self, block: torch.nn.Module) -> None:
+        _check_activation(self, "gate_activation")
+        _check_chunk(self)
+
+
+Gate = LinearGate | TableGate | ChunkGate
 
 
 @dataclass(frozen=True)
@@ -95,7 +123,12 @@ class Branch:
     picks an element of a tuple output (FLUX's joint attention returns ``(image, text)``), ``optional``
     skips the add when that element is absent (FLUX's IP-adapter output). ``tokens`` says the output
     concatenates the tokens of these streams in this order (FLUX's single block: ``proj_out`` over
-    ``cat(text, image)``): ``into``'s part of it is added.
+    ``cat(text, image)``): ``into``'s part of it is added. ``call`` says which call's output is the feature
+    when the block calls the module more than once (CogView4's ``ff``: call 0 on the image tokens, call 1 on
+    the text); the other calls run uncached. ``channels_first``: the module returns ``(B, C, *spatial)`` and the
+    block adds it as tokens ``(B, T, C)`` (Sana's convolutional feed-forward); the tokens are recorded.
+    The cached module may be a post-processing one: Lumina2 adds ``norm2(attn(...))``, so ``norm2`` is the
+    branch (its output is what the add reads).
     """
 
     module: str
@@ -104,10 +137,16 @@ class Branch:
     output: int | None = None
     optional: bool = False
     tokens: tuple[str, ...] | None = None
+    call: int | None = None
+    channels_first: bool = False
 
     def __post_init__(self):
         if self.tokens is not None and self.into not in self.tokens:
             raise ValueError(f"Branch({self.module!r}): into={self.into!r} is not one of tokens={self.tokens}")
+        if self.call is not None and (self.output is not None or self.tokens is not None or self.channels_first
+                                      or self.call < 0):
+            raise ValueError(f"Branch({self.module!r}, call={self.call}): a module's call is cached whole (no output, "
+                             f"tokens or channels_first), call >= 0")
 
 
 @dataclass(frozen=True)
@@ -126,6 +165,10 @@ class BlockSpec:
             records the single blocks' attention; it costs memory only).
         short: False keeps the block's own forward on forecast steps (its branch modules then return their
             forecasts): the plain-module way, for blocks with work the description does not cover.
+        collapse: False runs the block per block under the collapsed forecast step
+            (:mod:`taylorseer.attach.collapse`), which keeps one set of factors per residual stream name: where
+            two block lists update a stream of one name with different token counts (Flux2: the double blocks'
+            image tokens, the single blocks' text and image tokens), the shorter list runs per block.
     """
 
     branches: tuple[Branch, ...]
@@ -134,12 +177,16 @@ class BlockSpec:
     split_storage: str = "parts"
     record_only: tuple[str, ...] = ()
     short: bool = True
+    collapse: bool = True
 
     def __post_init__(self):
         if self.split_storage not in ("parts", "whole"):
             raise ValueError(f"BlockSpec.split_storage={self.split_storage!r}: expected 'parts' or 'whole'")
         if not self.branches and not self.record_only:
             raise ValueError("a BlockSpec needs at least one branch")
+        if not self.short and any(b.call is not None or b.channels_first for b in self.branches):
+            raise ValueError("BlockSpec(short=False) caches its modules whole: no Branch(call=...) or "
+                             "Branch(channels_first=True)")
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -171,6 +218,12 @@ def _check_attr(block: torch.nn.Module, path: str, what: str):
         children = [n for n, _ in block.named_children()]
         raise ValueError(f"{what}={path!r} does not exist in {type(block).__name__}; its children are {children}") \
             from None
+
+
+def _check_activation(gate, attribute: str) -> None:
+    value = getattr(gate, attribute)
+    if value is not None and value not in ACTIVATIONS:
+        raise ValueError(f"{type(gate).__name__}.{attribute}={value!r}: expected one of {sorted(ACTIVATIONS)} or None")
 
 
 def _check_chunk(gate) -> None:

@@ -89,6 +89,7 @@ class ForecastCache:
         self.watch_timesteps = False  # nothing announces calls: a timestep going back starts a new one
         self._announced = False  # the current call was announced with its step count (begin_call)
         self._announced_step: int | None = None  # diffusers' step index for the next call of the current context
+        self._first_step: int | None = None  # the pipeline's index of this call's first step (a part of the loop)
         self._contexts: dict[str, _Context] = {}
         # Context parallelism: each rank sees its own tokens of the probe, so (sum |error|, sum |probe|) is summed
         # over the ranks of one generation before the policy decides (every rank then decides alike).
@@ -107,14 +108,18 @@ class ForecastCache:
         self.context_name = DEFAULT_CONTEXT
         self._announced = False
         self._announced_step = None
+        self._first_step = None
         if num_steps is not None:
             self.num_steps = num_steps
 
-    def begin_call(self, num_steps: int | None = None) -> None:
+    def begin_call(self, num_steps: int | None = None, first_step: int | None = None) -> None:
         """A sampling call of ``num_steps`` denoiser calls per context starts (a pipeline opened its loop):
-        fresh state, and running past ``num_steps`` within it is an error."""
+        fresh state, and running past ``num_steps`` within it is an error. ``first_step``: the model runs only
+        a part of the pipeline's loop, ``num_steps`` steps from the pipeline's step ``first_step`` on (Wan 2.2's
+        ``transformer_2``): the pipeline's step indices count from there, and its loop length is not this call's."""
         self.reset(num_steps)
         self._announced = True
+        self._first_step = first_step
 
     def end_call(self) -> CallSummary | None:
         """Close a sampling call and return what it did. Diffusers pipelines with ``CacheMixin``
@@ -127,6 +132,9 @@ class ForecastCache:
         """Select the context of the next denoiser calls. ``step_index``/``num_steps`` are diffusers'
         ``CacheContext`` fields where a pipeline gives them (Wan): the step is then the pipeline's own."""
         self.context_name = name or DEFAULT_CONTEXT
+        if self._first_step is not None:  # a part of the pipeline's loop: its own indices and length
+            step_index = None if step_index is None else step_index - self._first_step
+            num_steps = None
         self._announced_step = step_index
         if num_steps is not None:
             self.num_steps = int(num_steps)
