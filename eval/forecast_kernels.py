@@ -7,6 +7,7 @@ with 256 text tokens; bf16), the non-view aten ops of one forecast step (taylors
 
     collapsed   this project's default (cache.forecast_step=collapsed): one update per residual stream
     per_block   every block adds its gated forecasts in turn (cache.forecast_step=per_block)
+    per_stream  the memory-light level (cache.forecast_step=per_stream): x_0 + sum_i w_i U_i per stream, no gates
     bound       the same schedule with every block skipped on forecast steps (nothing forecast)
 
 On the meta device the collapsed pass is counted as its eager formula (a multiply, a sum, an add and a cast:
@@ -72,7 +73,8 @@ def count(name: str, order: int = 1, depth: float = 1.0, variants=("collapsed", 
     out = {}
     with torch.no_grad():
         for variant in variants:
-            config = dataclasses.replace(base, forecast_step="per_block" if variant == "per_block" else "collapsed")
+            step = variant if variant in ("per_block", "per_stream") else "collapsed"
+            config = dataclasses.replace(base, forecast_step=step)
             taylorseer.apply(model, config, num_steps=50, skip_all=variant == "bound", **kwargs)
             try:
                 for _ in range(base.interval + 1):  # full steps 0 and 5: the forecast reads O+1 factors

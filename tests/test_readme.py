@@ -129,6 +129,8 @@ PLANS = [
     Plan(r"bash scripts/calibrate.sh dit .*", append="samples=50 batch_size=50 progress=false"),
     Plan(r"python -m taylorseer_eval.store_fidelity --full-size"),
     Plan(r"python -m taylorseer_eval.store_fidelity", append="--models flux-pipeline --no-progress"),
+    Plan(r"python -m taylorseer_eval.stream_fidelity --full-size"),
+    Plan(r"python -m taylorseer_eval.stream_fidelity", append="--samples 10 --schedules paper-O1 --no-progress"),
     Plan(r"bash scripts/count_flops.sh.*"),
     # tables: the digits sweep for real (smaller); the GPU tables up to what needs a GPU cluster: every point
     # composed through the app's config and a table of not-yet-run points, and the sweep says they did not finish

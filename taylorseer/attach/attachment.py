@@ -70,7 +70,7 @@ class AttachSummary:
         """Per context: bytes of one factor of every recorded feature (known after a full step)."""
         out = {}
         for name, ctx in self.cache._contexts.items():
-            total = sum(s.tensors[0].numel() * s.tensors[0].element_size()
+            total = sum(s.tensors[0].nbytes  # a tensor, or an 8-bit factor with its scales
                         for states in ctx.states.values() for s in states if s.tensors)
             if total:
                 out[name] = total
@@ -104,6 +104,10 @@ class AttachSummary:
                   f"factors at order {self.cache.config.max_order}: {projected / 1e9:.3f} GB "
                   f"over {len(self.feature_bytes())} context(s)")
         text = f"{head}: " + ", ".join(parts) + f"; {memory}"
+        collapser = getattr(self.cache, "collapser", None)
+        line = collapser.describe() if collapser is not None and not self.skip_all else None
+        if line:
+            text += f"\n  {line}"
         if self.derivation is not None:
             text += "".join(f"\n  {line}" for line in self.derivation.lines())
         return text + "".join(f"\n{other.describe()}" for other in self.others)

@@ -19,6 +19,15 @@ there and that part stays per block. On forecast steps the followers check the s
 run per block: ``short=False`` descriptions, optional branches (FLUX's IP-adapter output), factors stored over
 several streams and sliced (``split_storage="whole"``), per-token gates, fp16 streams clipped between blocks,
 8-bit factors (``factor_store``) and offloaded ones (``offload``).
+
+``forecast_step=per_stream`` (the memory-light level) keeps no factors per branch for these blocks: on a full step
+each run's stream update ``U = x_L - x_0`` (the run's last outputs minus its first block's inputs) is one recorded
+feature, its factors updated by the configured forecaster, and a forecast step is ``x_L = x_0 + sum_i w_i U_i``, one
+fused pass over one arena per run and stream, no gates. The runs are recorded as they are found on each full step
+(a run ends where the next block is not linked to it, or where the model call ends: :meth:`Collapser.end_step`).
+Gates, optional outputs, token parts and fp16 clipping do not matter to it (they are inside ``U``); ``short=False``
+blocks and, under the adaptive schedule, the probe's block and those before it (computed on every step) keep their
+per-branch factors and run per block.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from ..core.cache import ForecastCache
 from .spec import ACTIVATIONS, BlockSpec, ChunkGate, Gate, LinearGate, TableGate, _getter, assemble_returns
 
 PER_BLOCK = object()  # Collapser.forecast's answer: run this block per block
+UNIT = "stream-update:"  # cache keys of per-stream factors: UNIT + "<first block>..<last block>"
 
 
 @dataclass
@@ -60,6 +70,26 @@ class _Entry:
     checks: tuple[str, ...] = ()  # streams whose inputs must be the previous block's outputs
     gate_inputs: tuple[str, ...] = ()
     optional: list[_Gate] = field(default_factory=list)  # adds of outputs a module may not return (IP-adapter)
+
+
+@dataclass
+class _Unit:
+    """A run being recorded on a full step (per_stream): its first block's stream inputs, its last block's outputs."""
+
+    token: tuple
+    head: _Entry
+    tail: str
+    x0: dict[str, torch.Tensor]
+    outs: dict
+
+
+def _streams(entry: _Entry) -> tuple[str, ...]:
+    """The residual streams a block adds into (optional outputs too: per stream they are part of the update)."""
+    return tuple(dict.fromkeys(g.stream for g in entry.gates + entry.optional))
+
+
+def unit_key(head: str, tail: str) -> str:
+    return f"{UNIT}{head}..{tail}"
 
 
 def _collapsible(spec: BlockSpec, adds) -> bool:
@@ -96,11 +126,23 @@ class Collapser:
         self.heads = 0  # collapsed runs computed (for tests and summaries)
         self._previous: tuple | None = None  # (token, entry, outputs by stream, args, kwargs) of the last block call
         self._stacks: dict = {}
+        # per_stream: the run being recorded, the blocks that keep per-branch factors (name -> why) and the blocks
+        # computed on every step (the adaptive schedule's probe and those before it), never in a run.
+        self._open: _Unit | None = None
+        self.per_branch: dict[str, str] = {}
+        self.fixed: set[str] = set()
+        self.units_recorded = 0  # runs recorded on full steps (for tests and summaries)
 
     # ---------------------------------------------------------------------------------------- building
     def register(self, name: str, block: torch.nn.Module, spec: BlockSpec, adds, layouts: dict,
                  read_arg: Callable) -> None:
-        if not _collapsible(spec, adds):
+        if self.per_stream:
+            if not any(not a.branch.optional for a in adds):
+                self.per_branch[name] = "no residual add to forecast"
+                return
+            # Its branches are not recorded: the run's stream update replaces them.
+            self.cache.unrecorded.update(f"{name}.{module}" for module in spec.modules)
+        elif not _collapsible(spec, adds):
             return
         returns = (spec.returns,) if isinstance(spec.returns, str) else spec.returns
         returned = tuple(s for s in returns if s is not None)
@@ -128,10 +170,47 @@ class Collapser:
         config = self.cache.config
         return config.max_order + 1 + (config.forecaster == "feedback")
 
+    @property
+    def per_stream(self) -> bool:
+        return self.cache.config.forecast_step == "per_stream"
+
     def active(self) -> bool:
         config = self.cache.config
+        if config.forecast_step == "per_stream":
+            return config.enabled  # 8-bit and offloaded factors too: the cache stores and fetches them
         return (config.enabled and config.forecast_step == "collapsed" and self.cache.store is None
                 and not config.offload)
+
+    def planned(self, specs: dict[str, BlockSpec], probe: torch.nn.Module | None, named: dict) -> None:
+        """Every block is built (``specs``: the described ones). per_stream: the blocks not registered keep their
+        per-branch factors (``short=False`` descriptions); under schedule=adaptive the probe's block and the blocks
+        before it (``named``'s order) are computed on every step, so they are in no run and keep theirs too."""
+        if not self.per_stream:
+            return
+        for name in specs:
+            if name not in self.entries and name not in self.per_branch:  # register() never saw it
+                self.per_branch[name] = "short=False: the block runs its own forward"
+        if probe is None:
+            return
+        order = {n: i for i, n in enumerate(named)}
+        at = next((order[n] for n, m in named.items() if m is probe), -1)
+        for name, entry in self.entries.items():
+            if order.get(name, len(order)) < at or any(m is probe for m in entry.block.modules()):
+                self.fixed.add(name)
+                self.per_branch[name] = "computed on every step (the adaptive schedule's probe or before it)"
+                self.cache.unrecorded.difference_update(f"{name}.{module}" for module in entry.spec.modules)
+
+    def describe(self) -> str | None:
+        """One line for :func:`taylorseer.summary` (per_stream only)."""
+        if not self.per_stream:
+            return None
+        runs = [n for n in self.entries if n not in self.fixed]
+        line = f"forecast_step=per_stream: {len(runs)} blocks forecast from their runs' stream updates"
+        if self.per_branch:
+            shown = "; ".join(f"{n}: {why}" for n, why in list(self.per_branch.items())[:3])
+            more = ", ..." if len(self.per_branch) > 3 else ""
+            line += f"; {len(self.per_branch)} per branch ({shown}{more})"
+        return line
 
     def _token(self) -> tuple:
         cache = self.cache
@@ -149,14 +228,20 @@ class Collapser:
             return entry.read_arg(args, kwargs, arg)
 
         previous = self._previous if self._previous is not None and self._previous[0] == token else None
+        linked = False
         if previous is not None:
             _, before, outs, pargs, pkwargs = previous
-            if self._linked(entry, read, outs, lambda a: before.read_arg(pargs, pkwargs, a)):
+            linked = self._linked(entry, read, outs, lambda a: before.read_arg(pargs, pkwargs, a),
+                                  gates=not self.per_stream)
+            if linked:
                 self.next[before.name] = name
             else:
                 self.next.pop(before.name, None)
         outs = _outputs(entry.spec.returns, out)
         self._previous = (token, entry, outs, args, kwargs)
+        if self.per_stream:
+            self._record(entry, read, outs, token, linked)
+            return
         config = self.cache.config
         if config.schedule == "interval" and config.interval == 1:
             return  # every step computed: nothing will read an arena
@@ -167,12 +252,51 @@ class Collapser:
                 if arena is not None:
                     arena.adopt(gate.index, state.tensors)
 
+    def _record(self, entry: _Entry, read, outs: dict, token: tuple, linked: bool) -> None:
+        """per_stream, a full step of ``entry``: extend the run being recorded, or close it and start one here."""
+        unit = self._open
+        if unit is not None and unit.token != token:
+            unit = self._open = None  # a step that ended without end_step (an exception): nothing to record
+        if entry.name in self.fixed or self.cache.undecided:
+            self._close()  # computed on every step: in no run (and nothing is recorded before the probe decides)
+            return
+        if unit is not None and linked and self._joins(unit.head, entry):
+            unit.tail, unit.outs = entry.name, outs
+            return
+        self._close()
+        self._open = _Unit(token, entry, entry.name, {s: read(s) for s in _streams(entry)}, outs)
+
+    def _joins(self, head: _Entry, entry: _Entry) -> bool:
+        """Whether ``entry`` may continue a per-stream run that starts at ``head`` (it is linked to the block before
+        it, checked by the caller): not computed on every step, and adding only into the head's streams."""
+        return entry.name not in self.fixed and set(_streams(entry)) <= set(_streams(head))
+
+    def end_step(self) -> None:
+        """The model call ended (its forward hook): record the run still open."""
+        if self._open is not None:
+            self._close()
+
+    def _close(self) -> None:
+        unit, self._open = self._open, None
+        if unit is None or unit.token != self._token():
+            return
+        updates = []
+        for stream in _streams(unit.head):
+            out, x0 = unit.outs.get(stream), unit.x0[stream]
+            if not isinstance(out, torch.Tensor) or out.shape != x0.shape:
+                raise RuntimeError(f"cache.forecast_step=per_stream: the run {unit.head.name}..{unit.tail} does not "
+                                   f"return its stream {stream!r} in the shape it took it, so its update cannot be "
+                                   f"recorded; use cache.forecast_step=collapsed for this model")
+            updates.append(out - x0)
+        self.cache.update(unit_key(unit.head.name, unit.tail), tuple(updates))
+        self.units_recorded += 1
+
     @staticmethod
-    def _linked(entry: _Entry, read, outs: dict, read_before) -> bool:
+    def _linked(entry: _Entry, read, outs: dict, read_before, gates: bool = True) -> bool:
         for stream in entry.checks:
             if stream not in outs or read(stream) is not outs[stream]:
                 return False
-        for arg in entry.gate_inputs:
+        for arg in entry.gate_inputs if gates else ():  # per_stream computes no gate
             try:
                 if read(arg) is not read_before(arg):
                     return False
@@ -220,19 +344,22 @@ class Collapser:
         token = self._token()
         if self.covered.get(name) == token:
             return self._pass_through(entry, read)
+        if self.per_stream and name in self.fixed:
+            return PER_BLOCK
         run = [entry]
         while run[-1].name in self.next and self.next[run[-1].name] in self.entries:
             follower = self.entries[self.next[run[-1].name]]
-            if follower in run:
+            if follower in run or (self.per_stream and not self._joins(entry, follower)):
                 break
             run.append(follower)
-        outs = self._collapse(run, read)
+        outs = self._stream_updates(run, read) if self.per_stream else self._collapse(run, read)
         if outs is None:
             return PER_BLOCK
         self.heads += 1
         for follower in run[1:]:
             self.covered[follower.name] = token
-        self.head_inputs = {arg: read(arg) for e in run for arg in e.gate_inputs}
+        if not self.per_stream:  # per_stream reads no gate
+            self.head_inputs = {arg: read(arg) for e in run for arg in e.gate_inputs}
         result = assemble_returns(entry.spec.returns, outs, read)
         self.last_outs = _outputs(entry.spec.returns, result)
         return result
@@ -244,13 +371,60 @@ class Collapser:
                                    f"before it returned, though it was on the full steps; the collapsed forecast "
                                    f"already added this block's forecast. Use cache.forecast_step=per_block for "
                                    f"this model")
-        for arg in entry.gate_inputs:
+        for arg in entry.gate_inputs if not self.per_stream else ():
             if read(arg) is not self.head_inputs.get(arg):
                 raise RuntimeError(f"{entry.name}: its gate input {arg!r} differs from the run's first block's on "
                                    f"this forecast step; use cache.forecast_step=per_block for this model")
         result = assemble_returns(entry.spec.returns, {}, read)
         self.last_outs = _outputs(entry.spec.returns, result)
         return result
+
+    def _stream_updates(self, run: list[_Entry], read) -> dict:
+        """per_stream: ``x_L = x_0 + sum_i w_i U_i`` for each stream of the run, from the run's recorded factors."""
+        head, key = run[0], unit_key(run[0].name, run[-1].name)
+        try:
+            states = self.cache.factors(key)
+        except RuntimeError:
+            raise RuntimeError(f"cache.forecast_step=per_stream: no stream update was recorded for the blocks "
+                               f"{head.name}..{run[-1].name}, which run as one on this forecast step (the model's "
+                               f"blocks were called otherwise on its last full step); use "
+                               f"cache.forecast_step=collapsed for this model") from None
+        config = self.cache.config
+        forecasts = None
+        if self.cache.store is not None or config.offload:  # 8-bit or host factors: the cache's own forecast
+            forecasts = self.cache.forecast(key)
+            forecasts = (forecasts,) if isinstance(forecasts, torch.Tensor) else forecasts
+        outs = {}
+        for i, (stream, state) in enumerate(zip(_streams(head), states, strict=True)):
+            x0 = read(stream)
+            if forecasts is not None:
+                out = torch.add(x0, forecasts[i].to(x0.dtype))
+            else:
+                out = self._unit_update(key, stream, x0, state)
+            if x0.dtype == torch.float16 and any(stream in e.spec.clip_fp16 for e in run):
+                out = out.clip(-65504, 65504)  # diffusers clips these fp16 streams after each block
+            outs[stream] = out
+        return outs
+
+    def _unit_update(self, key: str, stream: str, x0: torch.Tensor, state) -> torch.Tensor:
+        """``x0 + sum_i w_i U_i`` in one pass over the run's arena of this stream (one slot per factor)."""
+        like = state.tensors[0]
+        arena_key = (self.cache.context_name, f"{key}:{stream}")
+        arena = self.arenas.get(arena_key)
+        if arena is None or not arena.fits(like):
+            arena = self.arenas[arena_key] = Arena(tuple(like.shape), like.dtype, like.device, 1, self.per_gate)
+        slots = arena.adopt(0, state.tensors)
+        if slots is None or tuple(x0.shape) != arena.shape:
+            raise RuntimeError(f"cache.forecast_step=per_stream: the stream {stream!r} of {key[len(UNIT):]} has the "
+                               f"shape {tuple(x0.shape)} on this forecast step but its update {arena.shape}; use "
+                               f"cache.forecast_step=collapsed for this model")
+        weights = [0.0] * arena.per_gate
+        for slot, w in zip(slots, self.cache.weights_of(state), strict=True):
+            weights[slot] = w
+        batch, channels = x0.shape[0], x0.shape[-1]
+        coeffs = _on_device(weights, x0.device).view(-1, 1, 1).expand(-1, batch, channels).contiguous()
+        factors = arena.data.view(arena.per_gate, batch, -1, channels)
+        return stream_update(x0.reshape(batch, -1, channels), factors, coeffs).view(x0.shape)
 
     def _collapse(self, run: list[_Entry], read) -> dict | None:
         streams: dict[str, list[tuple[_Entry, _Gate]]] = {}
@@ -292,8 +466,7 @@ class Collapser:
         g = self._gates([gt for _, gt in gates], [e for e, _ in gates], head, read, x0)
         if g is None:
             return None
-        w = torch.tensor(weights, dtype=torch.float32)
-        w = (w.pin_memory().to(x0.device, non_blocking=True) if x0.device.type == "cuda" else w.to(x0.device))
+        w = _on_device(weights, x0.device)
         batch, channels = g.shape[0], g.shape[-1]
         coeffs = (g.unsqueeze(2) * w.view(1, len(gates), per, 1)).reshape(batch, len(gates) * per, channels)
         factors = arena.data[indices[0] * per:(indices[-1] + 1) * per]
@@ -429,6 +602,12 @@ class Collapser:
     def nbytes(self) -> int:
         """Bytes of the stacked gate rows (the arenas hold the factors, counted by the cache)."""
         return sum(t.nbytes for _, *tensors in self._stacks.values() for t in tensors if t is not None)
+
+
+def _on_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """The forecast weights as an fp32 tensor on ``device`` (CUDA: from pinned memory, without a sync)."""
+    w = torch.tensor(values, dtype=torch.float32)
+    return w.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else w.to(device)
 
 
 def _outputs(returns, out) -> dict:

@@ -146,6 +146,8 @@ def _apply_one(model, pipeline, config, modules, blocks, preset, overrides, num_
         verifier = AutoBlock(name, layout, block, cache, derivation, functools.partial(_wrap_forward, attachment),
                              skip_all=skip_all, on_keys=plan.keys.extend)
         _wrap_forward(attachment, block, verifier)
+    if cache.collapser is not None:
+        cache.collapser.planned(plan.specs, probe_module, named)  # per_stream: what stays per branch, and why
     _install_step_hooks(attachment, model, timestep_fn or _default_timestep, probe_module)
     relay = register_diffusers_relay(model, cache)
     if relay is not None:
@@ -174,7 +176,7 @@ def _plan(model, named: dict, cache: ForecastCache, modules: list[str], blocks, 
     if derive:
         chosen = None
     if (preset == "auto" and chosen is not None and chosen.name == "hunyuan_video"
-            and cache.config.forecast_step == "collapsed"):
+            and cache.config.forecast_step in ("collapsed", "per_stream")):
         # Found from the class: short double blocks and no text forecast give the same video up to float rounding,
         # with far less work. forecast_step=per_block, or a preset asked for by name or object (the HunyuanVideo
         # app's attach, whose estimates and tests count upstream's modules), keeps upstream's plain double blocks.
@@ -186,7 +188,8 @@ def _plan(model, named: dict, cache: ForecastCache, modules: list[str], blocks, 
         special=[] if skip_all else [(name, module, factory) for pattern, factory in (overrides or {}).items()
                                      for name, module in _match(model, named, [pattern])],
     )
-    collapser = Collapser(cache) if cache.config.forecast_step == "collapsed" and not skip_all else None
+    collapsing = cache.config.forecast_step in ("collapsed", "per_stream")
+    collapser = Collapser(cache) if collapsing and not skip_all else None
     cache.collapser = collapser
     for name, spec in plan.specs.items():
         block = named[name]
@@ -227,6 +230,8 @@ def _install_step_hooks(attachment: _Attachment, model, get_timestep: TimestepFn
         cache.begin_step(timestep, _batch_size(args, kwargs), timestep_ref=raw)
 
     def end_step(_module, _args, _out):
+        if cache.collapser is not None:
+            cache.collapser.end_step()  # per_stream: the run still open ends with the call
         if restore:
             cache.context_name = restore.pop()
 

@@ -94,6 +94,9 @@ class ForecastCache:
         # Context parallelism: each rank sees its own tokens of the probe, so (sum |error|, sum |probe|) is summed
         # over the ranks of one generation before the policy decides (every rank then decides alike).
         self.error_reducer: Callable[[float, float], tuple[float, float]] | None = None
+        # Keys whose outputs are not recorded: branches of blocks forecast from the factors of their residual
+        # stream's total update instead (forecast_step=per_stream; taylorseer.attach.collapse fills it).
+        self.unrecorded: set[str] = set()
 
     # ----------------------------------------------------------------------------------- life cycle
     def reset(self, num_steps: int | None = None) -> None:
@@ -285,6 +288,11 @@ class ForecastCache:
     def is_full(self) -> bool:
         return self._ctx.full
 
+    @property
+    def undecided(self) -> bool:
+        """schedule=adaptive: this step is computed until the probe decides it (nothing is recorded before)."""
+        return self._ctx.undecided
+
     # ----------------------------------------------------------------------------- per module
     def run(self, name: str, fn: Callable, *args, **kwargs):
         """Compute ``fn(*args, **kwargs)`` and update the factors on a full step; forecast otherwise."""
@@ -299,7 +307,7 @@ class ForecastCache:
         """Compute ``fn(*args, **kwargs)``; on a full step record ``select(output)``: the elements or token parts
         of the output that forecast steps read (a block description's branch module, never forecast itself)."""
         out = fn(*args, **kwargs)
-        if self.config.enabled and self._ctx.full:
+        if self.config.enabled and self._ctx.full and name not in self.unrecorded:
             self.update(name, select(out))
         return out
 
@@ -309,7 +317,7 @@ class ForecastCache:
         Not while an adaptive step is undecided: the modules before the probe run on every step, and their
         factors are never read (they are always computed), so they are not stored for nothing."""
         ctx = self._ctx
-        if not self.config.enabled or ctx.undecided:
+        if not self.config.enabled or ctx.undecided or name in self.unrecorded:
             return
         tensors = _as_tuple(output)
         states = ctx.states.get(name)

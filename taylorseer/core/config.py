@@ -16,7 +16,8 @@ FACTOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STEP_DISTANCES = ("index", "timestep")
 FORECASTERS = ("taylor", "newton", "hermite", "feedback")
 SCHEDULES = ("interval", "budget", "calibrated", "adaptive")
-FORECAST_STEPS = ("collapsed", "per_block")
+FORECAST_STEPS = ("collapsed", "per_block", "per_stream")
+FORECAST_STEP_TAGS = {"collapsed": "", "per_block": "-pb", "per_stream": "-ps"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,13 @@ class CacheConfig:
             per-block result to float rounding, :mod:`taylorseer.attach.collapse`). "per_block": every block adds
             its own gated forecasts in turn (the upstream-exact op order; HunyuanVideo keeps upstream's plain
             double blocks). Blocks or settings the collapsed form does not cover run per block either way.
+            "per_stream": the memory-light level: the factors are those of each residual stream's total update
+            over a run, ``U = x_L - x_0`` (one factor set per stream and run instead of one per branch and block),
+            and a forecast step is ``x_L = x_0 + sum_i w_i U_i``, one fused add with no gates. It forecasts
+            another quantity than the branches (the gates' change between full steps is extrapolated with the
+            rest), so its results differ (docs/memory.md measures by how much). Blocks it does not cover
+            (``short=False`` descriptions, and the adaptive schedule's probe block) keep their per-branch
+            factors and run per block.
     """
 
     interval: int = 6
@@ -177,9 +185,9 @@ class CacheConfig:
             # -f8 / -f8e5 (e5m2 differences), c: one scale per channel instead of per token
             tag += "-f8" + ("e5" if self.factor_store == "float8_e5m2" else "")
             tag += "c" if self.factor_scale == "channel" else ""
-        if self.forecast_step != "collapsed":
-            tag += "-pb"  # per-block forecast steps (upstream's op order): other float rounding
-        return tag
+        # -pb: per-block forecast steps (upstream's op order, other float rounding); -ps: per-stream factors (other
+        # results); the default collapsed step keeps the tag it always had
+        return tag + FORECAST_STEP_TAGS[self.forecast_step]
 
     def to_dict(self) -> dict:
         return asdict(self)
