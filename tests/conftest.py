@@ -28,6 +28,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def smoke_cases():
+    """``get(family)``: the family's smoke-size random transformer and inputs (batch 2), built once per module."""
+    from taylorseer.attach import families
+
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = families.bench_case(name, "smoke", batch=2)
+        return made[name]
+
+    return get
+
+
 # ---- the tiers -------------------------------------------------------------------------------------------------
 # node id (a file, a test, or all parametrizations of a test) -> why it is in the full tier only
 FULL_TIER = {

@@ -51,22 +51,10 @@ def _rel(a, b) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
-@pytest.fixture(scope="module")
-def cases():
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = families.bench_case(name, "smoke", batch=2)
-        return made[name]
-
-    return get
-
-
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("name", families.NAMES)
-def test_collapsed_equals_per_block_on_every_preset(cases, name, order):
-    case = cases(name)
+def test_collapsed_equals_per_block_on_every_preset(smoke_cases, name, order):
+    case = smoke_cases(name)
     config = CacheConfig(interval=3, max_order=order, first_enhance=1)
     options = {"lean": True} if name == "hunyuan_video" else {}
     per_block, _ = _run(case, dataclasses.replace(config, forecast_step="per_block"), **options)
@@ -82,8 +70,8 @@ def test_collapsed_equals_per_block_on_every_preset(cases, name, order):
     assert collapser.heads == forecast_steps > 0
 
 
-def test_hunyuan_video_is_lean_by_default_under_collapsed_and_upstream_per_block(cases):
-    case = cases("hunyuan_video")
+def test_hunyuan_video_is_lean_by_default_under_collapsed_and_upstream_per_block(smoke_cases):
+    case = smoke_cases("hunyuan_video")
     config = CacheConfig(interval=3, max_order=1, first_enhance=1)
     cache = taylorseer.apply(case.model, config, num_steps=STEPS)
     lean = _loop(case)
@@ -101,16 +89,16 @@ def test_hunyuan_video_is_lean_by_default_under_collapsed_and_upstream_per_block
 
 
 @pytest.mark.parametrize("forecaster", ["taylor", "newton", "hermite", "feedback"])
-def test_collapsed_composes_with_every_forecaster(cases, forecaster):
-    case = cases("flux")
+def test_collapsed_composes_with_every_forecaster(smoke_cases, forecaster):
+    case = smoke_cases("flux")
     config = CacheConfig(interval=3, max_order=2, first_enhance=1, forecaster=forecaster)
     per_block, _ = _run(case, dataclasses.replace(config, forecast_step="per_block"))
     collapsed, cache = _run(case, config)
     assert cache.collapser.heads > 0 and _rel(collapsed, per_block) < 1e-6
 
 
-def test_adaptive_schedule_and_uncovered_settings(cases):
-    case = cases("wan")
+def test_adaptive_schedule_and_uncovered_settings(smoke_cases):
+    case = smoke_cases("wan")
     adaptive = CacheConfig(interval=4, max_order=1, first_enhance=1, schedule="adaptive", threshold=0.5)
     per_block, _ = _run(case, dataclasses.replace(adaptive, forecast_step="per_block"))
     collapsed, cache = _run(case, adaptive)
@@ -123,8 +111,8 @@ def test_adaptive_schedule_and_uncovered_settings(cases):
         assert cache.collapser.heads == 0 and torch.equal(collapsed, per_block)
 
 
-def test_work_between_blocks_splits_the_run(cases):
-    case = cases("pixart")
+def test_work_between_blocks_splits_the_run(smoke_cases):
+    case = smoke_cases("pixart")
     config = CacheConfig(interval=3, max_order=1, first_enhance=1)
     block = case.model.transformer_blocks[0]
     handle = block.register_forward_hook(lambda _m, _i, out: out * 1.0)  # a new tensor between blocks 0 and 1
@@ -150,8 +138,8 @@ def test_bf16_collapsed_is_no_further_from_fp32_than_per_block():
     assert _rel(collapsed, reference) <= _rel(per_block, reference)
 
 
-def test_interval_one_is_bit_identical_to_no_cache(cases):
-    case = cases("sd3")
+def test_interval_one_is_bit_identical_to_no_cache(smoke_cases):
+    case = smoke_cases("sd3")
     uncached = _loop(case)
     out, cache = _run(case, CacheConfig(interval=1, max_order=2, first_enhance=1))
     assert torch.equal(out, uncached) and cache.collapser.heads == 0

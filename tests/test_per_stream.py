@@ -104,18 +104,6 @@ def test_a_polynomial_stream_update_is_forecast_exactly(forecaster, order):
 
 
 # ---------------------------------------------------------------------------------------- preset models
-@pytest.fixture(scope="module")
-def cases():
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = families.bench_case(name, "smoke", batch=2)
-        return made[name]
-
-    return get
-
-
 def _loop(case, steps: int = STEPS) -> torch.Tensor:
     x = case.inputs["hidden_states"].clone()
     scale = 1.0 if case.family == "flux" else 1000.0
@@ -146,8 +134,8 @@ def _rel(a, b) -> float:
 PS = CacheConfig(interval=3, max_order=1, first_enhance=1, forecast_step="per_stream")
 
 
-def test_one_factor_set_per_stream_and_run_and_no_branch_factors(cases):
-    case = cases("flux")  # 2 double + 2 single blocks, one run into the image stream
+def test_one_factor_set_per_stream_and_run_and_no_branch_factors(smoke_cases):
+    case = smoke_cases("flux")  # 2 double + 2 single blocks, one run into the image stream
     out, cache, summary = _run(case, PS)
     per_branch, branch_cache, _ = _run(case, dataclasses.replace(PS, forecast_step="collapsed"))
     batch, tokens = case.inputs["hidden_states"].shape[:2]
@@ -164,14 +152,14 @@ def test_one_factor_set_per_stream_and_run_and_no_branch_factors(cases):
     assert 1e-4 < _rel(out, _loop(case)) < 0.02 and _rel(per_branch, _loop(case)) > 1e-4
 
 
-def test_interval_one_is_bit_identical_to_no_cache(cases):
-    case = cases("sd3")
+def test_interval_one_is_bit_identical_to_no_cache(smoke_cases):
+    case = smoke_cases("sd3")
     out, cache, _ = _run(case, CacheConfig(interval=1, max_order=2, first_enhance=1, forecast_step="per_stream"))
     assert torch.equal(out, _loop(case)) and cache.collapser.heads == 0
 
 
-def test_two_calls_in_a_row_are_the_same_and_state_does_not_leak(cases):
-    case = cases("wan")
+def test_two_calls_in_a_row_are_the_same_and_state_does_not_leak(smoke_cases):
+    case = smoke_cases("wan")
     (first, second), cache, _ = _run(case, PS, calls=2)
     assert torch.equal(first, second)
     fresh, _, _ = _run(case, PS)
@@ -179,9 +167,9 @@ def test_two_calls_in_a_row_are_the_same_and_state_does_not_leak(cases):
     assert cache.nbytes() == 0  # remove() reset it; the call's factors were in its contexts only
 
 
-def test_a_run_split_by_work_between_blocks_gives_the_same_samples(cases):
+def test_a_run_split_by_work_between_blocks_gives_the_same_samples(smoke_cases):
     # Every forecaster is linear in its factors, so two runs' updates forecast apart sum to the one run's forecast.
-    case = cases("pixart")
+    case = smoke_cases("pixart")
     whole, cache, _ = _run(case, PS)
     handle = case.model.transformer_blocks[0].register_forward_hook(lambda _m, _i, out: out * 1.0)
     try:
@@ -195,16 +183,16 @@ def test_a_run_split_by_work_between_blocks_gives_the_same_samples(cases):
 
 
 @pytest.mark.parametrize("forecaster", ["newton", "hermite", "feedback"])
-def test_every_forecaster_runs_per_stream(cases, forecaster):
-    case = cases("flux")
+def test_every_forecaster_runs_per_stream(smoke_cases, forecaster):
+    case = smoke_cases("flux")
     config = dataclasses.replace(PS, max_order=2, forecaster=forecaster)
     out, cache, _ = _run(case, config)
     assert cache.collapser.heads > 0 and torch.isfinite(out).all()
     assert _rel(out, _loop(case)) < 0.05
 
 
-def test_adaptive_probe_block_stays_per_branch(cases):
-    case = cases("wan")
+def test_adaptive_probe_block_stays_per_branch(smoke_cases):
+    case = smoke_cases("wan")
     config = dataclasses.replace(PS, interval=4, schedule="adaptive", threshold=0.5)
     out, cache, summary = _run(case, config)
     collapser = cache.collapser
@@ -216,10 +204,10 @@ def test_adaptive_probe_block_stays_per_branch(cases):
     assert _rel(out, _loop(case)) < 0.05
 
 
-def test_short_false_blocks_keep_per_branch_factors(cases):
+def test_short_false_blocks_keep_per_branch_factors(smoke_cases):
     # HunyuanVideo asked for by name keeps upstream's plain double blocks: they are forecast per branch, the
     # single blocks per stream (video and text, the two streams their branches add into).
-    case = cases("hunyuan_video")
+    case = smoke_cases("hunyuan_video")
     out, cache, summary = _run(case, PS, preset=presets.get("hunyuan_video"))
     collapser = cache.collapser
     assert set(collapser.per_branch) == {"transformer_blocks.0", "transformer_blocks.1"}
@@ -244,8 +232,8 @@ def test_forecast_step_kernels_at_full_size():
 
 
 @pytest.mark.parametrize("changes", [dict(factor_store="float8"), dict(offload=True)])
-def test_8bit_and_offloaded_factors(cases, changes):
-    case = cases("flux")
+def test_8bit_and_offloaded_factors(smoke_cases, changes):
+    case = smoke_cases("flux")
     dense, dense_cache, _ = _run(case, PS)
     out, cache, _ = _run(case, dataclasses.replace(PS, **changes))
     assert cache.collapser.heads == dense_cache.collapser.heads > 0
