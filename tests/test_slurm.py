@@ -169,6 +169,23 @@ def test_context_parallel_job_is_one_generation_on_k_ranks(slurm_cluster, tmp_pa
         assert np.abs(a - b).max() <= 1, name  # 8-bit images of outputs equal to float rounding
 
 
+def test_the_failure_callback_registers_the_launchers_hydra_did_not_list():
+    """A PEP 660 editable install leaves hydra_plugins.taylorseer_launchers importable but unlisted: the callback,
+    made before the launcher, registers it by class."""
+    from hydra.core.plugins import Plugins
+
+    from taylorseer.harness.slurm_launcher import SweepFailures
+
+    registry = Plugins.instance().class_name_to_class
+    names = [f"hydra_plugins.taylorseer_launchers.launchers.{kind}Launcher" for kind in ("Slurm", "Local")]
+    saved = {name: registry.pop(name, None) for name in names}
+    try:
+        SweepFailures()
+        assert all(name in registry for name in names)
+    finally:
+        registry.update({name: cls for name, cls in saved.items() if cls is not None})
+
+
 def test_skip_reason_says_how_to_enable_slurm():
     reason = why_unavailable(path="/nonexistent")
     assert "Slurm programs not installed (slurmctld, slurmd" in reason

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.plugins import Plugins
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.errors import CompactHydraException
@@ -87,6 +88,9 @@ def _exit_failed() -> None:
 class SweepFailures(Callback):
     """A Hydra callback (``hydra.callbacks``) that the launcher configs switch on; runs inside each job."""
 
+    def __init__(self) -> None:
+        register_launchers()  # made before the sweep instantiates its launcher
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if os.environ.get("SUBMITIT_EXECUTOR") and not _FAILED.get("armed"):  # a job process of its own
             atexit.register(_exit_failed)
@@ -112,6 +116,19 @@ class SweepFailures(Callback):
                 "error_type": type(error).__name__, "traceback": trace, "stderr": log, "stdout": out})
         # Hydra ships this back to the sweep, which raises it: the traceback must travel as text
         job_return._return_value = JobFailedError(f"{summary} -- {logs}\n--- the job's traceback ---\n{trace}")
+
+
+def register_launchers() -> None:
+    """Hydra finds launchers by listing the ``hydra_plugins`` namespace, which misses a package of a PEP 660 editable
+    install (``pip install -e``: importable but not listed, hydra#3252) unless the repository is on the path:
+    register ours by class (Hydra's public ``Plugins.register``)."""
+    try:  # imported here: that module imports this one
+        from hydra_plugins.taylorseer_launchers import launchers
+    except ImportError:  # hydra-submitit-launcher is not installed: no launcher to register
+        return
+    for launcher in (getattr(launchers, "SlurmLauncher", None), getattr(launchers, "LocalLauncher", None)):
+        if launcher is not None:
+            Plugins.instance().register(launcher)
 
 
 def _job_place() -> tuple[str, int, int, str, str]:
