@@ -53,7 +53,8 @@ def main(cfg: DictConfig) -> Path:
     place(pipe, device, cfg.cpu_offload)
     pipe.set_progress_bar_config(disable=True)
     calls_per_step = 2 if cfg.true_cfg_scale > 1 else 1
-    recorder = calibrate.Recorder(pipe.transformer, cached_module_names(pipe.transformer, cfg.record_single_attention),
+    cached = cached_module_names(pipe.transformer, cfg.record_single_attention, cfg.cache.forecast_step)
+    recorder = calibrate.Recorder(pipe.transformer, cached,
                                   cfg.num_steps, cfg.samples, sketch_size=cfg.sketch_size, epsilon=cfg.epsilon,
                                   seed=cfg.seed, calls_per_step=calls_per_step,
                                   timestep_fn=lambda args, kwargs: kwargs.get("timestep"))

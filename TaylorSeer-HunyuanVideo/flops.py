@@ -27,7 +27,7 @@ import taylorseer
 from taylorseer import CacheConfig, FlopsReport
 from taylorseer.core.store import FACTOR_STORES, stored_nbytes
 
-from .cache import attach_cache, cached_module_names
+from .cache import UPSTREAM_FORM, attach_cache, cached_module_names
 
 # hunyuanvideo-community/HunyuanVideo transformer/config.json (13B parameters).
 HUNYUAN_VIDEO_CONFIG = dict(
@@ -136,8 +136,8 @@ class CacheEstimate:
     factor_dtype: str
     factor_store: str  # "dense" or an 8-bit store (taylorseer.core.store), with factor_scale
     factor_scale: str
-    num_modules: int  # cached modules (a double block's attention counts once, with two output tensors)
-    num_tensors: int  # cached tensors
+    num_modules: int  # cached modules (a double block's attention counts once, with two output tensors upstream)
+    num_tensors: int  # cached tensors (the lean form stores one per module: its video tokens)
     elements_per_order: int  # elements of one factor of every cached tensor
     nbytes: int  # measured from the cache after O+1 full steps on the meta device
     formula_nbytes: int  # (O + 1) x stored bytes of each recorded output shape (taylorseer.core.store.stored_nbytes)
@@ -148,26 +148,34 @@ class CacheEstimate:
 
 def estimate_cache(max_order: int, shape: VideoShape = VideoShape(), factor_dtype: str = "bfloat16",
                    transformer_config: dict | None = None, single_attention: bool = True,
-                   factor_store: str = "dense", factor_scale: str = "token") -> CacheEstimate:
-    """Bytes the cache holds at ``max_order`` for one context (double it for true CFG: cond + uncond).
+                   factor_store: str = "dense", factor_scale: str = "token",
+                   forecast_step: str = "collapsed") -> CacheEstimate:
+    """Bytes the cache holds at ``max_order`` for one context (double it for true CFG: cond + uncond), in the form
+    ``forecast_step`` chooses (:func:`cache.preset`: the lean form by default, upstream's under ``per_block``).
 
     ``factor_store="float8"`` counts the 8-bit store (data + per-token scales), measured the same way."""
     model = meta_transformer(transformer_config)
     inputs = dummy_inputs(model, shape)
     shapes: list[tuple[int, ...]] = []
-    names = cached_module_names(model, single_attention)
+    names = cached_module_names(model, single_attention, forecast_step)
     named = dict(model.named_modules())
+    lean = forecast_step != UPSTREAM_FORM
+    video = shape.video_tokens(model.config.patch_size, model.config.patch_size_t)
 
     def record(_module, _args, out):
-        for t in out if isinstance(out, tuple) else (out,):
-            shapes.append(tuple(t.shape))
+        outs = out if isinstance(out, tuple) else (out,)
+        if lean:  # the video tokens of the first output only (a double block's attention output 0, the ff, the
+            first = tuple(outs[0].shape)  # first tokens of a single block's branch over cat(video, text))
+            shapes.append(first[:1] + (video,) + first[2:])
+            return
+        shapes.extend(tuple(t.shape) for t in outs)
 
     # Hooks see the real outputs on the first full step (registered before the cache wraps forward).
     handles = [named[n].register_forward_hook(record) for n in names]
     # interval 1 + first_enhance 1: every step full and every full step forms derivatives, so O+1
     # calls fill every order.
     config = CacheConfig(interval=1, max_order=max_order, first_enhance=1, factor_dtype=factor_dtype,
-                         factor_store=factor_store, factor_scale=factor_scale)
+                         factor_store=factor_store, factor_scale=factor_scale, forecast_step=forecast_step)
     cache = attach_cache(model, config, max_order + 1, single_attention)
     try:
         with torch.no_grad():
@@ -213,13 +221,16 @@ def report(shape: VideoShape, num_steps: int, cache_config: CacheConfig, orders:
         "| cache (one context) | modules | tensors | bytes | GiB | GB |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    forms = ((", lean (the default)", "collapsed", False), (", upstream's form (per_block)", UPSTREAM_FORM, False),
+             (", upstream's modules (per_block, single-block attention recorded)", UPSTREAM_FORM, True))
     for store in stores:
         for order in orders:
-            for single_attention in (True, False):
-                est = estimate_cache(order, shape, single_attention=single_attention, factor_store=store)
+            for form, step, single_attention in forms:
+                est = estimate_cache(order, shape, single_attention=single_attention, factor_store=store,
+                                     forecast_step=step)
                 assert est.nbytes == est.formula_nbytes, (est.nbytes, est.formula_nbytes)
                 label = (f"O={order}, " + ("bf16" if store == "dense" else f"{store} + per-token fp32 scale")
-                         + ("" if single_attention else ", without the single-block attention record"))
+                         + form)
                 lines.append(f"| {label} | {est.num_modules} | {est.num_tensors} | {est.nbytes:,} | "
                              f"{est.nbytes / 2**30:.2f} | {est.nbytes / 1e9:.2f} |")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from taylorseer.harness.diffusers_io import read_prompts, run_folder_parts, weig
 from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
 
-from .cache import cached_module_names
+from .cache import UPSTREAM_FORM, cached_module_names
 from .flops import VideoShape, count_run_flops, meta_transformer
 from .pipeline import enable_cache, generate, load_hunyuan_video, place, transformer_config
 from .runner import StepProbe, plan_items
@@ -72,6 +72,10 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
     if (frames - 1) % t:
         raise ValueError(f"num_frames={frames} is invalid: expected {t}k+1 (the VAE compresses time {t}x), "
                          f"e.g. {(frames - 1) // t * t + 1} or {((frames - 1) // t + 1) * t + 1}")
+    if cfg.record_single_attention and cache_config.forecast_step != UPSTREAM_FORM:
+        raise ValueError(f"record_single_attention=true records what upstream's form records, and the default form "
+                         f"(cache.forecast_step={cache_config.forecast_step}) records no attention: add "
+                         f"cache.forecast_step={UPSTREAM_FORM} for upstream's (paper-exact) form and memory")
     if cfg.parallel.ulysses * cfg.parallel.ring > 1:
         if cfg.cache_impl != "taylorseer" and cache_config.enabled:
             raise ValueError("parallel.ulysses/ring > 1 runs the cache on each rank's tokens: cache_impl=taylorseer")
@@ -258,7 +262,7 @@ def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, ite
         text_tokens=cfg.max_sequence_length,
         calls_per_step=calls_per_step,
         latency_denoise_s=sum(r.get("denoise_s", 0.0) for r in records) / max(len(records), 1),
-        cached_modules=(len(cached_module_names_of(config, cfg.record_single_attention))
+        cached_modules=(len(cached_module_names_of(config, cfg.record_single_attention, cache_config.forecast_step))
                         if cache_config.enabled and cfg.cache_impl == "taylorseer" else 0),
         record_single_attention=cfg.record_single_attention,
         cache_location="pinned CPU memory" if cache_config.offload else f"{device.type} memory (with the model)",
@@ -270,9 +274,9 @@ def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, ite
     return metrics
 
 
-def cached_module_names_of(config: dict, single_attention: bool) -> list[str]:
+def cached_module_names_of(config: dict, single_attention: bool, forecast_step: str) -> list[str]:
     """The cached modules of a transformer of this config, named on a meta-device copy."""
-    return cached_module_names(meta_transformer(config), single_attention)
+    return cached_module_names(meta_transformer(config), single_attention, forecast_step)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)

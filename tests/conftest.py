@@ -57,6 +57,9 @@ FULL_TIER = {
     "tests/test_slurm.py::test_two_tasks_of_one_job_are_two_gloo_ranks": "real Slurm",
     "tests/test_slurm.py::test_job_killed_without_result_fails_the_wait_instead_of_hanging": "real Slurm",
     "tests/test_slurm.py::test_cluster_stops_cleanly": "real Slurm (a second cluster)",
+    "tests/test_slurm.py::test_sweep_over_degrees_is_one_job_array_per_resources": "real Slurm, 2 jobs (20 s)",
+    "tests/test_slurm.py::test_context_parallel_job_is_one_generation_on_k_ranks": "real Slurm, FLUX on 2 ranks + "
+                                                                                     "1 process (55 s)",
     "tests/test_slurm_tables.py": "the digits table and a preempted sampling job on real Slurm",
     # sweeps
     "tests/test_sweep.py::test_digits_table_killed_half_way_resumes_and_reports_the_run_folders":

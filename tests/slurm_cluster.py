@@ -30,6 +30,7 @@ APT_LINE = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-cl
 ENABLE_HINT = (f"the Slurm tests start a private one-node cluster on localhost: as root run `{APT_LINE}` "
                f"(Debian/Ubuntu), then rerun the tests as root")
 REQUIRE_ENV = "TAYLORSEER_REQUIRE_SLURM"  # set by .ci/run: a cluster that cannot start fails instead of skipping
+PLACEHOLDER_GPUS = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random")  # device files standing in for GPUs
 
 
 def _search_path() -> str:
@@ -95,10 +96,15 @@ class SlurmCluster:
 
     ``root`` defaults to a fresh folder under the system temp dir: every folder above it must be
     traversable by the ``munge`` and ``slurm`` users (pytest's own temporary folders are 0700).
+
+    The node has ``gpus`` GPU slots so that a job's GPU request (``--gpus-per-node``) is scheduled and checked
+    as on a GPU cluster: each is a character device that is not a GPU (``/dev/null``, ...; Slurm counts a GPU
+    per device file, and reports 0 for a count without files), so a job's code still runs on the CPU.
     """
 
     root: Path | None = None
     partition: str = "debug"
+    gpus: int = 2  # GPU slots Slurm schedules (--gpus-per-node), at most 4: no GPU behind them
     timings: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -162,6 +168,7 @@ class SlurmCluster:
         cpus = int(facts["CPUs"])
         memory = int(int(facts["RealMemory"]) * 0.9)  # more than slurmd detects puts the node in state inval
         ctld_port, slurmd_port = _free_port(), _free_port()
+        slots = PLACEHOLDER_GPUS[:self.gpus]
         r, ctld = self.root, self.ctld_dir  # slurmctld runs as slurm: its files live in a folder slurm owns
         for sub in (ctld / "state", r / "spool"):
             sub.mkdir(parents=True, exist_ok=True)
@@ -202,11 +209,16 @@ class SlurmCluster:
             # second instead of at their default 30/60 s rounds
             "SchedulerParameters=bf_interval=1,sched_interval=1",
             "MinJobAge=600",  # finished jobs stay visible to `scontrol show job` for the tests' checks
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN",
+            "GresTypes=gpu",
+            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} Gres=gpu:{len(slots)} "
+            f"State=UNKNOWN",
             f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
         self.conf.chmod(0o644)
+        gres = self.root / "gres.conf"  # slurmd reads it beside slurm.conf
+        gres.write_text("".join(f"NodeName=localhost Name=gpu File={device}\n" for device in slots))
+        gres.chmod(0o644)
 
     def _start_munge(self) -> None:
         self.munge_dir.mkdir(parents=True, exist_ok=True)

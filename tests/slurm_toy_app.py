@@ -38,6 +38,9 @@ ConfigStore.instance().store(name="toy", node={
     "item_seconds": 0.0,
     "fail": False,
     "timeout_s": 120.0,
+    "device": "cpu",  # a CPU app (device=auto: a "GPU run" that requests a GPU per rank and runs on the CPU here)
+    # as the apps' configs/parallel: the launcher sizes a job for ulysses x ring ranks (the toy shards over all)
+    "parallel": {"ulysses": 1, "ring": 1},
     "hydra": {"searchpath": [f"file://{REPO / 'configs'}"], "job": {"name": "toy"}},
 })
 
@@ -48,8 +51,9 @@ def value(a: int, b: int, item: int) -> int:
 
 
 def run(cfg: DictConfig) -> dict:
-    out_dir = Path(cfg.out_root) / "toy" / f"a{cfg.a}-b{cfg.b}"
-    with distributed.init("cpu", timeout_s=cfg.timeout_s) as session:
+    degree = cfg.parallel.ulysses * cfg.parallel.ring  # in the name: a test checks runs of each degree apart
+    out_dir = Path(cfg.out_root) / "toy" / (f"a{cfg.a}-b{cfg.b}" + (f"-k{degree}" if degree > 1 else ""))
+    with distributed.init(cfg.device, timeout_s=cfg.timeout_s) as session:
         if cfg.fail:
             raise RuntimeError(f"toy run a={cfg.a} b={cfg.b} fails on purpose")
         attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -68,7 +72,8 @@ def run(cfg: DictConfig) -> dict:
         views = session.gather({"rank": session.rank, "made": made, "source": session.env.source})
         summary = {"a": cfg.a, "b": cfg.b, "world_size": session.world_size, "ranks": views,
                    "job_id": os.environ.get("SLURM_JOB_ID"), "attempt": attempt,
-                   "setup": os.environ.get("TOY_SETUP")}  # set by a launcher setup line in the tests
+                   "setup": os.environ.get("TOY_SETUP"),  # set by a launcher setup line in the tests
+                   "gpus_on_node": os.environ.get("SLURM_GPUS_ON_NODE")}  # what Slurm gave the job
         if session.is_main:
             runs.write_json(out_dir / "summary.json", summary)
     return summary

@@ -158,6 +158,12 @@ PLANS = [
     Plan(r"python -m taylorseer_dit.sample_ddp --multirun hydra/launcher=slurm .*",
          replace=(("--multirun", "--cfg hydra"), ("cache.interval=3,4,5", "cache.interval=3"),
                   ("cache.max_order=1,2,3,4", "cache.max_order=1"))),
+    # a job's resources from its run (docs/distributed.md, docs/context_parallel.md): refused before submission, or
+    # composed and resolved (each job's tasks/GPUs from its parallel.*; one value of a swept degree)
+    Plan(r"python -m taylorseer_flux.sample --multirun hydra/launcher=slurm .*tasks_per_node=2$",
+         error="cannot run on the resources they would request (nothing was submitted)"),
+    Plan(r"python -m taylorseer_(flux|hunyuan_video).sample --multirun hydra/launcher=slurm .*",
+         replace=(("--multirun", "--cfg all --resolve"), ("parallel.ulysses=1,2,4", "parallel.ulysses=4"))),
     # presets, performance
     Plan(r"bash scripts/discover.sh /data/.*", error="is neither a folder nor a diffusers class"),
     Plan(r"bash scripts/discover.sh .*"),

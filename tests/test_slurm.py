@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from slurm_cluster import APT_LINE, why_unavailable  # noqa: E402
@@ -76,6 +78,114 @@ def test_launcher_configs_compose_with_commented_values():
         compose("base", overrides=["hydra/launcher=slurm", "hydra.launcher.partiton=gpu"], return_hydra_config=True)
 
 
+def test_job_resources_follow_the_run():
+    """By default a job requests K = parallel.ulysses x parallel.ring tasks per node and one GPU per task (none with
+    device=cpu); an explicit tasks_per_node (a multiple of K: data parallel x context parallel) carries the GPUs."""
+    from hydra import compose, initialize_config_dir
+
+    cases = {(): (1, 1), ("parallel.ulysses=4",): (4, 4), ("parallel.ulysses=2", "parallel.ring=2"): (4, 4),
+             ("parallel.ulysses=2", "device=cpu"): (2, None),
+             ("parallel.ulysses=4", "hydra.launcher.tasks_per_node=8"): (8, 8),
+             ("hydra.launcher.gpus_per_node=null",): (1, None)}
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        for launcher in ("slurm", "local"):
+            for extra, expected in cases.items():
+                cfg = compose("sample_flux", overrides=[f"hydra/launcher={launcher}", *extra],
+                              return_hydra_config=True)
+                got = (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.gpus_per_node)
+                assert got == expected, (launcher, extra, got)
+        cfg = compose("sample_dit_ddp", overrides=["hydra/launcher=slurm"], return_hydra_config=True)  # no parallel
+        assert (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.gpus_per_node) == (1, 1)
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["parallel.ulysses=1,2,4", "hydra.launcher.tasks_per_node=2"],
+     r"1 of 3 jobs cannot run .*\n  #2 \(parallel\.ulysses=4\): one generation takes parallel\.ulysses x "
+     r"parallel\.ring = 4 ranks, but hydra\.launcher\.nodes=1 x tasks_per_node=2 = 2 ranks\n"
+     r"Fix: .* set tasks_per_node to a multiple of 4 \(every run of this sweep\)"),
+    (["device=auto", "parallel.ulysses=2", "hydra.launcher.gpus_per_node=1"],
+     r"#0 \(device=auto parallel\.ulysses=2\): a GPU run takes one GPU per rank, but "
+     r"hydra\.launcher\.gpus_per_node=1 < tasks_per_node=2"),
+])
+def test_resources_that_cannot_host_a_run_are_refused_before_submission(tmp_path, overrides, says):
+    """No cluster needed: the sweep stops before sbatch runs, and says how to fix it."""
+    sweep_dir = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, TOY, "--multirun", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep_dir}",
+                             *overrides], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert re.search(f"^\\[sweep\\] error: .*{says}", result.stderr, re.DOTALL | re.M), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr  # the message alone
+    assert "nothing was submitted" in result.stderr and not (sweep_dir / ".submitit").exists()
+
+
+def test_sweep_over_degrees_is_one_job_array_per_resources(slurm_cluster, tmp_path):
+    """`parallel.ulysses=1,2` on a "GPU run" (device=auto; the test node's GPUs are placeholders): two job arrays,
+    of 1 task + 1 GPU and 2 tasks + 2 GPUs, each job as many ranks as its run needs."""
+    result = submit_sweep(TOY, ["a=2", "b=2", "num_items=4", "device=auto", "parallel.ulysses=1,2",
+                                "hydra.launcher.cpus_per_task=1"], slurm_cluster, out_root=tmp_path, timeout=300)
+    report("sweep over parallel.ulysses=1,2", result)
+    assert result.returncode == 0, result.stderr[-3000:]
+    arrays = [job_id.split("_")[0] for job_id in result.job_ids]  # submitit submits an array of one as a job
+    assert len(result.job_ids) == 2 and len(set(arrays)) == 2  # one array per set of resources
+    for array, degree in zip(arrays, (1, 2), strict=True):
+        script = (result.sweep_dir / ".submitit" / array / f"{array}_submission.sh").read_text().splitlines()
+        for line in (f"#SBATCH --ntasks-per-node={degree}", f"#SBATCH --gpus-per-node={degree}"):
+            assert line in script, (degree, line)
+    assert [result.jobs[j]["NumTasks"] for j in result.job_ids] == ["1", "2"]
+    assert {info["JobState"] for info in result.jobs.values()} == {"COMPLETED"}
+    for name, degree in (("a2-b2", 1), ("a2-b2-k2", 2)):
+        check_items(tmp_path / "toy" / name, 2, 2, 4)
+        summary = json.loads((tmp_path / "toy" / name / "summary.json").read_text())
+        assert (summary["world_size"], summary["gpus_on_node"]) == (degree, str(degree))
+
+
+def test_context_parallel_job_is_one_generation_on_k_ranks(slurm_cluster, tmp_path):
+    """The FLUX app with parallel.ulysses=2 through `hydra/launcher=slurm`, nothing else set: the job requests 2
+    tasks and 2 GPUs (placeholders: the ranks run on the CPU, gloo), both ranks make each image from their half of
+    the tokens, and the images are a one-process run's (to float rounding), each rank holding half the factors."""
+    run = ["model=digits_flux", "height=32", "width=32", "num_steps=10", "progress=false", "warmup=false",
+           "prompt=[digit 3,digit 7]"]
+    result = submit_sweep("taylorseer_flux.sample", [*run, "parallel.ulysses=2", "hydra.launcher.cpus_per_task=1"],
+                          slurm_cluster, out_root=tmp_path / "cp", timeout=600)
+    report("FLUX, parallel.ulysses=2", result)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job_id,) = result.job_ids
+    script = (result.sweep_dir / ".submitit" / job_id / f"{job_id}_submission.sh").read_text().splitlines()
+    assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --gpus-per-node=2" in script
+    assert (result.jobs[job_id]["NumTasks"], result.jobs[job_id]["JobState"]) == ("2", "COMPLETED")
+    single = subprocess.run([sys.executable, "-m", "taylorseer_flux.sample", *run, "device=cpu",
+                             f"out_root={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    (split,) = (tmp_path / "cp" / "flux").iterdir()
+    (whole,) = (tmp_path / "one" / "flux").iterdir()
+    assert split.name == whole.name  # the run's identity does not depend on how it was split
+    cp, one = (json.loads((folder / "metrics.json").read_text()) for folder in (split, whole))
+    assert (cp["context_parallel"], one["context_parallel"]) == (2, 1)
+    assert cp["cache_bytes_per_rank"] == [one["cache_bytes_per_rank"][0] // 2] * 2
+    images = sorted(p.name for p in whole.glob("*.png"))
+    assert images == sorted(p.name for p in split.glob("*.png")) and len(images) == 2
+    for name in images:
+        a, b = (np.asarray(Image.open(folder / name), dtype=np.int16) for folder in (split, whole))
+        assert np.abs(a - b).max() <= 1, name  # 8-bit images of outputs equal to float rounding
+
+
+def test_the_failure_callback_registers_the_launchers_hydra_did_not_list():
+    """A PEP 660 editable install leaves hydra_plugins.taylorseer_launchers importable but unlisted: the callback,
+    made before the launcher, registers it by class."""
+    from hydra.core.plugins import Plugins
+
+    from taylorseer.harness.slurm_launcher import SweepFailures
+
+    registry = Plugins.instance().class_name_to_class
+    names = [f"hydra_plugins.taylorseer_launchers.launchers.{kind}Launcher" for kind in ("Slurm", "Local")]
+    saved = {name: registry.pop(name, None) for name in names}
+    try:
+        SweepFailures()
+        assert all(name in registry for name in names)
+    finally:
+        registry.update({name: cls for name, cls in saved.items() if cls is not None})
+
+
 def test_skip_reason_says_how_to_enable_slurm():
     reason = why_unavailable(path="/nonexistent")
     assert "Slurm programs not installed (slurmctld, slurmd" in reason
@@ -109,6 +219,7 @@ def test_sweep_2x2_completes(slurm_cluster, tmp_path):
     for line in (f"#SBATCH --partition={slurm_cluster.partition}", "#SBATCH --time=30", "#SBATCH --signal=USR2@120",
                  "#SBATCH --array=0-3%4", "#SBATCH --ntasks-per-node=1", "export TOY_SETUP=loaded"):
         assert line in script.splitlines(), line
+    assert "--gpus-per-node" not in script  # the toy runs with device=cpu: no GPU requested
     assert {info["Partition"] for info in result.jobs.values()} == {slurm_cluster.partition}
     assert {info["JobState"] for info in result.jobs.values()} == {"COMPLETED"}
     for a in (1, 2):

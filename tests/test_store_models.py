@@ -85,7 +85,7 @@ def test_hunyuan_meta_estimate_counts_the_scales():
     f8 = estimate_cache(2, VideoShape(32, 32, 5, 16), "bfloat16", TRANSFORMER_CONFIG, single_attention=False,
                         factor_store="float8")
     assert f8.nbytes == f8.formula_nbytes and dense.nbytes == dense.formula_nbytes
-    # 8 video + 16 text tokens, hidden 32: each stored token is 32 bf16 values -> 32 bytes + one fp32 scale
+    # hidden 32: each stored token is 32 bf16 values -> 32 bytes + one fp32 scale
     assert dense.nbytes * (32 + 4) == f8.nbytes * 32 * 2
 
 
@@ -94,10 +94,16 @@ def test_full_size_hunyuan_video_cache_with_8bit_factors():
     from taylorseer_hunyuan_video.flops import VideoShape, estimate_cache
 
     for order in (1, 2):
-        est = estimate_cache(order, VideoShape(), single_attention=False, factor_store="float8")
-        # (O+1) x (20 double x 2 + 40 single) tensors x 20,656 tokens x (3072 bytes + a 4-byte scale)
+        est = estimate_cache(order, VideoShape(), factor_store="float8")
+        # the lean default: (O+1) x (20 double x 2 + 40 single) tensors x 20,400 video tokens x (3072 bytes + a
+        # 4-byte scale)
+        assert est.nbytes == est.formula_nbytes == (order + 1) * 80 * 20400 * (3072 + 4)
+        est = estimate_cache(order, VideoShape(), single_attention=False, factor_store="float8",
+                             forecast_step="per_block")  # upstream's form: the same units over 20,656 tokens
         assert est.nbytes == est.formula_nbytes == (order + 1) * 80 * 20656 * (3072 + 4)
-    assert estimate_cache(1, VideoShape(), single_attention=False, factor_store="float8").nbytes == 10_166_056_960
+    assert estimate_cache(1, VideoShape(), factor_store="float8").nbytes == 10_040_064_000
+    assert estimate_cache(1, VideoShape(), single_attention=False, factor_store="float8",
+                          forecast_step="per_block").nbytes == 10_166_056_960
 
 
 def test_full_size_flux_dev_cache_on_meta():
