@@ -203,9 +203,9 @@ register(Family("hunyuan_video", 5, 1, _hunyuan_build, _hunyuan_attach, _preset_
 
 
 # ----------------------------------------------------- other diffusers DiTs: the presets' families (issue 13)
-def _preset_family(name: str, interval: int, warmup: int, what: str) -> Family:
-    """A family of ``taylorseer.attach.families`` (Wan, SD3.5, PixArt-Sigma, CogVideoX): its random mid-size model,
-    its Euler loop, the preset (``ours``) and the preset's blocks skipped (``ideal``)."""
+def _preset_family(name: str, interval: int, warmup: int, what: str, blocks: str = "4 blocks") -> Family:
+    """A family of ``taylorseer.attach.families`` (Wan, SD3.5, PixArt-Sigma, CogVideoX, QwenImage, ...): its random
+    mid-size model, its Euler loop, the preset (``ours``) and the preset's blocks skipped (``ideal``)."""
     from taylorseer.attach import families
 
     def build(size, device, dtype):
@@ -220,10 +220,17 @@ def _preset_family(name: str, interval: int, warmup: int, what: str) -> Family:
     has_hook = hasattr(getattr(diffusers, families.class_name(name)), "enable_cache")  # diffusers' CacheMixin
     return Family(name, interval, warmup, build, attach, _preset_ideal,
                   _diffusers_taylorseer(interval, warmup) if has_hook else None,
-                  describe={"smoke": f"{what}, tiny", "mid": f"{what}, 4 blocks, hidden 256, ~1024 tokens"})
+                  describe={"smoke": f"{what}, tiny", "mid": f"{what}, {blocks}, hidden 256, ~1024 tokens"})
 
 
-for _name, _n, _w, _what in (("wan", 5, 1, "Wan 2.1 architecture"), ("sd3", 5, 2, "SD3.5 architecture"),
-                             ("pixart", 5, 2, "PixArt-Sigma architecture"),
-                             ("cogvideox", 5, 2, "CogVideoX architecture")):
-    register(_preset_family(_name, _n, _w, _what))
+# (name, N, warm-up, architecture, blocks at mid size). No paper gives N and a warm-up for the families after
+# CogVideoX: they run at the N=5, warm-up 2 of SD3.5, PixArt and CogVideoX.
+for _name, _n, _w, _what, *_blocks in (
+        ("wan", 5, 1, "Wan 2.1 architecture"), ("sd3", 5, 2, "SD3.5 architecture"),
+        ("pixart", 5, 2, "PixArt-Sigma architecture"), ("cogvideox", 5, 2, "CogVideoX architecture"),
+        ("qwenimage", 5, 2, "QwenImage architecture"),
+        ("flux2", 5, 2, "Flux2 architecture", "4 double + 8 single blocks"),
+        ("ltx", 5, 2, "LTX-Video architecture"), ("hunyuan_video15", 5, 2, "HunyuanVideo 1.5 architecture"),
+        ("sana", 5, 2, "Sana architecture"), ("lumina2", 5, 2, "Lumina2 architecture", "4 blocks + 2 refiners"),
+        ("cogview4", 5, 2, "CogView4 architecture")):
+    register(_preset_family(_name, _n, _w, _what, *_blocks))

@@ -20,16 +20,19 @@ def test_benchmark_smoke_runs_every_variant_of_every_model(one_thread, tmp_path)
 
     result = main(["--smoke", "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")])
     rows = {(r["family"], r["variant"]): r for r in result["rows"]}
-    families = ("dit", "flux", "hunyuan_video", "wan", "sd3", "pixart", "cogvideox")
+    new = ("qwenimage", "flux2", "ltx", "hunyuan_video15", "sana", "lumina2", "cogview4")  # issue 19's presets
+    families = ("dit", "flux", "hunyuan_video", "wan", "sd3", "pixart", "cogvideox") + new
     expected = {(f, v) for f in families for v in ("uncached", "ours O=0", "ours O=1", "ours O=2", "ideal")}
-    # diffusers' own hook where the model has CacheMixin (not SD3, PixArt, nor this project's DiT)
-    expected |= {(f, "diffusers") for f in ("flux", "hunyuan_video", "wan", "cogvideox")}
+    # diffusers' own hook where the model has CacheMixin (not SD3, PixArt, Sana, Lumina2, nor this project's DiT)
+    expected |= {(f, "diffusers") for f in ("flux", "hunyuan_video", "wan", "cogvideox", "qwenimage", "flux2", "ltx",
+                                            "hunyuan_video15", "cogview4")}
     assert set(rows) == expected
     assert all(r["error"] is None and len(r["times"]) == 1 for r in rows.values())
     # The schedules of 8 steps: DiT N=4 W=2 -> 0, 1, 5; FLUX N=6 W=3 -> 0, 1, 2; HunyuanVideo and Wan N=5 W=1 ->
-    # 0, 5; SD3, PixArt, CogVideoX N=5 W=2 -> 0, 1, 6.
-    for family, full in (("dit", 3), ("flux", 3), ("hunyuan_video", 2), ("wan", 2), ("sd3", 3), ("pixart", 3),
-                         ("cogvideox", 3)):
+    # 0, 5; SD3, PixArt, CogVideoX and the families after them N=5 W=2 -> 0, 1, 6.
+    full_steps = {"dit": 3, "flux": 3, "hunyuan_video": 2, "wan": 2}
+    for family in families:
+        full = full_steps.get(family, 3)
         assert rows[family, "uncached"]["error"] is None
         for v in ("ours O=0", "ours O=1", "ours O=2", "ideal"):
             assert rows[family, v]["full_steps"] == full
@@ -40,9 +43,9 @@ def test_benchmark_smoke_runs_every_variant_of_every_model(one_thread, tmp_path)
         # from step 2 on) and HunyuanVideo (full steps 0 and 5) reach order 1 only.
         per_factor = rows[family, "ours O=0"]["cache_bytes"]
         assert rows[family, "ours O=1"]["cache_bytes"] == 2 * per_factor > 0
-        orders_reached = 3 if family in ("dit", "sd3", "pixart", "cogvideox") else 2  # full steps 0, 1, 6 vs 0, 5
+        orders_reached = 2 if family in ("flux", "hunyuan_video", "wan") else 3  # full steps 0, 5 vs 0, 1, 6
         assert rows[family, "ours O=2"]["cache_bytes"] == orders_reached * per_factor
-    for family in ("flux", "hunyuan_video"):  # forecasting stays closer to the model than skipping blocks
+    for family in ("flux", "hunyuan_video") + new:  # forecasting stays closer to the model than skipping blocks
         assert rows[family, "ours O=1"]["rel_error"] < rows[family, "ideal"]["rel_error"]
     table = (tmp_path / "b.md").read_text()
     assert "| flux | diffusers |" in table and "forecast step / full step" in table

@@ -177,12 +177,15 @@ def test_apply_errors_name_the_fix(pipes):
 
 
 def test_family_cases_build_for_the_benchmark():
-    # Every family's benchmark model runs with the preset and with the bound, on shapes only.
+    # Every family's benchmark model runs with the preset and with the bound, on shapes only (on the CPU where its
+    # forward reads values: HunyuanVideo 1.5, Lumina2).
     for name in families.NAMES:
-        case = families.bench_case(name, "mid", device="meta")
+        case = families.bench_case(name, "mid", device=families.count_device(name))
         for apply in (families.apply_preset, families.apply_ideal):
             cache = apply(case.model, CONFIG, 50)
             with torch.no_grad():
                 report = taylorseer.count_schedule(lambda c=case: c(), cache, 50)
             taylorseer.remove(case.model)
-            assert report.full_step_flops > 50 * report.forecast_step_flops, name
+            # HunyuanVideo 1.5 runs its text refiner and byT5 projection on every step: 1/22 of its 4 blocks' FLOPs
+            least = 20 if name == "hunyuan_video15" else 50
+            assert report.full_step_flops > least * report.forecast_step_flops, name

@@ -233,6 +233,19 @@ def test_cli_on_a_folder_a_class_and_bad_input(tmp_path, capsys):
     assert "neither a folder nor a diffusers class" in err and len(err.splitlines()) == 1
 
 
+def test_a_preset_family_is_traced_on_meta_unless_its_forward_reads_values(tmp_path, capsys):
+    traced = discover(families.build("cogview4", "smoke", device="meta"))  # shapes only: traced and counted
+    assert traced.preset == "cogview4" and not traced.note
+    assert traced.costs["every block skipped (bound)"]["kernels"] <= traced.costs["preset"]["kernels"]
+    # Lumina2 sizes its sequence from the mask's values: listed with the reason, never a crash on the meta device
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "Lumina2Transformer2DModel"}))
+    report = main([str(tmp_path)])
+    assert report.preset == "lumina2" and report.costs == {} and "reads its inputs' values" in report.note
+    assert [(item.path, item.count) for item in report.lists] == [("layers", 26), ("noise_refiner", 2),
+                                                                  ("context_refiner", 2)]
+    assert "not traced" in capsys.readouterr().out
+
+
 def test_script_runs_an_unknown_class_static_only():
     # a class autobuild finds no inputs for (its latents are a list of tensors): said, then listed from its shapes
     result = subprocess.run([sys.executable, "-m", "taylorseer.attach.discover", "ZImageTransformer2DModel"],

@@ -196,6 +196,40 @@ def test_benchmark_hooks_sample_with_the_preset_and_the_bound(name):
     assert 0 < ours < ideal  # forecasting stays closer to the uncached run than skipping the blocks
 
 
+# Per family at smoke size: the latents' channels in hidden_states (what the loop updates: PixArt's learned-sigma
+# outputs and HunyuanVideo 1.5's condition channels are not latents), and the timestep its diffusers pipeline passes
+# at scheduler timestep 250 (FLUX, QwenImage, Flux2: t / 1000; Lumina2: 1 - t / 1000; the others t).
+LATENTS = {"wan": 4, "sd3": 4, "pixart": 4, "cogvideox": 4, "flux": 16, "hunyuan_video": 4, "qwenimage": 16,
+           "flux2": 16, "ltx": 8, "hunyuan_video15": 4, "sana": 4, "lumina2": 4, "cogview4": 4}
+AT_250 = {"flux": 0.25, "qwenimage": 0.25, "flux2": 0.25, "lumina2": 0.75}
+
+
+@pytest.mark.parametrize("name", families.NAMES)
+def test_every_family_builds_and_one_call_returns_its_latents(name):
+    case = families.bench_case(name, "smoke")
+    x, d = case.inputs["hidden_states"], families.loop_of(name).channel_dim
+    with torch.no_grad():
+        out = case()[0]
+    assert min(out.shape[d], x.shape[d]) == LATENTS[name]
+    assert out.shape[:d] + out.shape[d + 1:] == x.shape[:d] + x.shape[d + 1:]
+    assert families.inputs(name, case.model, timestep=250.0)["timestep"].tolist() == [AT_250.get(name, 250)]
+    sampled = families.sample(case, 3)
+    n = LATENTS[name]
+    assert sampled.shape == x.shape and torch.isfinite(sampled).all()
+    assert not torch.equal(sampled.narrow(d, 0, n), x.narrow(d, 0, n))  # the latents moved, the rest did not
+    assert torch.equal(sampled.narrow(d, n, x.shape[d] - n), x.narrow(d, n, x.shape[d] - n))
+
+
+@pytest.mark.parametrize("name", families.NAMES)
+def test_a_counted_forecast_step_lies_between_the_bound_and_a_full_step(name):
+    costs = families.forecast_costs(name, "smoke")
+    ours, ideal, full = costs["ours"], costs["ideal"], costs["full"]
+    assert ideal["kernels"] <= ours["kernels"] < full["kernels"]
+    assert ideal["bytes"] < ours["bytes"] < full["bytes"] and ours["cache_bytes"] > 0
+    # the forecast arithmetic adds little to the bound next to what the blocks cost on a full step
+    assert ours["kernels"] - ideal["kernels"] < (full["kernels"] - ideal["kernels"]) / 3
+
+
 def test_counted_forecast_costs_order_the_variants():
     costs = families.forecast_costs("wan", "smoke")
     assert costs["ideal"]["kernels"] < costs["ours"]["kernels"] < costs["plain modules"]["kernels"]

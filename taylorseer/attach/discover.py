@@ -90,7 +90,9 @@ def discover(model: torch.nn.Module, inputs: dict | None = None, family: str | N
     """
     found = presets.find(model)
     family = family or families.family_of(model)
-    if inputs is None and family is not None:
+    on_meta = next(iter(model.parameters())).device.type == "meta"
+    needs_values = family is not None and on_meta and families.count_device(family) != "meta"
+    if inputs is None and family is not None and not needs_values:
         # 1024 image tokens (patch 2), 4 latent frames for video, 128 text tokens: sizes where a forecast
         # step's traffic is the features', not the weights' (shapes only on the meta device: free)
         inputs = families.inputs(family, model, height=64, width=64, frames=4, text_tokens=128)
@@ -110,11 +112,15 @@ def discover(model: torch.nn.Module, inputs: dict | None = None, family: str | N
         if inputs is not None and "." not in path:  # nested lists (a text refiner) run outside the main loop
             _trace_list(model, path, blocks, item, lambda: model(**inputs))
     report = Discovery(type(model).__name__, found.name if found else None, lists)
-    real = inputs is not None and next(iter(model.parameters())).device.type != "meta"
+    real = inputs is not None and not on_meta
     if real and found is None:
         report.verification = _verify_apply(model, inputs)
     if inputs is not None:
         report.costs = _costs(model, inputs, lists, found, derive=real and found is None)
+    elif needs_values:
+        report.note = (f"not traced: a {family} model's forward reads its inputs' values, which the meta device has "
+                       f"none of; save one call's keyword arguments as inputs.pt in its folder, or pass "
+                       f"discover(model, inputs) with real tensors")
     else:
         report.note = ("no inputs for this model: save one call's keyword arguments as inputs.pt in its folder, or "
                        "pass discover(model, inputs) in Python for the branch marks, the "
