@@ -220,10 +220,9 @@ def check_jobs(jobs: Sequence[SweepJob]) -> None:
 class PerJobResources:
     """hydra-submitit-launcher's ``launch``, with every job's resources resolved from its own config.
 
-    Mixed into its ``SlurmLauncher``/``LocalLauncher`` (``taylorseer/harness/hydra_launchers``, imported as
-    ``hydra_plugins.taylorseer_launchers``): the jobs that request the same resources form one job array, as
-    before; a sweep whose jobs differ (``parallel.ulysses=1,2``) submits one array per set, all of them before
-    waiting for any. ``__call__`` (the job itself) is unchanged.
+    Mixed into its ``SlurmLauncher``/``LocalLauncher`` (``hydra_plugins/taylorseer_launchers``): the jobs that
+    request the same resources form one job array, as before; a sweep whose jobs differ (``parallel.ulysses=1,2``)
+    submits one array per set, all of them before waiting for any. ``__call__`` (the job itself) is unchanged.
     """
 
     def sweep_jobs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[SweepJob]:

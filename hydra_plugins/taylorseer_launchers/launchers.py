@@ -1,8 +1,6 @@
 """The project's sweep launchers: hydra-submitit-launcher's, with each job's resources from its own run.
 
-Hydra instantiates launchers only from the ``hydra_plugins`` namespace, so this folder is installed as
-``hydra_plugins.taylorseer_launchers`` (pyproject.toml's package-dir, as the app folders are) and imported only
-under that name; what they add
+Hydra instantiates launchers only from the ``hydra_plugins`` namespace, so the classes live here; what they add
 is :class:`taylorseer.harness.slurm_launcher.PerJobResources` (K ranks for ``parallel.ulysses x parallel.ring =
 K``, one GPU per rank, one job array per set of resources, refused before submission when a job's resources
 cannot host its run). ``configs/hydra/launcher/{slurm,local}.yaml`` name them.
