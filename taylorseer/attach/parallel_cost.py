@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 
 from ..core.config import CacheConfig
-from . import presets
 from .hooks import apply, count_cache_bytes
 
 BF16 = 2
@@ -96,9 +95,8 @@ def _call(case: Case, model) -> dict:
 def factor_bytes(case: Case) -> int:
     """One process's cache at its fullest (every order filled), counted on the meta device."""
     model = _model(case)
-    preset = presets.get(case.family)
-    return count_cache_bytes(model, lambda c: apply(model, c, preset=preset), lambda: model(**_call(case, model)),
-                             case.cache)
+    # the preset found from the class, as the apps use it (HunyuanVideo: the lean form, video tokens only)
+    return count_cache_bytes(model, lambda c: apply(model, c), lambda: model(**_call(case, model)), case.cache)
 
 
 def shapes(case: Case) -> dict:
