@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..core.arena import Arena, stream_update
 from ..core.cache import ForecastCache
-from .spec import ACTIVATIONS, BlockSpec, ChunkGate, Gate, LinearGate, TableGate, _getter, assemble_returns
+from .run_gates import RunGates
+from .spec import BlockSpec, ChunkGate, Gate, LinearGate, TableGate, assemble_returns
 
 PER_BLOCK = object()  # Collapser.forecast's answer: run this block per block
 UNIT = "stream-update:"  # cache keys of per-stream factors: UNIT + "<first block>..<last block>"
@@ -106,11 +106,6 @@ def _collapsible(spec: BlockSpec, adds) -> bool:
     return True
 
 
-def _plain_linear(linear) -> bool:
-    return (type(linear) is torch.nn.Linear and "forward" not in linear.__dict__ and not linear._forward_hooks
-            and not linear._forward_pre_hooks)
-
-
 class Collapser:
     """The collapsed forecast step of one attached model (one per :func:`taylorseer.apply`)."""
 
@@ -125,7 +120,7 @@ class Collapser:
         self.head_inputs: dict[str, object] = {}
         self.heads = 0  # collapsed runs computed (for tests and summaries)
         self._previous: tuple | None = None  # (token, entry, outputs by stream, args, kwargs) of the last block call
-        self._stacks: dict = {}
+        self.gates = RunGates()  # the gate rows of a run's adds, stacked once
         # per_stream: the run being recorded, the blocks that keep per-branch factors (name -> why) and the blocks
         # computed on every step (the adaptive schedule's probe and those before it), never in a run.
         self._open: _Unit | None = None
@@ -463,7 +458,7 @@ class Collapser:
                 return None
             for slot, w in zip(slots, self.cache.weights_of(state), strict=True):
                 weights[slot - indices[0] * per] = w
-        g = self._gates([gt for _, gt in gates], [e for e, _ in gates], head, read, x0)
+        g = self.gates.rows([gt for _, gt in gates], [e for e, _ in gates], head, read, x0)
         if g is None:
             return None
         w = _on_device(weights, x0.device)
@@ -472,136 +467,10 @@ class Collapser:
         factors = arena.data[indices[0] * per:(indices[-1] + 1) * per]
         return stream_update(x0, factors, coeffs.transpose(0, 1))
 
-    # ------------------------------------------------------------------------------------------ gates
-    def _gates(self, gates: list[_Gate], entries: list[_Entry], head: _Entry, read, x0) -> torch.Tensor | None:
-        """(B, n, C): the gate row of every add, in order (ones for ungated adds)."""
-        groups: dict[tuple, list[int]] = {}
-        for i, gate in enumerate(gates):
-            g = gate.gate
-            if g is None:
-                kind = ("ones",)
-            elif isinstance(g, LinearGate):
-                plain = _plain_linear(_getter(g.linear)(entries[i].block))
-                kind = ("linear", g.input, g.activation, g.gate_activation) if plain else ("module", i)
-            elif isinstance(g, ChunkGate):
-                kind = ("chunk", g.input, g.chunks, g.gate_activation)
-            else:
-                kind = ("table", g.input, g.float32, g.chunks)
-            groups.setdefault(kind, []).append(i)
-        values: dict[tuple, torch.Tensor] = {}
-        memo: dict = {}
-        for kind, members in groups.items():
-            if kind[0] == "ones":
-                continue
-            try:
-                value = self._group(kind, [gates[i] for i in members], [entries[i] for i in members], head, read,
-                                    memo)
-            except TypeError:
-                return None  # the head does not take an input a later block's gate reads
-            if value is None:
-                return None
-            values[kind] = value
-        if list(groups) == [next(iter(groups))] and ("ones",) not in groups:
-            return values[next(iter(groups))]  # one group in stream order: no copy
-        batch = next((v.shape[0] for v in values.values()), x0.shape[0])
-        ones = torch.ones(1, 1, x0.shape[-1], dtype=x0.dtype, device=x0.device).expand(batch, 1, -1)
-        position = {i: (kind, j) for kind, members in groups.items() for j, i in enumerate(members)}
-        pieces, i = [], 0
-        while i < len(gates):  # consecutive members of one group as one slice
-            kind, j = position[i]
-            n = 1
-            while i + n < len(gates) and position[i + n] == (kind, j + n):
-                n += 1
-            pieces.append(ones.expand(batch, n, -1) if kind[0] == "ones" else values[kind][:, j:j + n])
-            i += n
-        return torch.cat(pieces, dim=1)
-
-    def _group(self, kind: tuple, gates: list[_Gate], entries: list[_Entry], head: _Entry, read, memo):
-        if kind[0] == "module":  # a wrapped Linear (LoRA, quantised): its own gate, as per block
-            gate, entry = gates[0].gate, entries[0]
-            return gate.compute(entry.block, read, memo)
-        if kind[0] == "linear":
-            _, arg, activation, gate_activation = kind
-            emb = read(arg)
-            if activation is not None:
-                emb = ACTIVATIONS[activation](emb)
-            weight, bias = self._stack(gates, entries)
-            out = F.linear(emb, weight, bias)
-            out = out.view(out.shape[0], len(gates), -1)
-            return out if gate_activation is None else ACTIVATIONS[gate_activation](out)
-        if kind[0] == "chunk":  # chunks of a modulation passed in (Flux2): one gather
-            _, arg, chunks, gate_activation = kind
-            t = read(arg)
-            if t.dim() == 3 and t.shape[1] == 1:
-                t = t[:, 0]
-            if t.dim() != 2:
-                return None  # one gate per token: per block
-            index = self._index(gates, t.device)
-            out = torch.index_select(t.reshape(t.shape[0], chunks, -1), 1, index)
-            return out if gate_activation is None else ACTIVATIONS[gate_activation](out)
-        _, arg, float32, chunks = kind
-        t = read(arg)
-        if float32:
-            t = t.float()
-        rows, index = self._table(gates, entries, t.device)
-        if t.shape[-1] != rows.shape[-1]:  # (B, chunks * C): PixArt; (B, 1, chunks * C): LTX-Video
-            t = t.reshape(*t.shape[:-1], chunks, -1)
-            if t.dim() == 4 and t.shape[1] == 1:
-                t = t[:, 0]
-        if t.dim() != 3:
-            return None  # one gate per token (Wan 2.2 TI2V, LTX-Video per token): per block
-        return torch.index_select(t, 1, index) + rows
-
-    def _stack(self, gates: list[_Gate], entries: list[_Entry]):
-        """The gate rows of every Linear, stacked once (rebuilt when a weight changes)."""
-        linears = [_getter(g.gate.linear)(e.block) for g, e in zip(gates, entries, strict=True)]
-        stamp = tuple((id(m.weight), m.weight._version, m.weight.device, m.weight.dtype,
-                       None if m.bias is None else m.bias._version) for m in linears)
-        key = ("linear", tuple((e.name, g.key, g.gate) for g, e in zip(gates, entries, strict=True)))
-        found = self._stacks.get(key)
-        if found is not None and found[0] == stamp:
-            return found[1], found[2]
-        rows, biases = [], []
-        for gate, m in zip(gates, linears, strict=True):
-            n = m.out_features // gate.gate.chunks
-            rows.append(m.weight.detach()[gate.gate.index * n:(gate.gate.index + 1) * n])
-            biases.append(None if m.bias is None else m.bias.detach()[gate.gate.index * n:(gate.gate.index + 1) * n])
-        with torch.no_grad():
-            weight = torch.cat(rows)
-            bias = None if any(b is None for b in biases) else torch.cat(biases)
-            if bias is None and any(b is not None for b in biases):
-                bias = torch.cat([b if b is not None else torch.zeros_like(r[:, 0]) for b, r in zip(biases, rows,
-                                                                                                    strict=True)])
-        self._stacks[key] = (stamp, weight, bias)
-        return weight, bias
-
-    def _index(self, gates: list[_Gate], device) -> torch.Tensor:
-        """The chunk index of every gate, as a tensor on ``device`` (made once)."""
-        key = ("index", tuple(g.key for g in gates), tuple(g.gate.index for g in gates), device)
-        found = self._stacks.get(key)
-        if found is None:
-            found = self._stacks[key] = (None, torch.tensor([g.gate.index for g in gates], dtype=torch.long,
-                                                            device=device))
-        return found[1]
-
-    def _table(self, gates: list[_Gate], entries: list[_Entry], device):
-        tables = [_getter(g.gate.table)(e.block) for g, e in zip(gates, entries, strict=True)]
-        stamp = tuple((id(t), t._version, t.device, t.dtype) for t in tables) + (device,)
-        key = ("table", tuple((e.name, g.key, g.gate) for g, e in zip(gates, entries, strict=True)))
-        found = self._stacks.get(key)
-        if found is not None and found[0] == stamp:
-            return found[1], found[2]
-        with torch.no_grad():
-            rows = torch.stack([t.detach().reshape(g.gate.chunks, -1)[g.gate.index]
-                                for g, t in zip(gates, tables, strict=True)])
-        index = torch.tensor([g.gate.index for g in gates], dtype=torch.long, device=device)
-        self._stacks[key] = (stamp, rows, index)
-        return rows, index
-
     # ------------------------------------------------------------------------------------- accounting
     def nbytes(self) -> int:
         """Bytes of the stacked gate rows (the arenas hold the factors, counted by the cache)."""
-        return sum(t.nbytes for _, *tensors in self._stacks.values() for t in tensors if t is not None)
+        return self.gates.nbytes()
 
 
 def _on_device(values: list[float], device: torch.device) -> torch.Tensor:
