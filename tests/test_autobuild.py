@@ -105,3 +105,14 @@ def test_every_class_autobuild_serves_runs_cached_or_says_why():
         assert torch.equal(_loop(model, call, 6), ref), name
         served.append(name)
     assert len(served) >= 32, (served, refused)
+
+
+def test_a_model_that_is_no_transformer_is_reported_not_crashed():
+    """A UNet (blocks returning tuples of skips): discovery reports every layout uncached and each candidate that
+    breaks the model as an error entry, instead of stopping at the first TypeError."""
+    from taylorseer.attach.discover import discover
+
+    model, call = autobuild.build("UNet2DConditionModel")
+    report = discover(model, call(500.0))
+    assert report.verification and all("uncached" in line for line in report.verification), report.verification
+    assert any("error" in cost for cost in report.costs.values()), report.costs

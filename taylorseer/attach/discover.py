@@ -159,8 +159,8 @@ def _verify_apply(model, inputs) -> list[str]:
             model(**inputs)
             model(**inputs)  # a forecast step on the verified paths
         return summary(model).derivation.lines()
-    except RuntimeError as err:
-        return [f"the forecast step failed: {err}"]
+    except Exception as err:  # noqa: BLE001 - reported in the summary, the report goes on
+        return [f"the forecast step failed: {type(err).__name__}: {err}"]
     finally:
         remove(model)
 
@@ -202,8 +202,8 @@ def _costs(model, inputs, lists: list[BlockList], found, derive: bool = False) -
                 taylorseer_cache(model).reset()
                 full = count_ops(lambda: model(**inputs))
                 forecast = count_ops(lambda: model(**inputs))
-        except RuntimeError as err:
-            costs[label] = dict(error=str(err))
+        except Exception as err:  # noqa: BLE001 - a candidate that breaks the model is reported, not fatal
+            costs[label] = dict(error=f"{type(err).__name__}: {err}")
             continue
         finally:
             remove(model)
@@ -337,6 +337,8 @@ def main(argv=None) -> Discovery:
     parser.add_argument("source", help="diffusers class name, module:Class, or a pipeline/transformer folder")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
+    if not args.source.strip():
+        parser.error("source is empty: give a diffusers class name, module:Class, or a folder")
     try:
         model, inputs = load(args.source)
         report = discover(model, inputs)
