@@ -186,7 +186,7 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
             config, vae_scale = flux_configs(cfg.model.path)
             metrics = _metrics(cfg, cache_config, count_flops(cfg, cache_config, config, vae_scale, {}), done,
                                device, dtype, complete=True)
-            runs.write_metrics(out_dir, metrics)
+            runs.write_metrics(out_dir, metrics, sampled=False)
         print(f"[{TAG}] all {len(items)} images are already in {out_dir}; metrics.json rewritten")
         return metrics
     image = None

@@ -160,7 +160,7 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
         with folder:  # config.yaml and metrics.json both describe this invocation
             runs.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             metrics = _write_metrics(cfg, cache_config, transformer_config(cfg.model.path), items, done, device,
-                                     dtype)
+                                     dtype, sampled=False)
         print(f"[{TAG}] all {len(items)} videos are already in {out_dir}; metrics.json rewritten")
         return metrics
 
@@ -239,8 +239,9 @@ _FLOPS: dict = {}  # (settings, transformer config) -> FlopsReport: counted once
 
 
 def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, items, done: dict, device,
-                   dtype, **more) -> dict:
-    """metrics.json over every video of the folder, rewritten after each one (true after a kill)."""
+                   dtype, sampled: bool = True, **more) -> dict:
+    """metrics.json over every video of the folder, rewritten after each one (true after a kill). ``sampled=False``:
+    a rerun of a finished folder, which keeps the sampling run's measured figures (peak memory, bytes per rank)."""
     calls_per_step = 2 if cfg.true_cfg_scale > 1 else 1
     shape = VideoShape(cfg.height, cfg.width, cfg.num_frames, cfg.max_sequence_length,
                        spatial_compression=cfg.model.spatial_compression,
@@ -270,7 +271,7 @@ def _write_metrics(cfg: DictConfig, cache_config: CacheConfig, config: dict, ite
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
     metrics = runs.sampling_metrics(cache_config, _FLOPS[key], records, device, **extra)
-    runs.write_metrics(run_dir(cfg), metrics)
+    runs.write_metrics(run_dir(cfg), metrics, sampled=sampled)
     return metrics
 
 

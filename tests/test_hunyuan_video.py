@@ -341,6 +341,8 @@ def test_hydra_app_writes_videos_and_metrics_and_resumes(monkeypatch, tiny_dir, 
     capsys.readouterr()
     _cli(monkeypatch, *args)  # everything is there: nothing is sampled again
     assert "all 4 videos are already in" in capsys.readouterr().out
+    again = json.loads((run / "metrics.json").read_text())  # the sampling run's measured figures are kept
+    assert all(again[k] == metrics[k] for k in ("peak_memory_bytes", "cache_bytes_per_rank", "world_size")), again
     (run / "a cat walks-1.mp4").unlink()  # a preempted run: only the missing video is made again
     _cli(monkeypatch, *args)
     metrics = json.loads((run / "metrics.json").read_text())

@@ -83,17 +83,26 @@ def locked(path: str | Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_metrics(out_dir: str | Path, metrics: dict) -> Path:
+# What only a sampling invocation measures: a rerun that finds every item made (and samples nothing) keeps them
+MEASURED_WHILE_SAMPLING = ("peak_memory_bytes", "peak_memory_kind", "cache_bytes_per_rank", "world_size",
+                           "context_parallel")
+
+
+def write_metrics(out_dir: str | Path, metrics: dict, sampled: bool = True) -> Path:
     """Write ``out_dir/metrics.json``, keeping the ``eval`` section that metric commands added to it.
 
     Sampling owns every other key; ``taylorseer_eval`` adds ``metrics["eval"][<metric>]`` with
     :func:`record_eval`. Each entry there carries the ``num_items`` it was computed on, so a table can
-    tell a metric of an older, smaller state of the folder from a current one.
+    tell a metric of an older, smaller state of the folder from a current one. ``sampled=False`` (a rerun
+    of a finished folder, nothing sampled): the figures of :data:`MEASURED_WHILE_SAMPLING` stay the sampling
+    run's, not this process's.
     """
     path = Path(out_dir) / "metrics.json"
     with locked(Path(out_dir) / ".metrics.lock"):
         previous = read_json(path) or {}
         merged = dict(metrics)
+        if not sampled:
+            merged.update({k: previous[k] for k in MEASURED_WHILE_SAMPLING if k in previous})
         if "eval" in previous:
             merged["eval"] = {**previous["eval"], **metrics.get("eval", {})}
         return write_json(path, merged)
