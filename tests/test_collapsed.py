@@ -166,14 +166,27 @@ def test_forecast_step_kernels_at_full_size_do_not_grow_with_depth(name):
     assert full["bound"] == {"dit-xl-2": 25, "flux-dev": 89, "hunyuan-video": 182}[name]
 
 
-def test_the_compiled_stream_update_equals_the_eager_one():
+@pytest.mark.parametrize("kernel", ["auto", "inductor"])
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_the_stream_update_equals_the_formula_chained_and_compiled(kernel, channels_first):
+    """``auto`` on a CPU with fp32 factors is the addcmul chain (faster there than the compiled pass over many
+    slots); ``inductor`` the compiled pass. Both equal the formula, whatever the stream's layout (Sana's comes
+    channels-first from its patch embedding)."""
     from taylorseer.core import arena
+    from taylorseer.core.kernels import forecast_kernel
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 512, 256, generator=g)  # 2^17 elements: the compiled kernel on a CPU with a compiler
+    if channels_first:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
     factors = torch.randn(6, 1, 512, 256, generator=g)
     coeffs = torch.randn(1, 6, 256, generator=g).transpose(0, 1)
-    out = arena.stream_update(x, factors, coeffs)
+    calls = []
+    chain = arena._chain
+    with forecast_kernel(kernel), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(arena, "_chain", lambda *a: calls.append(1) or chain(*a))
+        out = arena.stream_update(x, factors, coeffs)
+    assert len(calls) == (kernel == "auto")
     torch.testing.assert_close(out, arena._eager(x, factors, coeffs), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, x + (factors * coeffs[:, :, None]).sum(0), rtol=1e-6, atol=1e-5)
     assert not arena._broken
