@@ -218,6 +218,8 @@ def _short_forward(block, original, read_arg, spec: BlockSpec, cache, adds, layo
             calls.clear()  # the per-call recorders count this block call's calls from 0
             for stream in split_streams:
                 lengths[stream] = read_arg(args, kwargs, stream).shape[1]
+            if collapser is not None:
+                collapser.before_full(name_of, args, kwargs)
             out = original(*args, **kwargs)
             if collapser is not None:
                 collapser.observe(name_of, args, kwargs, out)

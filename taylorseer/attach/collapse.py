@@ -39,6 +39,7 @@ import torch
 
 from ..core.arena import Arena, stream_update
 from ..core.cache import ForecastCache
+from .fold import Folder
 from .run_gates import RunGates
 from .spec import BlockSpec, ChunkGate, Gate, LinearGate, TableGate, assemble_returns
 
@@ -127,6 +128,7 @@ class Collapser:
         self.per_branch: dict[str, str] = {}
         self.fixed: set[str] = set()
         self.units_recorded = 0  # runs recorded on full steps (for tests and summaries)
+        self.folder = Folder(self)  # collapsed: runs whose gates share their time-varying part, recorded as sums
 
     # ---------------------------------------------------------------------------------------- building
     def register(self, name: str, block: torch.nn.Module, spec: BlockSpec, adds, layouts: dict,
@@ -153,6 +155,8 @@ class Collapser:
         entry.checks = tuple(dict.fromkeys([g.stream for g in entry.gates] + list(returned)))
         entry.gate_inputs = tuple(dict.fromkeys(g.gate.input for g in entry.gates if g.gate is not None))
         self.entries[name] = entry
+        if not self.per_stream:
+            self.folder.register(entry)
 
     @property
     def next(self) -> dict[str, str]:
@@ -198,7 +202,7 @@ class Collapser:
     def describe(self) -> str | None:
         """One line for :func:`taylorseer.summary` (per_stream only)."""
         if not self.per_stream:
-            return None
+            return self.folder.describe()
         runs = [n for n in self.entries if n not in self.fixed]
         line = f"forecast_step=per_stream: {len(runs)} blocks forecast from their runs' stream updates"
         if self.per_branch:
@@ -211,7 +215,32 @@ class Collapser:
         cache = self.cache
         return len(cache.history), cache.context_name, cache.step
 
+    def token(self) -> tuple:
+        return self._token()
+
+    def previous_name(self, token: tuple) -> str | None:
+        """The block called last in the step ``token`` (None at its first block)."""
+        previous = self._previous
+        return previous[1].name if previous is not None and previous[0] == token else None
+
     # -------------------------------------------------------------------------------------- full steps
+    def before_full(self, name: str, args: tuple, kwargs: dict) -> None:
+        """A full step of block ``name`` is about to run: whether it folds into a run's sums (:mod:`.fold`)."""
+        entry = self.entries.get(name)
+        if entry is None or self.per_stream or not self.active():
+            return
+        token = self._token()
+
+        def read(arg):
+            return entry.read_arg(args, kwargs, arg)
+
+        previous = self._previous if self._previous is not None and self._previous[0] == token else None
+        linked = False
+        if previous is not None:
+            _, before, outs, pargs, pkwargs = previous
+            linked = self._linked(entry, read, outs, lambda a: before.read_arg(pargs, pkwargs, a))
+        self.folder.before_full(entry, read, linked, token)
+
     def observe(self, name: str, args: tuple, kwargs: dict, out) -> None:
         """A full step of block ``name``: link it to the block called before it, move its factors into the arenas."""
         entry = self.entries.get(name)
@@ -270,6 +299,8 @@ class Collapser:
         """The model call ended (its forward hook): record the run still open."""
         if self._open is not None:
             self._close()
+        if self.folder.eligible:
+            self.folder.end_step(self.cache.is_full)
 
     def _close(self) -> None:
         unit, self._open = self._open, None
@@ -309,16 +340,20 @@ class Collapser:
                                              self.per_gate)
         return arena
 
-    def _state(self, gate: _Gate):
-        """The factor record a branch add reads (as blocks._short_forward finds it), or None."""
+    @staticmethod
+    def position(gate: _Gate) -> int | None:
+        """Which of the module's recorded outputs a branch add reads (as blocks._short_forward finds it)."""
         add, branch = gate.add, gate.add.branch
         if add.selection is None:
-            position = 0 if branch.output is None else branch.output
-        else:
-            layout = gate.layouts.get(branch.module, [])
-            if add.selection not in layout:
-                return None
-            position = layout.index(add.selection)
+            return 0 if branch.output is None else branch.output
+        layout = gate.layouts.get(branch.module, [])
+        return layout.index(add.selection) if add.selection in layout else None
+
+    def _state(self, gate: _Gate):
+        """The factor record a branch add reads (as blocks._short_forward finds it), or None."""
+        position = self.position(gate)
+        if position is None:
+            return None
         try:
             states = self.cache.factors(gate.key)
         except RuntimeError:
@@ -341,10 +376,19 @@ class Collapser:
             return self._pass_through(entry, read)
         if self.per_stream and name in self.fixed:
             return PER_BLOCK
+        folder = self.folder
+        if not self.per_stream and folder.members.get(self.cache.context_name):
+            segment = folder.segment(name)
+            if segment is not None:
+                return self._folded(entry, segment, read, token)
+            if folder.member(name):
+                raise RuntimeError(f"{name}: its branches were recorded folded into the run of "
+                                   f"{folder.members[self.cache.context_name][name]}, which was not called before it "
+                                   f"on this forecast step; use cache.forecast_step=per_block for this model")
         run = [entry]
         while run[-1].name in self.next and self.next[run[-1].name] in self.entries:
             follower = self.entries[self.next[run[-1].name]]
-            if follower in run or (self.per_stream and not self._joins(entry, follower)):
+            if follower in run or (self.per_stream and not self._joins(entry, follower)) or folder.member(follower.name):
                 break
             run.append(follower)
         outs = self._stream_updates(run, read) if self.per_stream else self._collapse(run, read)
@@ -355,6 +399,17 @@ class Collapser:
             self.covered[follower.name] = token
         if not self.per_stream:  # per_stream reads no gate
             self.head_inputs = {arg: read(arg) for e in run for arg in e.gate_inputs}
+        result = assemble_returns(entry.spec.returns, outs, read)
+        self.last_outs = _outputs(entry.spec.returns, result)
+        return result
+
+    def _folded(self, entry: _Entry, segment, read, token: tuple):
+        """A folded run's forecast at its head (:meth:`.fold.Folder.forecast`); its other blocks pass through."""
+        outs = self.folder.forecast(segment, entry, read)
+        self.heads += 1
+        for follower in segment.blocks[1:]:
+            self.covered[follower] = token
+        self.head_inputs = {arg: read(arg) for name in segment.blocks for arg in self.entries[name].gate_inputs}
         result = assemble_returns(entry.spec.returns, outs, read)
         self.last_outs = _outputs(entry.spec.returns, result)
         return result

@@ -97,6 +97,9 @@ class ForecastCache:
         # Keys whose outputs are not recorded: branches of blocks forecast from the factors of their residual
         # stream's total update instead (forecast_step=per_stream; taylorseer.attach.collapse fills it).
         self.unrecorded: set[str] = set()
+        # Keys whose full-step outputs a handler may take instead (returns True when it did): the branches of
+        # blocks folded into their run's sums under the collapsed forecast step (taylorseer.attach.fold).
+        self.diverted: dict[str, Callable[[str, object], bool]] = {}
 
     # ----------------------------------------------------------------------------------- life cycle
     def reset(self, num_steps: int | None = None) -> None:
@@ -319,6 +322,9 @@ class ForecastCache:
         ctx = self._ctx
         if not self.config.enabled or ctx.undecided or name in self.unrecorded:
             return
+        divert = self.diverted.get(name)
+        if divert is not None and divert(name, output):
+            return
         tensors = _as_tuple(output)
         states = ctx.states.get(name)
         if states is None:
@@ -343,6 +349,25 @@ class ForecastCache:
                     state.tensors = [_to_host(t, spare) for t, spare in zip(state.tensors, spares, strict=False)]
                 else:
                     state.tensors = self.prefetcher.store(state.tensors, spares, _to_host)
+
+    def spare(self, name: str, index: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The buffer the next :meth:`update` of ``name`` on this full step stores its output ``index`` in, where it
+        fits a feature like ``like``: a feature summed straight into it is not copied. None otherwise."""
+        if self.store is not None or self.config.offload or not hasattr(self.forecaster, "spare"):
+            return None
+        ctx = self._ctx
+        states = ctx.states.get(name)
+        if states is None or index >= len(states):
+            return None
+        buffer = self.forecaster.spare(states[index], ctx.step > self.config.first_enhance - 2)
+        if (buffer is None or buffer.shape != like.shape or buffer.dtype != self._factor_dtype(like)
+                or buffer.device != like.device or not buffer.is_contiguous()):
+            return None
+        return buffer
+
+    def forget(self, name: str) -> None:
+        """Drop the factors of ``name`` in the current context (a record another one replaced)."""
+        self._ctx.states.pop(name, None)
 
     def forecast(self, name: str):
         """The forecast output of module ``name`` at the current step, in the module's output dtype

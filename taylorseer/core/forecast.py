@@ -82,6 +82,15 @@ class TaylorForecaster:
         state.tensors = [_store(feature, old[orders] if len(old) > orders else None, dtype)] + old[:orders]
         state.positions = [position]
 
+    def spare(self, state: Factors, derive: bool) -> torch.Tensor | None:
+        """The buffer :meth:`update` will store its feature in (no factor of it is read by the update): a feature
+        computed straight into it is not copied."""
+        old = state.tensors
+        if not derive or not old:
+            return old[0] if old else None
+        orders = min(len(old), self.max_order)
+        return old[orders] if len(old) > orders else None
+
     def weights(self, positions: list[float], position: float, num_factors: int) -> list[float]:
         """forecast = sum_i weights[i] * factor_i, with weights k^i / i! at distance k from the last full step."""
         k = position - positions[-1]
@@ -110,6 +119,12 @@ class NewtonForecaster:
             prev = old[i].sub_(prev).div_(node - position)
         state.tensors = [_store(feature, old[orders] if len(old) > orders else None, dtype)] + old[:orders]
         state.positions = (nodes + [position])[-(orders + 1) :]
+
+    def spare(self, state: Factors, derive: bool) -> torch.Tensor | None:
+        """As :meth:`TaylorForecaster.spare` (every full step derives here)."""
+        old = state.tensors
+        orders = min(len(old), self.max_order)
+        return old[orders] if len(old) > orders else None
 
     def weights(self, positions: list[float], position: float, num_factors: int) -> list[float]:
         """Newton basis at ``position``: 1, (x - x0), (x - x0)(x - x1), ... with x0 the newest node."""
@@ -179,6 +194,9 @@ class FeedbackForecaster(TaylorForecaster):
             state.tensors = state.tensors + [residual]
         state.positions = [previous if previous is not None else position, position]
 
+    def spare(self, state: Factors, derive: bool) -> torch.Tensor | None:
+        return None  # the residual reads the feature against the factors before they change
+
     def weights(self, positions: list[float], position: float, num_factors: int) -> list[float]:
         k = position - positions[-1]
         taylor = min(num_factors, self.max_order + 1)
@@ -212,6 +230,8 @@ def _store(feature: torch.Tensor, spare: torch.Tensor | None, dtype: torch.dtype
     Owning the buffers is what allows the in-place updates above: the model's own output tensor is
     never written to, and the steady state allocates nothing.
     """
+    if spare is feature:
+        return spare  # computed in place already (taylorseer.attach.fold)
     if spare is not None and spare.shape == feature.shape and spare.dtype == dtype and spare.device == feature.device:
         return spare.copy_(feature)
     return feature.to(dtype=dtype, copy=True)
