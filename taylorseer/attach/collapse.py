@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.arena import Arena, stream_update
+from ..core.arena import Arena, stream_update, weights_on
 from ..core.cache import ForecastCache
 from .fold import Folder
 from .run_gates import RunGates
@@ -472,7 +472,7 @@ class Collapser:
         for slot, w in zip(slots, self.cache.weights_of(state), strict=True):
             weights[slot] = w
         batch, channels = x0.shape[0], x0.shape[-1]
-        coeffs = _on_device(weights, x0.device).view(-1, 1, 1).expand(-1, batch, channels).contiguous()
+        coeffs = weights_on(weights, x0.device).view(-1, 1, 1).expand(-1, batch, channels).contiguous()
         factors = arena.data.view(arena.per_gate, batch, -1, channels)
         return stream_update(x0.reshape(batch, -1, channels), factors, coeffs).view(x0.shape)
 
@@ -516,7 +516,7 @@ class Collapser:
         g = self.gates.rows([gt for _, gt in gates], [e for e, _ in gates], head, read, x0)
         if g is None:
             return None
-        w = _on_device(weights, x0.device)
+        w = weights_on(weights, x0.device)
         batch, channels = g.shape[0], g.shape[-1]
         coeffs = (g.unsqueeze(2) * w.view(1, len(gates), per, 1)).reshape(batch, len(gates) * per, channels)
         factors = arena.data[indices[0] * per:(indices[-1] + 1) * per]
@@ -526,12 +526,6 @@ class Collapser:
     def nbytes(self) -> int:
         """Bytes of the stacked gate rows (the arenas hold the factors, counted by the cache)."""
         return self.gates.nbytes()
-
-
-def _on_device(values: list[float], device: torch.device) -> torch.Tensor:
-    """The forecast weights as an fp32 tensor on ``device`` (CUDA: from pinned memory, without a sync)."""
-    w = torch.tensor(values, dtype=torch.float32)
-    return w.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else w.to(device)
 
 
 def _outputs(returns, out) -> dict:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.arena import Arena, stream_update
+from ..core.arena import Arena, stream_update, weights_on
 from .spec import ChunkGate, TableGate, _getter
 
 PREFIX = "fold:"
@@ -61,9 +61,7 @@ def _group(gate) -> tuple:
 def _table_input_row(gate: TableGate, t) -> torch.Tensor | None:
     """``e``: the time-varying part of a TableGate, ``(B, C)``; None where the gate is per token."""
     if not isinstance(t, torch.Tensor):
-        return None
-    if gate.float32:
-        t = t.float()
+        return None  # (its dtype is the multipliers' fp32 once copied in, as Wan's float32 table add has it)
     if t.dim() == 2:  # (B, chunks * C): PixArt, Sana
         t = t.reshape(t.shape[0], gate.chunks, -1)
     elif t.dim() == 3 and t.shape[1] != gate.chunks:  # (B, S, chunks * C): LTX-Video
@@ -307,15 +305,17 @@ class Folder:
         return name in self.members.get(self.cache.context_name, {})
 
     def forecast(self, segment: Segment, head, read: Callable) -> dict[str, torch.Tensor]:
-        """``x_L = x_0 + sum_j m_j sum_i w_i D_ji`` per stream of a folded run, at its head."""
+        """``x_L = x_0 + sum_j m_j sum_i w_i D_ji`` per stream of a folded run, at its head: the multipliers ``m``
+        (G, B, C) are ones with the gated rows copied in, so the coefficients cost a few kernels whatever the depth."""
         outs = {}
         for stream, kinds in segment.streams.items():
             x0 = read(stream)
             key = segment.keys[stream]
             states = self.cache.factors(key)
-            arena = self._arena(key, stream, states[0].tensors[0], len(states))
+            groups = len(states)
+            arena = self._arena(key, states[0].tensors[0], groups)
             per = arena.per_gate
-            weights = torch.zeros(len(states), per)
+            weights = [0.0] * (groups * per)
             for j, state in enumerate(states):
                 slots = arena.adopt(j, state.tensors)
                 if slots is None or tuple(x0.shape) != arena.shape:
@@ -323,25 +323,28 @@ class Folder:
                                        f"{tuple(x0.shape)} on this forecast step, its folded record "
                                        f"{arena.shape}; use cache.forecast_step=per_block for this model")
                 for slot, w in zip(slots, self.cache.weights_of(state), strict=True):
-                    weights[j, slot - j * per] = w
+                    weights[slot] = w
             batch, channels = x0.shape[0], x0.shape[-1]
-            rows = torch.stack([self._multiplier(kind, head, read, batch, channels, x0.device) for kind in kinds])
-            coeffs = (weights.to(x0.device).view(len(states), per, 1, 1) * rows.unsqueeze(1))
-            outs[stream] = stream_update(x0, arena.data, coeffs.reshape(len(states) * per, batch, channels))
+            rows = torch.ones(groups, batch, channels, device=x0.device)
+            for j, kind in enumerate(kinds):
+                if kind[0] != "one":
+                    rows[j].copy_(self._multiplier(kind[1], head, read))
+            w = weights_on(weights, x0.device).view(groups, per, 1, 1)
+            coeffs = (w * rows.unsqueeze(1)).view(groups * per, batch, channels)
+            outs[stream] = stream_update(x0, arena.data, coeffs)
         return outs
 
-    def _multiplier(self, kind: tuple, head, read, batch: int, channels: int, device) -> torch.Tensor:
-        if kind[0] == "one":
-            return torch.ones(batch, channels, device=device)
-        gate = kind[1]
+    @staticmethod
+    def _multiplier(gate, head, read) -> torch.Tensor:
+        """The time-varying part of a folded group's gate on this step: a row of its input, or its chunk."""
         row = _table_input_row(gate, read(gate.input)) if isinstance(gate, TableGate) else \
             _chunk_row(gate, head.block, read)
         if row is None:
             raise RuntimeError(f"{head.name}: its gate input {gate.input!r} holds one row per token on this forecast "
                                f"step but one per sample on the last full step; use cache.forecast_step=per_block")
-        return row.float().expand(batch, channels)
+        return row
 
-    def _arena(self, key: str, stream: str, like: torch.Tensor, groups: int) -> Arena:
+    def _arena(self, key: str, like: torch.Tensor, groups: int) -> Arena:
         arenas = self.collapser.arenas
         arena_key = (self.cache.context_name, key)
         arena = arenas.get(arena_key)

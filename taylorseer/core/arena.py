@@ -117,6 +117,12 @@ def stream_update(x0: torch.Tensor, factors: torch.Tensor, coeffs: torch.Tensor)
     return _eager(x0, factors, coeffs)
 
 
+def weights_on(values: list[float], device: torch.device) -> torch.Tensor:
+    """Forecast weights as an fp32 tensor on ``device`` (CUDA: from pinned memory, without a sync)."""
+    w = torch.tensor(values, dtype=torch.float32)
+    return w.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else w.to(device)
+
+
 def _formula(x0, factors, coeffs):
     acc = (factors * coeffs.unsqueeze(2)).sum(0, dtype=torch.float32)
     return (x0 + acc).to(x0.dtype)
