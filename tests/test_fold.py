@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import taylorseer
+
 from taylorseer import CacheConfig
 from taylorseer.attach import families
 from taylorseer.attach.hooks import remove
@@ -114,3 +116,15 @@ def test_sums_are_computed_in_the_records_own_slots(monkeypatch):
     # 5 full steps (0, 1, 6, 11, 16) x 5 sums: the first step has no record, the second's order-0 record has no
     # spare slot yet (its one factor is read by the update); from the third on every sum is in place.
     assert len(hits) == 3 * 5 and len(misses) == 5
+
+
+def test_the_summary_says_which_blocks_fold(monkeypatch):
+    case = families.bench_case("sana", "smoke")
+    monkeypatch.setenv("TAYLORSEER_FOLD", "1")
+    families.apply_preset(case.model, CacheConfig(interval=5, max_order=1, first_enhance=2), 8)
+    try:
+        families.sample(case, 8)
+        text = taylorseer.summary(case.model).describe()
+    finally:
+        remove(case.model)
+    assert "2 blocks fold their branches" in text and "runs recorded so" in text

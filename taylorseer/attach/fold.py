@@ -354,7 +354,10 @@ class Folder:
         return arena
 
     def describe(self) -> str | None:
+        """One line for :func:`taylorseer.summary`."""
         if not self.eligible:
             return None
-        return (f"forecast_step=collapsed: {len(self.eligible)} blocks fold their branches into one feature per "
-                f"gate group and run (ungated, shared chunk, table row: taylorseer.attach.fold)")
+        done = f"; {self.folded_runs} runs recorded so" if self.folded_runs else ""
+        return (f"forecast_step=collapsed: {len(self.eligible)} blocks fold their branches into one feature per gate "
+                f"group and run where they can (ungated, a shared chunk, a table row with fp32 factors: "
+                f"taylorseer.attach.fold){done}")
