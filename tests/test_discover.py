@@ -205,7 +205,9 @@ def test_summary_says_what_was_wrapped_and_the_bytes_it_will_hold():
     assert cache.history == []  # remove() dropped the state
     tokens = 2 * 2 * 2  # 2 latent frames x (4 / 2) x (4 / 2)
     feature = tokens * 32 * 4  # (1, tokens, hidden 32) fp32
-    assert projected == (2 + 1) * 2 * 3 * feature  # (O+1) x 2 blocks x 3 branches
+    # (O+1) x 5 features: the two blocks' 6 branches fold into one run's cross-attention sum and, per gate row, its
+    # table-weighted and plain sums (taylorseer.attach.fold)
+    assert projected == (2 + 1) * 5 * feature
     assert summary.preset == "wan" and summary.short_blocks == ["blocks.0", "blocks.1"]
     assert summary.keys == ["blocks.0.attn1", "blocks.0.attn2", "blocks.0.ffn", "blocks.1.attn1", "blocks.1.attn2",
                             "blocks.1.ffn"]
