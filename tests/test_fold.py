@@ -128,3 +128,36 @@ def test_the_summary_says_which_blocks_fold(monkeypatch):
     finally:
         remove(case.model)
     assert "2 blocks fold their branches" in text and "runs recorded so" in text
+
+
+@pytest.mark.parametrize("name", ["sana", "wan"])
+def test_calls_of_other_sizes_and_batches_fold_afresh(name, monkeypatch):
+    """A second sampling call at another resolution and batch (new token count, CFG on): new records, new slots;
+    each call equals a fresh attachment's."""
+    monkeypatch.setenv("TAYLORSEER_FOLD", "1")
+    model = families.build(name, "smoke")
+    small = families.BenchCase(name, model, families.inputs(name, model, height=32, width=32, text_tokens=8))
+    large = families.BenchCase(name, model, families.inputs(name, model, batch=2, height=64, width=32,
+                                                             text_tokens=8))
+    config = CacheConfig(interval=4, max_order=1, first_enhance=1)
+    cache = families.apply_preset(model, config, 12)
+    try:
+        together = [families.sample(case, 12) for case in (small, large, small)]
+        assert cache.collapser.folder.folded_runs > 0
+    finally:
+        remove(model)
+    for case, out in zip((small, large), together, strict=False):
+        families.apply_preset(model, config, 12)
+        try:
+            assert torch.equal(families.sample(case, 12), out)
+        finally:
+            remove(model)
+    assert torch.equal(together[0], together[2])
+
+
+def test_a_bad_fold_setting_is_refused_with_the_choices(monkeypatch):
+    case = families.bench_case("sana", "smoke")
+    monkeypatch.setenv("TAYLORSEER_FOLD", "off")
+    with pytest.raises(ValueError, match="TAYLORSEER_FOLD='off' is not a setting: expected 1 .* or 0"):
+        families.apply_preset(case.model, CacheConfig(interval=5, max_order=1, first_enhance=2), 8)
+    assert taylorseer.summary(case.model) is None  # refused before anything was wrapped

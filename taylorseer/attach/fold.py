@@ -39,6 +39,15 @@ from .spec import ChunkGate, TableGate, _getter
 PREFIX = "fold:"
 
 
+def fold_enabled() -> bool:
+    """``TAYLORSEER_FOLD``: 1 (the default) folds where it can, 0 records every branch on its own."""
+    value = os.environ.get("TAYLORSEER_FOLD", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"TAYLORSEER_FOLD={value!r} is not a setting: expected 1 (fold a run's branches into sums "
+                         f"where they can, the default) or 0 (record every branch on its own)")
+    return value == "1"
+
+
 def fold_key(head: str, tail: str, stream: str) -> str:
     return f"{PREFIX}{head}..{tail}:{stream}"
 
@@ -127,7 +136,7 @@ class Folder:
 
     # ---------------------------------------------------------------------------------------- building
     def register(self, entry) -> None:
-        if os.environ.get("TAYLORSEER_FOLD", "1") == "0" or entry.optional or not foldable(entry.gates):
+        if not fold_enabled() or entry.optional or not foldable(entry.gates):
             return
         self.eligible.add(entry.name)
         for gate in entry.gates:
