@@ -234,12 +234,16 @@ class Collapser:
         def read(arg):
             return entry.read_arg(args, kwargs, arg)
 
-        previous = self._previous if self._previous is not None and self._previous[0] == token else None
-        linked = False
-        if previous is not None:
-            _, before, outs, pargs, pkwargs = previous
-            linked = self._linked(entry, read, outs, lambda a: before.read_arg(pargs, pkwargs, a))
+        _, linked = self._link_to_previous(entry, read, token, gates=True)
         self.folder.before_full(entry, read, linked, token)
+
+    def _link_to_previous(self, entry: _Entry, read, token: tuple, gates: bool):
+        """(the block called before ``entry`` in this step or None, whether ``entry`` is linked to it)."""
+        previous = self._previous if self._previous is not None and self._previous[0] == token else None
+        if previous is None:
+            return None, False
+        _, before, outs, pargs, pkwargs = previous
+        return before, self._linked(entry, read, outs, lambda a: before.read_arg(pargs, pkwargs, a), gates=gates)
 
     def observe(self, name: str, args: tuple, kwargs: dict, out) -> None:
         """A full step of block ``name``: link it to the block called before it, move its factors into the arenas."""
@@ -251,12 +255,8 @@ class Collapser:
         def read(arg):
             return entry.read_arg(args, kwargs, arg)
 
-        previous = self._previous if self._previous is not None and self._previous[0] == token else None
-        linked = False
-        if previous is not None:
-            _, before, outs, pargs, pkwargs = previous
-            linked = self._linked(entry, read, outs, lambda a: before.read_arg(pargs, pkwargs, a),
-                                  gates=not self.per_stream)
+        before, linked = self._link_to_previous(entry, read, token, gates=not self.per_stream)
+        if before is not None:
             if linked:
                 self.next[before.name] = name
             else:
