@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import taylorseer
-
 from taylorseer import CacheConfig
 from taylorseer.attach import families
 from taylorseer.attach.hooks import remove

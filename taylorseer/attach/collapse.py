@@ -218,11 +218,6 @@ class Collapser:
     def token(self) -> tuple:
         return self._token()
 
-    def previous_name(self, token: tuple) -> str | None:
-        """The block called last in the step ``token`` (None at its first block)."""
-        previous = self._previous
-        return previous[1].name if previous is not None and previous[0] == token else None
-
     # -------------------------------------------------------------------------------------- full steps
     def before_full(self, name: str, args: tuple, kwargs: dict) -> None:
         """A full step of block ``name`` is about to run: whether it folds into a run's sums (:mod:`.fold`)."""
@@ -234,8 +229,8 @@ class Collapser:
         def read(arg):
             return entry.read_arg(args, kwargs, arg)
 
-        _, linked = self._link_to_previous(entry, read, token, gates=True)
-        self.folder.before_full(entry, read, linked, token)
+        before, linked = self._link_to_previous(entry, read, token, gates=True)
+        self.folder.before_full(entry, read, before.name if linked else None, token)
 
     def _link_to_previous(self, entry: _Entry, read, token: tuple, gates: bool):
         """(the block called before ``entry`` in this step or None, whether ``entry`` is linked to it)."""
@@ -388,7 +383,8 @@ class Collapser:
         run = [entry]
         while run[-1].name in self.next and self.next[run[-1].name] in self.entries:
             follower = self.entries[self.next[run[-1].name]]
-            if follower in run or (self.per_stream and not self._joins(entry, follower)) or folder.member(follower.name):
+            if (follower in run or (self.per_stream and not self._joins(entry, follower))
+                    or folder.member(follower.name)):
                 break
             run.append(follower)
         outs = self._stream_updates(run, read) if self.per_stream else self._collapse(run, read)

@@ -68,9 +68,10 @@ def _group(gate) -> tuple:
 
 
 def _table_input_row(gate: TableGate, t) -> torch.Tensor | None:
-    """``e``: the time-varying part of a TableGate, ``(B, C)``; None where the gate is per token."""
+    """``e``: the time-varying part of a TableGate, ``(B, C)``; None where the gate is per token. Its dtype does not
+    matter: it is copied into the fp32 multipliers, as Wan's ``float32`` table add has it."""
     if not isinstance(t, torch.Tensor):
-        return None  # (its dtype is the multipliers' fp32 once copied in, as Wan's float32 table add has it)
+        return None
     if t.dim() == 2:  # (B, chunks * C): PixArt, Sana
         t = t.reshape(t.shape[0], gate.chunks, -1)
     elif t.dim() == 3 and t.shape[1] != gate.chunks:  # (B, S, chunks * C): LTX-Video
@@ -94,7 +95,7 @@ class _Sums:
     """One stream's sums in a run being recorded: feature order and, per feature, its multiplier's kind."""
 
     features: list[torch.Tensor] = field(default_factory=list)
-    kinds: list[tuple] = field(default_factory=list)  # ("one",) | ("gate", group, head gate object)
+    kinds: list[tuple] = field(default_factory=list)  # ("one",) | ("gate", the head's TableGate or ChunkGate)
     index: dict[tuple, int] = field(default_factory=dict)  # (group, "sum" | "table") -> feature position
 
 
@@ -149,16 +150,16 @@ class Folder:
                 and not (config.schedule == "interval" and config.interval == 1))
 
     # -------------------------------------------------------------------------------------- full steps
-    def before_full(self, entry, read, linked: bool, token: tuple) -> None:
+    def before_full(self, entry, read, linked_to: str | None, token: tuple) -> None:
         """Block ``entry`` is about to run on a full step: it folds into the open run, starts one, or records per
-        branch (``linked``: its inputs are the previous block's outputs and gate inputs)."""
+        branch (``linked_to``: the block called just before it, when its inputs are that block's outputs and gate
+        inputs; else None)."""
         self._folding = None
         if entry.name not in self.eligible or not self.active() or not self._folds_now(entry, read):
             self._close()
             return
         run = self._open
-        if run is not None and (run.token != token or not linked or run.tail != self.collapser.previous_name(token)
-                                or not self._same_streams(run, entry)):
+        if run is not None and (run.token != token or run.tail != linked_to or not self._same_streams(run, entry)):
             self._close()
             run = None
         if run is None:

@@ -99,9 +99,9 @@ def stream_update(x0: torch.Tensor, factors: torch.Tensor, coeffs: torch.Tensor)
         return _formula(x0, factors, coeffs)
     if _get_current_dispatch_mode() is not None:
         return _eager(x0, factors, coeffs)  # under a dispatch mode (an op count) dynamo compiles nothing
-    kernel = resolve_kernel(device, numel=x0.numel())  # tiny CPU streams: eager (a compiled call costs ~20 us)
     if device.type == "cpu" and factors.dtype == torch.float32 and get_forecast_kernel() in ("auto", "addcmul"):
         return _chain(x0, factors, coeffs)  # see _chain: on a CPU it beats the compiled pass
+    kernel = resolve_kernel(device, numel=x0.numel())  # tiny CPU bf16 streams: eager (a compiled call costs ~20 us)
     if kernel == "addcmul" and device.type == "cuda" and device.type not in _broken:
         kernel = "inductor"  # one launch instead of one per slot: worth it whenever the arena holds a few slots
     if kernel in ("inductor", "triton") and device.type not in _broken:

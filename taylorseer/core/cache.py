@@ -353,7 +353,7 @@ class ForecastCache:
     def spare(self, name: str, index: int, like: torch.Tensor) -> torch.Tensor | None:
         """The buffer the next :meth:`update` of ``name`` on this full step stores its output ``index`` in, where it
         fits a feature like ``like``: a feature summed straight into it is not copied. None otherwise."""
-        if self.store is not None or self.config.offload or not hasattr(self.forecaster, "spare"):
+        if self.store is not None or self.config.offload:
             return None
         ctx = self._ctx
         states = ctx.states.get(name)
