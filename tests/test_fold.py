@@ -160,3 +160,53 @@ def test_a_bad_fold_setting_is_refused_with_the_choices(monkeypatch):
     with pytest.raises(ValueError, match="TAYLORSEER_FOLD='off' is not a setting: expected 1 .* or 0"):
         families.apply_preset(case.model, CacheConfig(interval=5, max_order=1, first_enhance=2), 8)
     assert taylorseer.summary(case.model) is None  # refused before anything was wrapped
+
+
+def test_a_call_killed_inside_a_folded_run_leaves_nothing_behind(monkeypatch):
+    """Interrupted on a full step between the run's blocks (its sums half made), then reset and run again: the
+    same latent as a fresh attachment's, bit for bit."""
+    monkeypatch.setenv("TAYLORSEER_FOLD", "1")
+    case = families.bench_case("wan", "smoke")
+    config = CacheConfig(interval=5, max_order=2, first_enhance=2)
+    (fresh,), _, _, _ = _run(case, config, monkeypatch=monkeypatch)
+    cache = families.apply_preset(case.model, config, 20)
+    calls = []
+
+    def kill(_module, _args, _kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # step 11, a full step: the first block has folded, the second is next
+            raise KeyboardInterrupt
+
+    handle = case.model.blocks[1].register_forward_pre_hook(kill, with_kwargs=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            families.sample(case, 20)
+        handle.remove()
+        cache.reset(num_steps=20)
+        assert torch.equal(families.sample(case, 20), fresh)
+    finally:
+        handle.remove()
+        remove(case.model)
+
+
+def test_two_models_sampled_in_alternation_each_fold_their_own(monkeypatch):
+    monkeypatch.setenv("TAYLORSEER_FOLD", "1")
+    config = CacheConfig(interval=4, max_order=1, first_enhance=1)
+    cases = [families.bench_case("sana", "smoke"), families.bench_case("sana", "smoke", seed=1)]
+    alone = [_run(case, config, steps=12, monkeypatch=monkeypatch)[0][0] for case in cases]
+    for case in cases:
+        families.apply_preset(case.model, config, 12)
+    try:
+        xs = [case.inputs["hidden_states"].clone() for case in cases]
+        loop = families.loop_of("sana")
+        for i in range(12):  # one step of each in turn, as two runs sharing a process would
+            for k, case in enumerate(cases):
+                t = torch.full((1,), loop.timestep(1 - i / 12))
+                with torch.no_grad():
+                    v = case(hidden_states=xs[k], timestep=t)[0]
+                xs[k] = xs[k] - v / (loop.sign * 12)
+    finally:
+        for case in cases:
+            remove(case.model)
+    for x, ref in zip(xs, alone, strict=True):
+        assert torch.equal(x, ref)
