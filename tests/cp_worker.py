@@ -79,6 +79,7 @@ def main(argv=None):
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump([r for part in gathered for r in part], f)
+    dist.barrier()  # no rank tears its groups down while rank 0 still receives the gather
     dist.destroy_process_group()
 
 

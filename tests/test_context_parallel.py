@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,16 +16,31 @@ import torch
 from taylorseer.attach import families, parallel
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
 TOLERANCE = 1e-5  # fp32: the all-to-all reorders no sum, but attention's kernels see other shapes
+NATIVE_ABORT = 128 + 6  # the launcher's status when a rank died of SIGABRT (its own, not the agent's stop)
+
+
+def _run_ranks(cmd: list[str]) -> subprocess.CompletedProcess:
+    """``cmd`` (a launch of several gloo ranks), run again once if a rank aborted in native code.
+
+    On 2 loaded cores, about one full-tier run in three saw a gloo rank die of SIGABRT ("terminate called without
+    an active exception": a C++ thread torn down while joinable), never in 30+ launches of the same worker under
+    5x oversubscription alone. That is the communication library's, not this package's: a second launch must pass,
+    and a Python error or a wrong number (exit 1, or the assertions after) is never retried."""
+    run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if run.returncode == NATIVE_ABORT and "killed by SIGABRT" in run.stderr:
+        warnings.warn(f"a rank aborted in native code; launching once more. Its output: {run.stderr[-1500:]}",
+                      stacklevel=2)
+        run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return run
 
 
 def _launch(tmp_path, nproc: int, ulysses: int, families_: str = "flux,hunyuan_video,wan") -> list[dict]:
     out = tmp_path / f"cp{nproc}x{ulysses}.json"
-    run = subprocess.run([sys.executable, "-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node",
-                          str(nproc), str(ROOT / "tests" / "cp_worker.py"), "--ulysses", str(ulysses),
-                          "--families", families_, "--out", str(out)],
-                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    run = _run_ranks([sys.executable, "-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node",
+                      str(nproc), str(ROOT / "tests" / "cp_worker.py"), "--ulysses", str(ulysses),
+                      "--families", families_, "--out", str(out)])
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -119,7 +135,7 @@ def _flux(nproc: int, *overrides: str, check: bool = True):
     if nproc > 1:
         cmd = [sys.executable, "-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "taylorseer_flux.sample", *overrides]
-    run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    run = _run_ranks(cmd)
     if check:
         assert run.returncode == 0, run.stderr[-3000:]
     return run
@@ -214,7 +230,7 @@ def test_hunyuan_video_app_ulysses_2_equals_one_process(tmp_path):
         if nproc > 1:
             cmd[1:3] = ["-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node", str(nproc), "-m",
                         "taylorseer_hunyuan_video.sample"]
-        run = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        run = _run_ranks(cmd)
         assert run.returncode == 0, run.stderr[-3000:]
     one, cp2 = tmp_path / "hunyuan_video" / "one", tmp_path / "hunyuan_video" / "cp2"
     a, b = _frames(one), _frames(cp2)

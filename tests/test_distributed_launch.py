@@ -141,3 +141,30 @@ def test_local_launcher_runs_each_job_on_its_tasks_and_reports_failures(tmp_path
     assert Path(m.group(1)) == result.log(failed) and m.group(2).endswith(f"{failed}_<t>_log.err")
     assert "--- the job's traceback ---" in result.stderr
     assert json.loads((result.sweep_dir / "1" / "job_failed.json").read_text())["error_type"] == "RuntimeError"
+
+
+def test_describe_failure_names_the_rank_that_aborted_not_the_one_the_agent_stopped(tmp_path):
+    """A rank killed by SIGABRT in native code (its last words are the C++ runtime's) is the one that failed; the
+    peer the agent stopped by SIGTERM afterwards only printed a warning, which is no error."""
+    _log(tmp_path, 0, "[default0]:UserWarning: split will not be applied.\n"
+                      "[default0]:terminate called without an active exception\n"
+                      "[default0]:Fatal Python error: Aborted\n"
+                      "[default0]:Current thread 0x1 (most recent call first):\n"
+                      '[default0]:  File "worker.py", line 82 in main\n')
+    _log(tmp_path, 1, "[default1]:  return funcol.all_gather_tensor(tensor, dim, group=group)\n")
+    os.utime(tmp_path / "run_x" / "attempt_0" / "1" / "stderr.log", (1, 1))  # rank 1's log was written first
+    line, status = describe_failure({0: _failure(0, -6), 1: _failure(1, -15)}, tmp_path)
+    assert line.startswith("[launch] rank 0 failed: terminate called without an active exception -- log: ")
+    assert line.endswith("(rank 0 killed by SIGABRT, rank 1 killed by SIGTERM)")
+    assert status == 128 + 6
+
+
+def test_children_get_the_fault_handler_unless_the_user_set_it(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nprint('FH=' + os.environ.get('PYTHONFAULTHANDLER', '-') + ';')\n")
+    for env, expected in (({}, "FH=1;"), ({"PYTHONFAULTHANDLER": ""}, "FH=;")):
+        base = {k: v for k, v in _env().items() if k != "PYTHONFAULTHANDLER"}
+        run = subprocess.run([sys.executable, "-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node",
+                              "1", str(probe)], env={**base, **env}, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert expected in run.stdout

@@ -14,14 +14,18 @@ here). Only two defaults differ from plain torchrun, and an explicit option wins
   the status of the first rank that exited with an error (128 + N for a child killed by signal N).
 
 The message is the child's own one-line error (``[app] error: ...``), else the last line of its
-Python traceback, else the message torch recorded through ``@record``.
+Python traceback, else a native crash's own line (``terminate called ...``, ``Fatal Python error: ...``), else the
+message torch recorded through ``@record``. Children run with ``PYTHONFAULTHANDLER=1`` unless it is set, so a rank
+that dies in native code (an abort in a communication library) leaves its Python stack in its log.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +39,11 @@ _NOISY_LOGGERS = {  # torch's own reports of what this module reports in one lin
 }
 _APP_ERROR = re.compile(r"^\[[\w.-]+\] error: ")  # the apps' one-line settings errors (runs.clear_errors)
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+# a rank that died in native code: the C++ runtime's or CPython's own last words, the cause before the symptom
+_NATIVE_CAUSE = re.compile(r"^(terminate called .*|.*Segmentation fault.*|.*Assertion .* failed.*)")
+_FATAL = re.compile(r"^Fatal Python error: .*")
+# signals a rank gets from its own faults; SIGTERM/SIGKILL/SIGINT are how the agent (or a user) stops the others
+_OWN_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 _PREFIX = re.compile(r"^\[(rank|default)\d+\]:\s?")  # torch's per-rank prefixes
 # errors a rank gets because a peer died first (gloo/NCCL/store): reported after the peer's own error
 _PEER_DIED = re.compile(r"by peer|broken pipe|monitoredBarrier|remote (worker|process|peer)"
@@ -47,19 +56,21 @@ def _stderr_log(log_dir: Path, local_rank: int) -> Path | None:
     return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
 
 
-def _message_from_log(path: Path | None) -> str:
+def _message_from_log(path: Path | None) -> tuple[str, bool]:
+    """(the line that says why the rank failed, whether it is an error): else its last line, which may be only a
+    warning it printed before it was stopped, and is no error."""
     if path is None:
-        return ""
+        return "", False
     try:
         lines = [_PREFIX.sub("", line).strip() for line in path.read_text(errors="replace").splitlines()]
     except OSError:
-        return ""
+        return "", False
     lines = [line for line in lines if line]
-    for pattern in (_APP_ERROR, _EXCEPTION):
+    for pattern in (_APP_ERROR, _EXCEPTION, _NATIVE_CAUSE, _FATAL):
         found = [line for line in lines if pattern.match(line)]
         if found:
-            return found[-1]
-    return lines[-1] if lines else ""
+            return found[-1], True
+    return (lines[-1] if lines else ""), False
 
 
 def _message_from_record(failure) -> str:
@@ -85,26 +96,36 @@ def _exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def _died_by_itself(exitcode: int) -> bool:
+    """An error exit, or a signal of the rank's own fault (an abort, a segfault), not the agent's stop."""
+    return exitcode > 0 or (exitcode < 0 and -exitcode in _OWN_SIGNALS)
+
+
 def describe_failure(failures: dict, log_dir: Path | None) -> tuple[str, int]:
     """One line for a launch whose children failed, and the exit status to keep.
 
     ``failures`` maps global rank -> torch's ``ProcessFailure``. The rank reported is the one that said
     why: a rank that printed an error of its own comes before one whose error says a peer went away
-    (connection closed by peer, a missed barrier) and before one that printed nothing (the apps print
-    settings errors on rank 0 only); then one that exited by itself before one the agent stopped by
-    signal afterwards; then the earliest last write of its log; then the lowest rank. The exit status
-    is that of the first rank that exited with an error by itself.
+    (connection closed by peer, a missed barrier) and before one that printed no error (nothing, or only
+    warnings: the apps print settings errors on rank 0 only); then one that died by itself (an error
+    exit, or SIGABRT/SIGSEGV from its own fault) before one the agent stopped by SIGTERM/SIGKILL
+    afterwards; then the earliest last write of its log; then the lowest rank. The exit status is that
+    of the first rank that died by itself.
     """
     rows = []
     for rank, failure in failures.items():
         log = _stderr_log(log_dir, failure.local_rank) if log_dir is not None else None
-        message = _message_from_log(log) or _message_from_record(failure)
+        message, said_why = _message_from_log(log)
+        if not said_why:
+            recorded = _message_from_record(failure)
+            message, said_why = (recorded, True) if recorded else (message, False)
         when = log.stat().st_mtime if log is not None else float(failure.timestamp)
-        key = (not message, bool(_PEER_DIED.search(message)), failure.exitcode <= 0, when, rank)
+        key = (not said_why, bool(_PEER_DIED.search(message)), not _died_by_itself(failure.exitcode), when, rank)
         rows.append({"rank": rank, "failure": failure, "message": message, "log": log, "key": key})
     rows.sort(key=lambda row: row["key"])
     first = rows[0]
-    status = next((row["failure"].exitcode for row in rows if row["failure"].exitcode > 0), first["failure"].exitcode)
+    status = next((row["failure"].exitcode for row in rows if _died_by_itself(row["failure"].exitcode)),
+                  first["failure"].exitcode)
 
     def what(failure) -> str:
         return f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"killed by {failure.signal_name()}"
@@ -128,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             args.local_ranks_filter = "0"
     if args.log_dir is None:
         args.log_dir = tempfile.mkdtemp(prefix="taylorseer-launch-")
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # the children inherit it: a native crash shows its stack
     for name, level in _NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     try:
