@@ -65,12 +65,10 @@ def main(cfg: DictConfig) -> Path:
             with recorder.attached(mode, offset=start, batch=len(index)):
                 outputs.append(to_images(sample(model, diffusion, labels, cfg.cfg_scale, seeds), vae).cpu())
     flops = count_flops(model, CacheConfig(enabled=False), cfg.num_steps, cfg.cfg_scale)
-    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("cache", "hydra")}
-    made_for = calibrate.dit_target(settings, weights_identity(cfg)["resolved.checkpoint"])
-    summary = calibrate.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
-                                flops.flops_uncached * cfg.samples, {"app": "dit", **settings}, made_for)
-    print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
-          f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} samples)")
+    settings_used = calibrate.app_settings(OmegaConf.to_container(cfg, resolve=True))
+    made_for = calibrate.dit_target(settings_used, weights_identity(cfg)["resolved.checkpoint"])
+    calibrate.write_and_report(TAG, out, recorder, reference, perturbed, flops.flops_uncached, "dit", settings_used,
+                               made_for, "samples")
     return out
 
 

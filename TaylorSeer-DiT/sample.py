@@ -124,8 +124,7 @@ def run_identity(cfg: DictConfig, device: torch.device, dtype: torch.dtype, weig
                  ignore: tuple[str, ...] = ("grid_nrow",)) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     resolved = {"resolved.device": device.type, "resolved.dtype": str(dtype).replace("torch.", ""), **weights}
-    resolved.update(calibrate.calibration_identity(plain["cache"], calibrate.dit_target(
-        plain, weights.get("resolved.checkpoint")), bool(plain.get("accept_calibration_mismatch"))))
+    resolved.update(calibrate.check_run(plain, calibrate.dit_target(plain, weights.get("resolved.checkpoint"))))
     return runfolder.identity(plain, resolved, ignore)
 
 
@@ -134,8 +133,7 @@ def check_config(cfg: DictConfig) -> None:
     match (the weights may live only where the jobs run: they are found and fingerprinted by the run itself)."""
     validate(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    calibrate.calibration_identity(plain["cache"], calibrate.dit_target(plain, None),
-                                   bool(plain.get("accept_calibration_mismatch")))
+    calibrate.check_run(plain, calibrate.dit_target(plain, None))
 
 
 def run_dir(cfg: DictConfig) -> Path:

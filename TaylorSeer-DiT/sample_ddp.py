@@ -133,8 +133,7 @@ def check_config(cfg: DictConfig) -> None:
     match (the weights may live only where the jobs run: they are found and fingerprinted by the run itself)."""
     validate(cfg, SCHEMA, TAG, check_labels=False)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    calibrate.calibration_identity(plain["cache"], calibrate.dit_target(plain, None),
-                                   bool(plain.get("accept_calibration_mismatch")))
+    calibrate.check_run(plain, calibrate.dit_target(plain, None))
 
 
 def run_dir(cfg: DictConfig) -> Path:

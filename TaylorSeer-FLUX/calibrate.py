@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
 from taylorseer.harness import calibrate, distributed, runs, settings
-from taylorseer.harness.diffusers_io import weights_fingerprint
 
 from . import sample as sample_app
 from .cache import cached_module_names
@@ -69,13 +68,10 @@ def main(cfg: DictConfig) -> Path:
             outputs.append(torch.stack([torch.as_tensor(im) for im in images]).float().cpu())
     config, vae_scale = dict(pipe.transformer.config), pipe.vae_scale_factor
     flops = sample_app.count_flops(cfg, CacheConfig(enabled=False), config, vae_scale, {})
-    settings_used = {k: v for k, v in plain.items() if k not in ("cache", "hydra")}
-    weights = weights_fingerprint(cfg.model.path)
-    made_for = calibrate.pipeline_target("flux", settings_used, None if weights.startswith("hub:") else weights)
-    summary = calibrate.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
-                                flops.flops_uncached * cfg.samples, {"app": "flux", **settings_used}, made_for)
-    print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
-          f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} images)")
+    settings_used = calibrate.app_settings(plain)
+    made_for = calibrate.pipeline_made_for("flux", settings_used, cfg.model.path)
+    calibrate.write_and_report(TAG, out, recorder, reference, perturbed, flops.flops_uncached, "flux", settings_used,
+                               made_for, "images")
     return out
 
 

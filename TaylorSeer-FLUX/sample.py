@@ -59,8 +59,6 @@ SCHEMA = {
     "forecast_text": Setting("bool"),
     "compare_uncached": Setting("bool"),
     "vae_slicing": Setting("bool"),
-    "parallel.ulysses": Setting("int", minimum=1),
-    "parallel.ring": Setting("int", minimum=1),
 }
 
 
@@ -79,12 +77,7 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
                              "calls, so the cache cannot keep them apart; use true_cfg_scale=1 or cache=none")
     elif cfg.image:
         raise ValueError(f"image={cfg.image!r} is only used by FLUX Kontext (model=flux_kontext)")
-    if cfg.parallel.ulysses * cfg.parallel.ring > 1:
-        if cfg.cache_impl != "taylorseer" and cache_config.enabled:
-            raise ValueError("parallel.ulysses/ring > 1 runs the cache on each rank's tokens: cache_impl=taylorseer")
-        if cfg.cpu_offload:
-            raise ValueError("parallel.ulysses/ring > 1 keeps the transformer on each rank's GPU: cpu_offload=false")
-        parallel.check(None, cfg.parallel.ulysses, cfg.parallel.ring, tokens=flux_tokens(cfg))
+    settings.check_context_parallel(cfg, cache_config.enabled, flux_tokens)
     return cache_config, prompts
 
 
@@ -92,8 +85,7 @@ def check_config(cfg: DictConfig) -> None:
     """What a sweep checks for each point before it launches anything (settings, prompts, calibration)."""
     validate(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("flux", plain, None),
-                                   bool(plain.get("accept_calibration_mismatch")))
+    calibrate.check_run(plain, calibrate.pipeline_target("flux", plain, None))
 
 
 def flux_tokens(cfg: DictConfig) -> dict[str, int]:
@@ -120,8 +112,7 @@ def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: st
         resolved["resolved.weights"] = weights
     plain = OmegaConf.to_container(cfg, resolve=True)
     known = weights if weights is not None and not weights.startswith("hub:") else None
-    resolved.update(calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("flux", plain, known),
-                                                   bool(plain.get("accept_calibration_mismatch"))))
+    resolved.update(calibrate.check_run(plain, calibrate.pipeline_target("flux", plain, known)))
     return runfolder.identity(plain, resolved, ignore=("image", "parallel"),
                               ranks_per_generation=cfg.parallel.ulysses * cfg.parallel.ring)
 

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from taylorseer import CacheConfig
 from taylorseer.harness import calibrate, distributed, runs
-from taylorseer.harness.diffusers_io import weights_fingerprint
 from taylorseer.perf.attention import set_attention_backend
 
 from . import sample as sample_app
@@ -72,14 +71,10 @@ def main(cfg: DictConfig) -> Path:
                        temporal_compression=cfg.model.temporal_compression)
     flops = count_run_flops(CacheConfig(enabled=False), shape, cfg.num_steps, dict(pipe.transformer.config),
                             calls_per_step)
-    settings_used = {k: v for k, v in plain.items() if k not in ("cache", "hydra")}
-    weights = weights_fingerprint(cfg.model.path)  # what the file was made for, as the FLUX and DiT files record
-    made_for = calibrate.pipeline_target("hunyuan_video", settings_used,
-                                         None if weights.startswith("hub:") else weights)
-    summary = calibrate.write(out, recorder, torch.cat(reference), torch.cat(perturbed),
-                              flops.flops_uncached * cfg.samples, {"app": "hunyuan_video", **settings_used}, made_for)
-    print(f"[{TAG}] wrote {out}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
-          f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {cfg.samples} videos)")
+    settings_used = calibrate.app_settings(plain)
+    made_for = calibrate.pipeline_made_for("hunyuan_video", settings_used, cfg.model.path)
+    calibrate.write_and_report(TAG, out, recorder, reference, perturbed, flops.flops_uncached, "hunyuan_video",
+                               settings_used, made_for, "videos")
     return out
 
 

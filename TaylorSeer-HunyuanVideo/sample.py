@@ -54,8 +54,6 @@ SCHEMA = {
     "fps": Setting("float", minimum=1e-9, hint="> 0"),
     "video_quality": Setting("float", minimum=0, maximum=10, nullable=True, hint="imageio's 0-10 scale"),
     "record_single_attention": Setting("bool"),
-    "parallel.ulysses": Setting("int", minimum=1),
-    "parallel.ring": Setting("int", minimum=1),
 }
 
 
@@ -76,12 +74,7 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
         raise ValueError(f"record_single_attention=true records what upstream's form records, and the default form "
                          f"(cache.forecast_step={cache_config.forecast_step}) records no attention: add "
                          f"cache.forecast_step={UPSTREAM_FORM} for upstream's (paper-exact) form and memory")
-    if cfg.parallel.ulysses * cfg.parallel.ring > 1:
-        if cfg.cache_impl != "taylorseer" and cache_config.enabled:
-            raise ValueError("parallel.ulysses/ring > 1 runs the cache on each rank's tokens: cache_impl=taylorseer")
-        if cfg.cpu_offload:
-            raise ValueError("parallel.ulysses/ring > 1 keeps the transformer on each rank's GPU: cpu_offload=false")
-        parallel.check(None, cfg.parallel.ulysses, cfg.parallel.ring, tokens=video_tokens(cfg))
+    settings.check_context_parallel(cfg, cache_config.enabled, video_tokens)
     return cache_config, prompts
 
 
@@ -89,8 +82,7 @@ def check_config(cfg: DictConfig) -> None:
     """What a sweep checks for each point before it launches anything (settings, prompts, calibration)."""
     validate(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target("hunyuan_video", plain, None),
-                                   bool(plain.get("accept_calibration_mismatch")))
+    calibrate.check_run(plain, calibrate.pipeline_target("hunyuan_video", plain, None))
 
 
 def video_tokens(cfg: DictConfig) -> dict[str, int]:
@@ -113,8 +105,7 @@ def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: st
                 "resolved.dtype": str(dtype).replace("torch.", ""), "resolved.weights": weights}
     plain = OmegaConf.to_container(cfg, resolve=True)
     known = None if weights.startswith("hub:") else weights
-    resolved.update(calibrate.calibration_identity(plain["cache"], calibrate.pipeline_target(
-        "hunyuan_video", plain, known), bool(plain.get("accept_calibration_mismatch"))))
+    resolved.update(calibrate.check_run(plain, calibrate.pipeline_target("hunyuan_video", plain, known)))
     return runfolder.identity(plain, resolved, ignore=("parallel",),
                               ranks_per_generation=cfg.parallel.ulysses * cfg.parallel.ring)
 

@@ -92,6 +92,12 @@ def _show(value) -> str:
     return str(value)
 
 
+def check_run(plain: dict, made_for: dict) -> dict:
+    """:func:`calibration_identity` of a run's resolved settings (``plain``: its cache settings, and its
+    ``accept_calibration_mismatch``) against what the run is (``made_for``)."""
+    return calibration_identity(plain["cache"], made_for, bool(plain.get("accept_calibration_mismatch")))
+
+
 def calibration_identity(cache: dict, want: dict, accept: bool = False) -> dict:
     """The identity entries of a run's calibration file (its content's fingerprint, and the accepted
     differences), after matching it to ``want`` (:func:`target` of the run). A file made for other settings
@@ -280,6 +286,32 @@ def sensitivity_curve(raw: torch.Tensor) -> torch.Tensor:
     last sigma (the digits FLUX model: 4.9x where the trend says 1.6x). A smooth curve through it would
     get it wrong either way."""
     return torch.cat([smooth(raw[:-1]), raw[-1:].double()]) if len(raw) > 4 else smooth(raw)
+
+
+def app_settings(plain: dict) -> dict:
+    """An app's resolved settings as a calibration file records them: all but the cache's and Hydra's own."""
+    return {k: v for k, v in plain.items() if k not in ("cache", "hydra")}
+
+
+def pipeline_made_for(app: str, settings_used: dict, model_path: str) -> dict:
+    """:func:`pipeline_target` with the weights' fingerprint (none for weights known only by a hub id: the id is in
+    the target's model name already)."""
+    from .diffusers_io import weights_fingerprint
+
+    weights = weights_fingerprint(model_path)
+    return pipeline_target(app, settings_used, None if weights.startswith("hub:") else weights)
+
+
+def write_and_report(tag: str, path: str | Path, recorder: Recorder, reference: list[torch.Tensor],
+                     perturbed: list[torch.Tensor], flops_per_sample: int, app: str, settings_used: dict,
+                     made_for: dict, noun: str) -> dict:
+    """What every app's calibration ends with: :func:`write` (the two runs' outputs, batch by batch; FLOPs of both
+    uncached runs of all ``recorder.samples``) and one line saying what was written."""
+    summary = write(path, recorder, torch.cat(reference), torch.cat(perturbed), flops_per_sample * recorder.samples,
+                    {"app": app, **settings_used}, made_for)
+    print(f"[{tag}] wrote {path}: {summary['modules']} modules, sketch {summary['sketch_size']}, "
+          f"{summary['flops']['total'] / 1e12:.4f} TFLOPs (two uncached runs of {recorder.samples} {noun})")
+    return summary
 
 
 def write(path: str | Path, recorder: Recorder, reference: torch.Tensor, perturbed: torch.Tensor,
