@@ -77,7 +77,9 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
                              "calls, so the cache cannot keep them apart; use true_cfg_scale=1 or cache=none")
     elif cfg.image:
         raise ValueError(f"image={cfg.image!r} is only used by FLUX Kontext (model=flux_kontext)")
-    settings.check_context_parallel(cfg, cache_config.enabled, flux_tokens)
+    parallel.check_run(cfg.parallel.ulysses, cfg.parallel.ring, cache_impl=cfg.cache_impl,
+                       cache_enabled=cache_config.enabled, cpu_offload=cfg.cpu_offload,
+                       tokens=lambda: flux_tokens(cfg))
     return cache_config, prompts
 
 

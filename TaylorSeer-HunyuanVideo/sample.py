@@ -74,7 +74,9 @@ def validate(cfg: DictConfig) -> tuple[CacheConfig, list[str]]:
         raise ValueError(f"record_single_attention=true records what upstream's form records, and the default form "
                          f"(cache.forecast_step={cache_config.forecast_step}) records no attention: add "
                          f"cache.forecast_step={UPSTREAM_FORM} for upstream's (paper-exact) form and memory")
-    settings.check_context_parallel(cfg, cache_config.enabled, video_tokens)
+    parallel.check_run(cfg.parallel.ulysses, cfg.parallel.ring, cache_impl=cfg.cache_impl,
+                       cache_enabled=cache_config.enabled, cpu_offload=cfg.cpu_offload,
+                       tokens=lambda: video_tokens(cfg))
     return cache_config, prompts
 
 

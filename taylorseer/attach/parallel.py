@@ -31,7 +31,7 @@ CPU does not ("Native attention does not support return_lse=True"), so ``ring > 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +150,20 @@ def _cpu_device_count(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.accelerator.device_count = original
+
+
+def check_run(ulysses: int, ring: int, *, cache_impl: str, cache_enabled: bool, cpu_offload: bool,
+              tokens: Callable[[], dict[str, int]]) -> None:
+    """A pipeline app's ``parallel.ulysses x parallel.ring`` against its other settings, and the degree against the
+    tokens of one call (``tokens()``, :func:`check`), before anything is loaded. One rank per generation: nothing
+    to check."""
+    if ulysses * ring <= 1:
+        return
+    if cache_impl != "taylorseer" and cache_enabled:
+        raise ValueError("parallel.ulysses/ring > 1 runs the cache on each rank's tokens: cache_impl=taylorseer")
+    if cpu_offload:
+        raise ValueError("parallel.ulysses/ring > 1 keeps the transformer on each rank's GPU: cpu_offload=false")
+    check(None, ulysses, ring, tokens=tokens())
 
 
 def make_mesh(layout: Layout, ulysses: int, ring: int, device_type: str):

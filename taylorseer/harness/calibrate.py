@@ -26,6 +26,7 @@ from ..core.calibration import FORMAT
 from ..core.calibration import load as load_calibration
 from ..core.config import calibration_path
 from . import runs
+from .diffusers_io import weights_fingerprint
 from .runfolder import file_fingerprint
 from .settings import Setting
 
@@ -296,8 +297,6 @@ def app_settings(plain: dict) -> dict:
 def pipeline_made_for(app: str, settings_used: dict, model_path: str) -> dict:
     """:func:`pipeline_target` with the weights' fingerprint (none for weights known only by a hub id: the id is in
     the target's model name already)."""
-    from .diffusers_io import weights_fingerprint
-
     weights = weights_fingerprint(model_path)
     return pipeline_target(app, settings_used, None if weights.startswith("hub:") else weights)
 

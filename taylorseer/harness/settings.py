@@ -115,21 +115,6 @@ PIPELINE_APP = {
 }
 
 
-def check_context_parallel(cfg, cache_enabled: bool, tokens_of) -> None:
-    """A pipeline app's ``parallel.ulysses x parallel.ring > 1`` against its other settings, and the degree against
-    the tokens of one call, ``tokens_of(cfg)`` (:func:`taylorseer.attach.parallel.check`), before anything is
-    loaded. Nothing is asked of a run on one rank per generation."""
-    if cfg.parallel.ulysses * cfg.parallel.ring <= 1:
-        return
-    from ..attach import parallel
-
-    if cfg.cache_impl != "taylorseer" and cache_enabled:
-        raise ValueError("parallel.ulysses/ring > 1 runs the cache on each rank's tokens: cache_impl=taylorseer")
-    if cfg.cpu_offload:
-        raise ValueError("parallel.ulysses/ring > 1 keeps the transformer on each rank's GPU: cpu_offload=false")
-    parallel.check(None, cfg.parallel.ulysses, cfg.parallel.ring, tokens=tokens_of(cfg))
-
-
 def check_app(cfg, schema: Mapping[str, Setting], app: str, family: str, config_dir: str | Path):
     """Everything an app checks before loading anything: the model config's family (first: a config of
     another app would not even resolve), every key and value against ``schema``, the cache settings.
