@@ -239,7 +239,8 @@ class SlurmCluster:
                        check=True)
 
     def start(self, timeout: float = 90) -> SlurmCluster:
-        """Start munged, slurmctld and slurmd; return once ``srun true`` ran (or raise ClusterError)."""
+        """Start munged, slurmctld and slurmd; return once ``srun true`` ran and its job left the queue (or raise
+        ClusterError)."""
         if self.root.exists() and any(self.root.iterdir()):
             raise ClusterError(f"{self.root} is not empty: a cluster starts from a fresh folder")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -264,6 +265,13 @@ class SlurmCluster:
             # a node can look idle before slurmd registered: only a job proves the cluster works
             left = max(deadline - time.monotonic(), 10)
             self.run("srun", "-N1", "-n1", "-t", "1", "true", timeout=left)
+            # srun returns while its job may still be completing (on loaded cores for seconds): a started
+            # cluster has an empty queue, so that the tests' queue() sees their own jobs only
+            settle = time.monotonic() + 30
+            while self.queue() and time.monotonic() < settle:
+                time.sleep(0.1)
+            if self.queue():
+                raise ClusterError(f"the probe job is still in the queue: {self.queue()}")
             self.timings["start_s"] = time.monotonic() - t0
         except (ClusterError, subprocess.SubprocessError, OSError) as err:
             if isinstance(err, subprocess.CalledProcessError):
