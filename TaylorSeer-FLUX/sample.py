@@ -31,7 +31,7 @@ from taylorseer import CacheConfig
 from taylorseer.attach import parallel
 from taylorseer.core.schedule import warm_up_steps
 from taylorseer.harness import calibrate, distributed, runfolder, runs, settings
-from taylorseer.harness.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
+from taylorseer.harness.diffusers_io import content_fingerprint, read_prompts, run_folder_parts, weights_fingerprint
 from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
 from taylorseer_eval.fidelity import finite_mean, psnr, ssim
@@ -113,8 +113,7 @@ def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: st
     if weights is not None:
         resolved["resolved.weights"] = weights
     plain = OmegaConf.to_container(cfg, resolve=True)
-    known = weights if weights is not None and not weights.startswith("hub:") else None
-    resolved.update(calibrate.check_run(plain, calibrate.pipeline_target("flux", plain, known)))
+    resolved.update(calibrate.check_run(plain, calibrate.pipeline_target("flux", plain, content_fingerprint(weights))))
     return runfolder.identity(plain, resolved, ignore=("image", "parallel"),
                               ranks_per_generation=cfg.parallel.ulysses * cfg.parallel.ring)
 
@@ -167,7 +166,7 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
     weights = weights_fingerprint(cfg.model.path)
     # Before the (long) load: a folder of other settings is refused now (hub weights are known once loaded).
     runfolder.check_identity(out_dir, run_identity(cfg, prompts, device, dtype, weights),
-                             skip=("resolved.weights",) if weights.startswith("hub:") else ())
+                             skip=() if content_fingerprint(weights) else ("resolved.weights",))
     compare = bool(cfg.compare_uncached and cache_config.enabled)
     done = finished_records(out_dir, names, compare)
     if all(index in done for index, _ in items):  # a rerun of a finished run (a sweep point): nothing to load

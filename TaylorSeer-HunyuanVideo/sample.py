@@ -29,7 +29,7 @@ import taylorseer
 from taylorseer import CacheConfig
 from taylorseer.attach import parallel
 from taylorseer.harness import calibrate, distributed, runfolder, runs, settings
-from taylorseer.harness.diffusers_io import read_prompts, run_folder_parts, weights_fingerprint
+from taylorseer.harness.diffusers_io import content_fingerprint, read_prompts, run_folder_parts, weights_fingerprint
 from taylorseer.harness.settings import Setting
 from taylorseer.perf.attention import set_attention_backend
 
@@ -106,8 +106,8 @@ def run_identity(cfg: DictConfig, prompts: list[str], device, dtype, weights: st
     resolved = {"resolved.prompts": runfolder.digest(prompts), "resolved.device": device.type,
                 "resolved.dtype": str(dtype).replace("torch.", ""), "resolved.weights": weights}
     plain = OmegaConf.to_container(cfg, resolve=True)
-    known = None if weights.startswith("hub:") else weights
-    resolved.update(calibrate.check_run(plain, calibrate.pipeline_target("hunyuan_video", plain, known)))
+    resolved.update(calibrate.check_run(plain, calibrate.pipeline_target("hunyuan_video", plain,
+                                                                         content_fingerprint(weights))))
     return runfolder.identity(plain, resolved, ignore=("parallel",),
                               ranks_per_generation=cfg.parallel.ulysses * cfg.parallel.ring)
 
@@ -143,7 +143,7 @@ def _run(cfg, cache_config, prompts, session) -> dict | None:
     items = plan_items(prompts, cfg.videos_per_prompt, cfg.seed, video_filenames(prompts, cfg.videos_per_prompt))
     weights = weights_fingerprint(cfg.model.path)
     runfolder.check_identity(out_dir, run_identity(cfg, prompts, device, dtype, weights),
-                             skip=("resolved.weights",) if weights.startswith("hub:") else ())
+                             skip=() if content_fingerprint(weights) else ("resolved.weights",))
     done = _done(out_dir, items)
     todo = [item for item in items if item.file not in done]
     if not todo:  # a finished folder: its metrics, without loading 13B parameters

@@ -112,6 +112,20 @@ def test_fingerprints_follow_content_not_names(tmp_path):
     assert runfolder.digest(["a cat", "a dog"]) != runfolder.digest(["a dog", "a cat"])
 
 
+def test_weights_known_by_a_hub_id_only_are_not_pinned_by_content(tmp_path, monkeypatch):
+    from taylorseer.harness.diffusers_io import content_fingerprint, weights_fingerprint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    local = weights_fingerprint(str(folder))
+    assert content_fingerprint(local) == local == runfolder.folder_fingerprint(folder)
+    hub = weights_fingerprint("nobody/not-downloaded-here")  # no snapshot on disk: only the id is known
+    assert hub == "hub:nobody/not-downloaded-here" and content_fingerprint(hub) is None
+    assert content_fingerprint(None) is None
+
+
 SCHEMA = {"num_steps": Setting("int", minimum=1), "compare": Setting("bool"), "scale": Setting("float", minimum=0.0),
           "mode": Setting("str", choices=("a", "b")), "model.path": Setting("str"),
           "maybe": Setting("int", nullable=True)}

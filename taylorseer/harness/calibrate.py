@@ -26,7 +26,7 @@ from ..core.calibration import FORMAT
 from ..core.calibration import load as load_calibration
 from ..core.config import calibration_path
 from . import runs
-from .diffusers_io import weights_fingerprint
+from .diffusers_io import content_fingerprint, weights_fingerprint
 from .runfolder import file_fingerprint
 from .settings import Setting
 
@@ -297,8 +297,7 @@ def app_settings(plain: dict) -> dict:
 def pipeline_made_for(app: str, settings_used: dict, model_path: str) -> dict:
     """:func:`pipeline_target` with the weights' fingerprint (none for weights known only by a hub id: the id is in
     the target's model name already)."""
-    weights = weights_fingerprint(model_path)
-    return pipeline_target(app, settings_used, None if weights.startswith("hub:") else weights)
+    return pipeline_target(app, settings_used, content_fingerprint(weights_fingerprint(model_path)))
 
 
 def write_and_report(tag: str, path: str | Path, recorder: Recorder, reference: list[torch.Tensor],

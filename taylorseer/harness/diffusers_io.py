@@ -82,6 +82,12 @@ def weights_fingerprint(source: str) -> str:
         return f"hub:{source}"
 
 
+def content_fingerprint(weights: str | None) -> str | None:
+    """``weights`` (a :func:`weights_fingerprint`) when it fingerprints the weights' content; None for a bare hub id,
+    which names the weights but does not pin them (known only once a run loaded them)."""
+    return None if weights is None or weights.startswith("hub:") else weights
+
+
 def read_prompts(prompt: str | list[str] | None = None, prompt_file: str | None = None) -> list[str]:
     """Prompts from the command line (a string or a list) or a text file with one per line.
 
