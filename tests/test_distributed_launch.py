@@ -168,3 +168,13 @@ def test_children_get_the_fault_handler_unless_the_user_set_it(tmp_path):
                               "1", str(probe)], env={**base, **env}, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         assert expected in run.stdout
+
+
+@pytest.mark.parametrize("option,value,said", [("--nproc_per_node", "two", "Unsupported nproc_per_node value: two"),
+                                               ("--nnodes", "1:x", "invalid literal for int()")])
+def test_a_bad_launch_option_is_one_line_before_any_rank_starts(option, value, said):
+    cmd = [sys.executable, "-m", "taylorseer.harness.launch", "--standalone", option, value, PROBE]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"[launch] error: an option is invalid: {said}") and "--nproc_per_node N" in line

@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(level)
     try:
         torchrun.run(args)
+    except ValueError as err:  # torchrun's own check of its options (e.g. --nproc_per_node two), before any child
+        print(f"[launch] error: an option is invalid: {err} (--nproc_per_node N or auto/cpu/gpu/xpu, --nnodes N or "
+              f"MIN:MAX; torchrun --help lists the rest)", file=sys.stderr, flush=True)
+        return 2
     except ChildFailedError as err:
         line, status = describe_failure(err.failures, Path(args.log_dir))
         print(line, file=sys.stderr, flush=True)
