@@ -178,3 +178,34 @@ def test_a_bad_launch_option_is_one_line_before_any_rank_starts(option, value, s
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"[launch] error: an option is invalid: {said}") and "--nproc_per_node N" in line
+
+
+def test_a_stopped_launch_stops_every_rank_and_says_so_in_one_line(tmp_path):
+    """scancel or Ctrl-C on the launcher: every rank is stopped, one line says so, status 128 + the signal."""
+    import signal
+    import time
+
+    script = tmp_path / "wait.py"
+    script.write_text("import os, pathlib, sys, time\n"
+                      "pathlib.Path(sys.argv[1], os.environ['RANK']).write_text(str(os.getpid()))\n"
+                      "time.sleep(120)\n")
+    cmd = [sys.executable, "-m", "taylorseer.harness.launch", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not all((tmp_path / r).exists() for r in "01") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks = [int((tmp_path / r).read_text()) for r in "01"]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("[launch]")]
+    assert line.startswith("[launch] stopped by SIGTERM: every rank was stopped")
+    for pid in ranks:
+        try:
+            os.kill(pid, 0)
+            alive = not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        except (ProcessLookupError, FileNotFoundError):
+            alive = False
+        assert not alive, f"rank process {pid} outlived the launcher"

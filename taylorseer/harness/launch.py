@@ -140,6 +140,7 @@ def describe_failure(failures: dict, log_dir: Path | None) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torchrun.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -162,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         line, status = describe_failure(err.failures, Path(args.log_dir))
         print(line, file=sys.stderr, flush=True)
         return status
+    except SignalException as err:  # scancel, a preemption, Ctrl-C: torchrun has already stopped every rank
+        name = signal.Signals(err.sigval).name
+        print(f"[launch] stopped by {name}: every rank was stopped (the apps keep what they finished: rerun the same "
+              f"command to resume) -- logs: {args.log_dir}", file=sys.stderr, flush=True)
+        return 128 + int(err.sigval)
     return 0
 
 
